@@ -1,0 +1,82 @@
+"""`srdiff restore INPUT OUTPUT`: restore a file or a folder with a trained model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from srdiff_core import images
+from srdiff_core.config import load_config
+from srdiff_core.restorer import Restorer
+from tasks import tracking
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def resolve_checkpoint(checkpoint: str, cfg) -> Path:
+    """A model.pt path, or an MLflow run id whose `model/model.pt` artifact is downloaded."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return path
+    if path.is_dir() and (path / "model.pt").is_file():
+        return path / "model.pt"
+    try:
+        local = tracking.client_for(cfg).download_artifacts(checkpoint, "model/model.pt")
+    except Exception as e:  # MLflow raises several types for an unknown run or artifact
+        raise SystemExit(f"srdiff restore: {checkpoint} is neither a model.pt file nor an MLflow train run with a "
+                         f"model/model.pt artifact in {tracking.tracking_uri(cfg)} ({e}). Pass the model.pt the "
+                         f"train stage wrote (data/runs/train/<key>/model.pt) or a train run id from the MLflow UI.")
+    return Path(local)
+
+
+def list_inputs(input_path: Path) -> list[Path]:
+    if input_path.is_file():
+        return [input_path]
+    if input_path.is_dir():
+        return sorted(p for p in input_path.iterdir() if p.is_file())
+    raise SystemExit(f"srdiff restore: {input_path} does not exist")
+
+
+def load_rgb(path: Path) -> tuple[np.ndarray | None, str]:
+    """uint8 HxWx3, or None and why the file is skipped; greyscale/RGBA are converted with a note."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return None, f"skipped {path.name}: not an image file ({path.suffix or 'no suffix'})"
+    try:
+        with Image.open(path) as im:
+            note = "" if im.mode == "RGB" else f"{path.name}: {im.mode} image converted to RGB"
+            return np.asarray(im.convert("RGB")), note
+    except (UnidentifiedImageError, OSError) as e:
+        return None, f"skipped {path.name}: cannot be read as an image ({e})"
+
+
+def restore_path(input_path: str, output_path: str, *, checkpoint: str, config_path: str, overrides: list[str],
+                 steps: int | None, seed: int, tile_size: int | None, device: str) -> int:
+    cfg = load_config(config_path, overrides)
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    restorer = Restorer.from_file(resolve_checkpoint(checkpoint, cfg), device=dev)
+    inputs = list_inputs(Path(input_path))
+    single = Path(input_path).is_file()
+    out = Path(output_path)
+    (out.parent if single else out).mkdir(parents=True, exist_ok=True)
+    done = 0
+    for path in tqdm(inputs, desc="restore", unit="img"):
+        img, note = load_rgb(path)
+        if note:
+            tqdm.write(note, file=sys.stderr)
+        if img is None:
+            continue
+        lq_uint8 = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        context = restorer.context_for([lq_uint8])
+        restored = restorer.restore(images.to_tensor(img)[None], context, steps=steps or cfg.evaluate.steps,
+                                    seed=seed, tile_size=cfg.evaluate.tile_size if tile_size is None else tile_size,
+                                    tile_overlap=cfg.evaluate.tile_overlap)
+        target = out if single else out / f"{path.stem}.png"
+        Image.fromarray(images.to_uint8(restored[0])).save(target)
+        done += 1
+    print(f"restored {done} of {len(inputs)} file(s) -> {out}")
+    return 0 if done else 1

@@ -1,0 +1,337 @@
+"""open_clip image embeddings: load a CLIP model from any offline source, preprocess uint8
+images with tensor ops on the target device, and embed them in batches.
+
+The batched path reimplements open_clip's inference transform (resize the short side with
+PIL bicubic, centre crop, ToTensor, Normalize; open_clip/transform.py ``image_transform``)
+as tensor ops, so decoding and resizing stay on the GPU and batch; ``embed_reference`` runs
+open_clip's own PIL transform one image at a time and is the yardstick the tests hold the
+batched path to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+RANDOM_WEIGHTS = "none"
+LOCAL_DIR_PREFIX = "local-dir:"
+WEIGHT_FILE_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
+_HASH_CHUNK = 1 << 22
+
+
+class ClipWeightsUnavailable(RuntimeError):
+    """CLIP weights could not be had (offline and not cached, download failure, missing file)."""
+
+
+@dataclass(frozen=True)
+class ClipEncoder:
+    model: torch.nn.Module  # the full open_clip model, eval mode, fp32 weights
+    arch: str  # open_clip architecture name, e.g. "ViT-B-32"
+    weights: str  # human text: "openai (pretrained tag)", "random CLIP weights (seed 0) ...", ...
+    weights_digest: str  # sha256 of the weights file(s), or "random-seed-<n>-<sha256 of state_dict>"
+    random_weights: bool
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    embed_dim: int
+    precision: str = "fp32"  # "bf16": autocast on CUDA (CPU always runs fp32)
+    interpolation: str = "bicubic"  # open_clip preprocess_cfg["interpolation"]
+    resize_mode: str = "shortest"  # open_clip preprocess_cfg["resize_mode"]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+# ---------------------------------------------------------------- weights: where they come from
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    """sha256 over the files' names and bytes, in the given order (streamed, constant memory)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if len(paths) > 1:
+            digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_digest(model: torch.nn.Module) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: a content key for in-memory weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _local_dir_weight_files(folder: Path) -> list[Path]:
+    # The same suffixes open_clip's local-dir route searches (factory._find_checkpoint_in_dir).
+    return sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth"))
+
+
+def hf_hub_location(arch: str, tag: str) -> tuple[str, str] | None:
+    """(repo id, weights file name) that open_clip reads for a pretrained tag, or None if the
+    tag has no Hugging Face mirror. Follows open_clip.pretrained.download_pretrained: the
+    ``hf_hub`` entry is "org/repo/" (default file) or "org/repo/file"; for the default
+    open_clip_pytorch_model.bin the safetensors alternative is tried first."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg or not cfg.get("hf_hub"):
+        return None
+    repo_id, filename = os.path.split(cfg["hf_hub"])
+    if not filename or filename == "open_clip_pytorch_model.bin":
+        filename = "open_clip_model.safetensors"
+    return repo_id, filename
+
+
+def weights_help(arch: str, pretrained: str) -> str:
+    """The three offline ways to supply weights, with the exact download command for this tag."""
+    location = hf_hub_location(arch, pretrained)
+    if location is not None:
+        repo_id, filename = location
+        fetch = (f"on a machine with network run `hf download {repo_id} {filename}` "
+                 f"(older huggingface_hub: `huggingface-cli download {repo_id} {filename}`)")
+    else:
+        fetch = f"on a machine with network run `python -c \"import open_clip; open_clip.create_model('{arch}', pretrained='{pretrained}')\"`"
+    return (
+        "Supply the weights in one of three offline ways:\n"
+        f"  1. a local file: set embed.pretrained to the path of a .bin/.pt/.pth/.safetensors state_dict "
+        f"or an open_clip training checkpoint for {arch};\n"
+        f"  2. a local folder: set embed.pretrained to local-dir:/path/to/folder holding "
+        f"open_clip_config.json and the weights file;\n"
+        f"  3. a pre-filled Hugging Face cache: {fetch}, copy its cache folder (~/.cache/huggingface) "
+        f"here and point HF_HOME at it (HF_HUB_OFFLINE=1 then reads it without network);\n"
+        f"or set embed.pretrained: none for random weights (not for real results)."
+    )
+
+
+def _unavailable(arch: str, pretrained: str, reason: str) -> ClipWeightsUnavailable:
+    return ClipWeightsUnavailable(
+        f"CLIP weights for arch {arch!r} with pretrained {pretrained!r} are not available: {reason}.\n"
+        + weights_help(arch, pretrained))
+
+
+def _resolve_tag_file(arch: str, tag: str) -> Path:
+    """Local path of a pretrained tag's weights, from the HF cache (or a download when online)."""
+    try:
+        path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, tag))
+    except Exception as e:  # offline cache miss, HTTP error, checksum mismatch: all mean "no weights"
+        offline = "HF_HUB_OFFLINE=1 and they are not in the Hugging Face cache" \
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else "download failed"
+        raise _unavailable(arch, tag, f"{offline} ({type(e).__name__}: {e})") from e
+    if not path or not Path(path).is_file():
+        raise _unavailable(arch, tag, f"open_clip resolved the tag to {path!r}, which is not a file")
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class _WeightsSource:
+    """Where the weights come from, resolved before the model is built."""
+    model_name: str  # what open_clip.create_model_and_transforms gets as model_name
+    pretrained: str | None  # ... and as pretrained
+    weights: str
+    digest: str | None  # None: random init, digest of the state_dict after construction
+    quick_gelu: bool  # the tag was trained with QuickGELU (e.g. OpenAI's ViT-B-32)
+
+
+def _resolve_source(arch: str, pretrained: str, seed: int) -> _WeightsSource:
+    if pretrained.lower() == RANDOM_WEIGHTS:
+        return _WeightsSource(arch, None, f"random CLIP weights (seed {seed}; not for real results)", None, False)
+
+    if pretrained.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(pretrained[len(LOCAL_DIR_PREFIX):]).expanduser()
+        config = folder / "open_clip_config.json"
+        if not config.is_file():
+            raise _unavailable(arch, pretrained, f"{config} does not exist")
+        files = _local_dir_weight_files(folder)
+        if not files:
+            # open_clip would only warn and build a random model: refuse instead.
+            raise _unavailable(arch, pretrained, f"{folder} holds no .safetensors/.bin/.pth weights file")
+        return _WeightsSource(f"{LOCAL_DIR_PREFIX}{folder}", None,
+                              f"local-dir {folder} ({', '.join(p.name for p in files)})",
+                              _sha256_files([config, *files]), False)
+
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    if tag_cfg:
+        path = _resolve_tag_file(arch, pretrained)
+        return _WeightsSource(arch, pretrained, f"{pretrained} (pretrained tag)", _sha256_files([path]),
+                              bool(tag_cfg.get("quick_gelu", False)))
+
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return _WeightsSource(arch, str(path), f"local file {path}", _sha256_files([path]), False)
+    if path.suffix in WEIGHT_FILE_SUFFIXES or os.sep in pretrained:
+        raise _unavailable(arch, pretrained, f"no such file {path}")
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    raise _unavailable(arch, pretrained, f"it is neither an open_clip pretrained tag for {arch} "
+                                         f"(known tags: {tags or 'none'}) nor an existing file")
+
+
+# ---------------------------------------------------------------- model
+
+
+def _image_size(preprocess_cfg: dict) -> int:
+    size = preprocess_cfg["size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if h != w:
+        raise ValueError(f"non-square CLIP input size {size} is not supported by the batched preprocessing; "
+                         f"pick a model with a square image_size")
+    return int(h)
+
+
+def load_clip(arch: str = "ViT-B-32", pretrained: str = "openai", *, device: str | torch.device = "cpu",
+              precision: str = "fp32", seed: int = 0) -> ClipEncoder:
+    """Build an open_clip model and its weights from an offline-capable source.
+
+    ``pretrained``: "none" (random weights, deterministic for ``seed``), a local weights file
+    (state_dict in .bin/.pt/.pth/.safetensors, or an open_clip training checkpoint with
+    "state_dict" and "module." prefixes; read with ``torch.load(weights_only=True)``),
+    "local-dir:/path" (open_clip_config.json + weights), or an open_clip pretrained tag (read
+    from the Hugging Face cache; downloaded only when the hub is reachable). Raises
+    :class:`ClipWeightsUnavailable`, naming the three offline ways, when weights cannot be had.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if not pretrained.startswith(LOCAL_DIR_PREFIX) and arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {arch!r}; pick one of open_clip.list_models(), "
+                         f"e.g. 'ViT-B-32'")
+    source = _resolve_source(arch, pretrained, seed)
+    device = torch.device(device)
+    # Seeded construction without disturbing the caller's RNG: open_clip initialises with the
+    # global generator, and random weights must be the same for the same seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # precision="fp32" here on purpose: open_clip's "bf16" casts the weights, whereas we
+        # keep fp32 weights and autocast (embed_batch).
+        model, _, _ = open_clip.create_model_and_transforms(
+            source.model_name, pretrained=source.pretrained, precision="fp32", device=device,
+            force_quick_gelu=source.quick_gelu, weights_only=True)
+    model.eval().requires_grad_(False)
+    if device.type == "cuda" and precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+
+    preprocess_cfg = model.visual.preprocess_cfg
+    digest = source.digest or f"random-seed-{seed}-{state_dict_digest(model)}"
+    return ClipEncoder(
+        model=model, arch=arch, weights=source.weights, weights_digest=digest,
+        random_weights=source.digest is None, image_size=_image_size(preprocess_cfg),
+        mean=tuple(float(m) for m in preprocess_cfg["mean"]), std=tuple(float(s) for s in preprocess_cfg["std"]),
+        embed_dim=int(model.visual.output_dim), precision=precision,
+        interpolation="bilinear" if preprocess_cfg["interpolation"] == "bilinear" else "bicubic",
+        resize_mode=preprocess_cfg["resize_mode"])
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def _shortest_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """Output (h, w) of torchvision Resize(size) on an h x w image: the short side becomes
+    ``size``, the long side int(size * long / short) (torchvision _compute_resized_output_size)."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    return (new_long, new_short) if w <= h else (new_short, new_long)
+
+
+def _resize_like_pil(img: Tensor, out_hw: tuple[int, int], interpolation: str) -> Tensor:
+    """Resize float [N,3,H,W] in 0..255 the way PIL resizes a uint8 image.
+
+    torch's antialiased bicubic uses PIL's kernel (a = -0.5) and support scaling. PIL
+    (libImaging/Resample.c, ImagingResample) resamples separably, horizontal pass first, and
+    rounds and clips each pass to uint8; bicubic overshoot on sharp edges is clipped in
+    between. Two one-axis passes with the same rounding reproduce that (a single 2-D float
+    resize differs by up to ~20 grey levels on noisy images).
+    """
+    h, w = img.shape[-2:]
+    out_h, out_w = out_hw
+    if (h, w) == (out_h, out_w):
+        return img  # PIL / torchvision skip the resize when the size already matches
+    if w != out_w:
+        img = F.interpolate(img, size=(h, out_w), mode=interpolation, align_corners=False, antialias=True)
+        img = img.round_().clamp_(0.0, 255.0)
+    if h != out_h:
+        img = F.interpolate(img, size=(out_h, out_w), mode=interpolation, align_corners=False, antialias=True)
+        img = img.round_().clamp_(0.0, 255.0)
+    return img
+
+
+def _center_crop(img: Tensor, size: int) -> Tensor:
+    """torchvision CenterCrop offsets: int(round((H - size) / 2))."""
+    h, w = img.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img[..., top:top + size, left:left + size]
+
+
+def _to_model_input(img_uint8: Tensor, encoder: ClipEncoder) -> Tensor:
+    """One same-size uint8 [N,3,H,W] batch -> normalised float [N,3,S,S] on the encoder's device."""
+    x = img_uint8.to(encoder.device, non_blocking=True).float()
+    size = encoder.image_size
+    if encoder.resize_mode == "shortest":
+        x = _center_crop(_resize_like_pil(x, _shortest_side_size(*x.shape[-2:], size), encoder.interpolation), size)
+    elif encoder.resize_mode == "squash":
+        x = _resize_like_pil(x, (size, size), encoder.interpolation)
+    else:
+        raise ValueError(f"resize_mode {encoder.resize_mode!r} of this model is not supported by the batched "
+                         f"path (only 'shortest' and 'squash'); use embed_reference for such models")
+    mean = torch.tensor(encoder.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.std, device=x.device).view(1, 3, 1, 1)
+    return (x / 255.0 - mean) / std
+
+
+def _check_uint8_image(img: Tensor, ndim: int) -> None:
+    if img.dtype != torch.uint8 or img.ndim != ndim or img.shape[-3] != 3:
+        shape = "[N,3,H,W]" if ndim == 4 else "[3,H,W]"
+        raise ValueError(f"expected uint8 RGB images {shape}, got dtype {img.dtype} shape {tuple(img.shape)}; "
+                         f"decode to uint8 RGB first (e.g. torchvision.io.decode_png)")
+
+
+def preprocess_batch(images: Tensor | list[Tensor], encoder: ClipEncoder) -> Tensor:
+    """uint8 [N,3,H,W] (one size) or a list of uint8 [3,H,W] (any sizes) -> float32 [N,3,S,S]
+    model input on the encoder's device, matching open_clip's PIL preprocessing."""
+    if isinstance(images, Tensor):
+        _check_uint8_image(images, 4)
+        return _to_model_input(images, encoder)
+    if len(images) == 0:
+        raise ValueError("preprocess_batch got an empty list of images")
+    for img in images:
+        _check_uint8_image(img, 3)
+    return torch.cat([_to_model_input(img.unsqueeze(0), encoder) for img in images])
+
+
+# ---------------------------------------------------------------- embedding
+
+
+@torch.no_grad()
+def _encode(encoder: ClipEncoder, pixels: Tensor) -> Tensor:
+    use_bf16 = encoder.precision == "bf16" and pixels.device.type == "cuda"
+    if use_bf16:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=pixels.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        features = encoder.model.encode_image(pixels)
+    # Normalise in fp32: the embeddings are stored and compared as unit vectors.
+    return F.normalize(features.float(), dim=-1)
+
+
+@torch.no_grad()
+def embed_batch(encoder: ClipEncoder, images: Tensor | list[Tensor]) -> Tensor:
+    """float32 [N, D] L2-normalised image embeddings (bf16 autocast on CUDA if precision == "bf16")."""
+    return _encode(encoder, preprocess_batch(images, encoder))
+
+
+@torch.no_grad()
+def embed_reference(encoder: ClipEncoder, pil_image: Image.Image) -> Tensor:
+    """float32 [1, D] embedding through open_clip's own inference transform (PIL, batch 1)."""
+    transform = image_transform_v2(PreprocessCfg(**encoder.model.visual.preprocess_cfg), is_train=False)
+    pixels = transform(pil_image.convert("RGB")).unsqueeze(0).to(encoder.device)
+    return _encode(encoder, pixels)

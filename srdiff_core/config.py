@@ -1,0 +1,253 @@
+"""Typed pipeline configuration: every default lives here, YAML files hold only differences.
+
+A config file is a nested mapping whose sections mirror :class:`Config`. Unknown keys and
+wrong types are errors that name the offending key (pydantic ``extra="forbid"`` + strict-ish
+validation), so a typo in an experiment file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEGRADATIONS = ("hazy", "rainy", "motion-blurry", "low-light")
+STAGES = ("download", "shard", "embed", "train", "evaluate")
+
+Precision = Literal["fp32", "bf16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DemoSetConfig(_Section):
+    """The embedded demo set: crops of scikit-image's photographs, degraded synthetically."""
+
+    seed: int = 0
+    crop_size: int = 96
+    train_per_degradation: int = 24
+    val_per_degradation: int = 4
+
+
+class DownloadConfig(_Section):
+    source: Literal["demo", "real"] = "real"
+    demo: DemoSetConfig = DemoSetConfig()
+    # Which real datasets to fetch (names from configs/datasets.yaml).
+    datasets: list[str] = ["gopro", "reside6k", "rain100h", "lol"]
+    datasets_file: str = "configs/datasets.yaml"
+    # A shortfall against the expected pair counts is an error unless this is true.
+    allow_partial: bool = False
+
+
+class ShardConfig(_Section):
+    maxcount: int = Field(default=1000, ge=1)
+    maxsize: int = Field(default=1 << 30, ge=1 << 16)  # bytes per tar
+    workers: int = Field(default=0, ge=0)  # 0: one per core
+
+
+class SRMConfig(_Section):
+    """Semantic Refinement Module: residual MLP trained LQ -> GT embedding."""
+
+    hidden: int = 1024
+    depth: int = 2
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 5
+    patience: int = 20
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class EmbedConfig(_Section):
+    arch: str = "ViT-B-32"
+    # An open_clip pretrained tag ("openai", "laion2b_s34b_b79k"), a local weights file
+    # (.bin/.pt/.safetensors), "local-dir:/path", or "none" for random weights (demo/tests).
+    pretrained: str = "openai"
+    batch_size: int = Field(default=256, ge=1)
+    num_workers: int = Field(default=2, ge=0)
+    precision: Precision = "bf16"  # used on CUDA only; CPU always runs fp32
+    srm: SRMConfig = SRMConfig()
+    export_pt: bool = True  # also write the seed's per-image LQCLS/ RestoreCLS/ .pt layout
+
+
+class SDEConfig(_Section):
+    """IR-SDE (Luo et al. 2023). One max_sigma for training and sampling (the released code
+    trained at 10 and sampled at 50)."""
+
+    max_sigma: float = Field(default=10.0, gt=0)
+    T: int = Field(default=100, ge=2)
+    eps: float = 0.005
+    schedule: Literal["cosine"] = "cosine"
+
+
+class UNetConfig(_Section):
+    nf: int = 64
+    ch_mult: list[int] = [1, 2, 4, 8]
+    num_res_blocks: int = 2
+    context_dim: int = 512
+    attn_heads: int = 4
+    # "semantic": cross-attend to RestoreCLS; "null": a learned empty token (the ablation).
+    conditioning: Literal["semantic", "null"] = "semantic"
+
+
+class TrainConfig(_Section):
+    steps: int = Field(default=400_000, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    patch_size: int = Field(default=256, ge=8)
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    ema_decay: float = Field(default=0.995, ge=0.0, le=1.0)
+    grad_clip: float = 1.0
+    precision: Precision = "bf16"
+    channels_last: bool = True
+    compile: bool = False
+    checkpoint_every: int = Field(default=5000, ge=1)
+    log_every: int = Field(default=100, ge=1)
+    sample_every: int = Field(default=10_000, ge=1)
+    resume: Literal["auto", "never"] = "auto"
+    num_workers: int = Field(default=4, ge=0)
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    steps: int = Field(default=100, ge=1)  # posterior steps (K <= T uses closed-form jumps)
+    seed: int = 0
+    crop_border: int = Field(default=4, ge=0)
+    samples_per_image: int = Field(default=1, ge=1)
+    max_images: int = Field(default=0, ge=0)  # per degradation, 0 = all
+    tile_size: int = Field(default=0, ge=0)  # 0 = never tile
+    tile_overlap: int = Field(default=32, ge=0)
+    precision: Precision = "bf16"
+    lpips: bool = True
+    grid_images: int = Field(default=4, ge=1)
+
+
+class TrackingConfig(_Section):
+    # None: MLflow on sqlite:///<data_root>/mlflow.db (MLflow 3 refuses ./mlruns).
+    mlflow_uri: str | None = None
+    experiment: str = "srdiff"
+
+
+class Config(_Section):
+    name: str = "srdiff"
+    data_root: str = "data"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    download: DownloadConfig = DownloadConfig()
+    shard: ShardConfig = ShardConfig()
+    embed: EmbedConfig = EmbedConfig()
+    sde: SDEConfig = SDEConfig()
+    unet: UNetConfig = UNetConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def section_digest(self, *names: str) -> str:
+        """sha256 of the named sections' resolved values (a cache-key ingredient)."""
+        data = {n: self.model_dump(mode="json")[n] for n in names}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what to do."""
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}': remove it or check its spelling "
+                         f"(see the config reference in README.md)")
+        else:
+            lines.append(f"  '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    # YAML parsing gives numbers, booleans, lists ("[1,2]") and null their natural types.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Return a copy of ``data`` with ``a.b.c=value`` overrides applied."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; pass --config configs/demo.yaml "
+                          f"or a path to your own YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_config_data(path: str | Path | None) -> dict:
+    """Read a YAML config, following ``base: other.yaml`` (relative to the file) first."""
+    if path is None:
+        return {}
+    path = Path(path)
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(load_config_data(path.parent / base), data)
+    return data
+
+
+def validate_config(data: dict, origin: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (or the defaults), apply ``--set`` overrides, validate."""
+    data = apply_overrides(load_config_data(path), list(overrides))
+    origin = f"{path or 'defaults'}" + (f" with overrides {list(overrides)}" if overrides else "")
+    return validate_config(data, origin)

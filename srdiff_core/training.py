@@ -1,0 +1,302 @@
+"""The IR-SDE training loop: AdamW + warmup/cosine schedule, bf16 autocast, EMA, resumable.
+
+One function per job, nanoGPT style: :func:`train_step` does one optimisation step,
+:func:`train` runs steps, logs, samples and checkpoints, and resumes bit-exactly from the
+latest full-state checkpoint (model, EMA, optimizer, scheduler, step, every RNG, config).
+
+Distributed training: wrap the model in ``DistributedDataParallel`` before calling
+:func:`train` (after moving it to its device and memory format), give each rank its own
+``batch_source`` split, and pass ``is_main_process=(rank == 0)`` so only one rank writes
+checkpoints, logs and samples. State dicts are always taken from :func:`unwrap` (model), so
+checkpoints load into a plain module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from srdiff_core.checkpoint import (
+    LATEST_POINTER,
+    CheckpointMismatch,
+    capture_rng_state,
+    check_compatible,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from srdiff_core.config import TrainConfig
+from srdiff_core.ema import ema_update, make_ema
+from srdiff_core.sde import matching_loss
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor | None]
+
+
+# -------------------------------------------------------------------------- schedule
+
+def cosine_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
+              min_lr_ratio: float = 0.0) -> float:
+    """Learning rate at ``step`` (0-based): linear warmup, then half-cosine to ``min_lr_ratio * base_lr``.
+
+    Warmup is ``base_lr * (step + 1) / (warmup_steps + 1)`` so the first step already moves
+    (nanoGPT's schedule); the cosine runs from ``warmup_steps`` to ``total_steps`` (SGDR,
+    Loshchilov & Hutter 2017, without restarts) and stays at its floor afterwards.
+    """
+    if step < warmup_steps:
+        return base_lr * (step + 1) / (warmup_steps + 1)
+    min_lr = base_lr * min_lr_ratio
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (base_lr - min_lr)
+
+
+def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # Decay only matrices and conv kernels; biases and norm gains have no scale to regularise
+    # (Loshchilov & Hutter 2019; the nanoGPT/minGPT split by dimensionality).
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``model``'s trainable parameters and a LambdaLR running :func:`cosine_lr`."""
+    model = unwrap(model)
+    on_cuda = all(p.is_cuda for p in model.parameters())
+    optimizer = torch.optim.AdamW(_parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=tuple(cfg.betas), fused=True if on_cuda else None)
+    total, warmup, floor = cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio
+    # LambdaLR multiplies each group's initial lr by this factor; a lambda (not an object) keeps
+    # the scheduler's state_dict free of callables, so checkpoints load with weights_only=True.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_lr(step, base_lr=1.0, total_steps=total, warmup_steps=warmup,
+                                          min_lr_ratio=floor))
+    return optimizer, scheduler
+
+
+# ----------------------------------------------------------------------------- state
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DataParallel / torch.compile wrappers (for state dicts, EMA)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+@dataclass
+class TrainState:
+    """Everything a step mutates. ``model`` is the module to run (maybe DDP/compiled)."""
+
+    model: nn.Module
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+    # Draws the per-step timesteps and noise; checkpointed so a resumed run draws what the
+    # uninterrupted run would have drawn.
+    generator: torch.Generator | None = None
+
+
+def _plain_config(config: dict) -> dict:
+    try:
+        return json.loads(json.dumps(config))
+    except TypeError as e:
+        raise TypeError(f"config_dict must hold only JSON values ({e}): pass config.model_dump(mode='json')") from None
+
+
+def train_state_dict(state: TrainState, config: dict) -> dict:
+    """A checkpoint payload: model, EMA, optimizer, scheduler, step, RNG states, config (as plain data)."""
+    generator_state = state.generator.get_state() if state.generator is not None else None
+    return {
+        "model": unwrap(state.model).state_dict(),
+        "ema": state.ema.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "step": state.step,
+        "rng": {"global": capture_rng_state(), "generator": generator_state},
+        "config": _plain_config(config),
+    }
+
+
+def _load_module(module: nn.Module, weights: dict, what: str) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointMismatch(
+            f"the checkpoint's {what} weights do not fit the current network ({e}).\nThe network "
+            f"architecture changed: set train.resume: never, or use a new data_root/run name, "
+            f"or restore the old unet settings.") from None
+
+
+def _restore_generator(generator: torch.Generator, saved: torch.Tensor | None, step: int) -> None:
+    if saved is None:
+        return
+    try:
+        generator.set_state(saved)
+    except RuntimeError:
+        # CPU (Mersenne Twister) and CUDA (Philox) generator states are different objects; a run
+        # moved between device types continues, but its noise no longer matches the original.
+        log.warning("the checkpoint's noise generator state is from another device type; "
+                    "reseeding it with the step number (resume is not bit-exact)")
+        generator.manual_seed(step)
+
+
+def load_train_state(state: TrainState, ckpt: dict) -> None:
+    """Restore ``state`` (in place) and the global RNGs from a :func:`train_state_dict` payload."""
+    _load_module(unwrap(state.model), ckpt["model"], "model")
+    _load_module(state.ema, ckpt["ema"], "EMA")
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.step = int(ckpt["step"])
+    restore_rng_state(ckpt["rng"]["global"])
+    if state.generator is not None:
+        _restore_generator(state.generator, ckpt["rng"]["generator"], state.step)
+
+
+# ------------------------------------------------------------------------------ step
+
+def _to_device(batch: Batch, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    lq = batch["lq"].to(device, non_blocking=True, memory_format=memory_format)
+    gt = batch["gt"].to(device, non_blocking=True, memory_format=memory_format)
+    context = batch.get("context")
+    if context is not None:
+        context = context.to(device, non_blocking=True)
+    return lq, gt, context
+
+
+def train_step(state: TrainState, sde, batch: Batch, cfg: TrainConfig, *, device: str | torch.device,
+               generator: torch.Generator | None = None) -> dict[str, float]:
+    """One AdamW step on the IR-SDE matching loss, then the scheduler and EMA updates.
+
+    ``generator`` (default ``state.generator``) draws the timesteps and noise. The model is
+    expected on ``device`` already, in channels_last layout when ``cfg.channels_last``.
+    """
+    device = torch.device(device)
+    generator = generator if generator is not None else state.generator
+    model = state.model
+    model.train()
+    lq, gt, context = _to_device(batch, device, cfg.channels_last)
+    # bf16 keeps fp32's exponent range, so unlike fp16 it needs no loss scaling.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        loss = matching_loss(sde, model, gt, lq, context, generator=generator)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(
+            f"training loss is {loss_value} at step {state.step}: lower train.lr, raise "
+            f"train.warmup_steps or set train.precision: fp32; resume continues from the last checkpoint")
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # max_norm=inf measures the norm (for logging) without clipping.
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), max_norm).item()
+    lr = state.optimizer.param_groups[0]["lr"]
+    state.optimizer.step()
+    state.scheduler.step()
+    ema_update(state.ema, unwrap(model), cfg.ema_decay)
+    state.step += 1
+    return {"loss": loss_value, "grad_norm": grad_norm, "lr": lr}
+
+
+# ------------------------------------------------------------------------------ loop
+
+def _archive_previous_run(directory: Path) -> None:
+    """Move an older run's checkpoints aside so a fresh run never resumes or prunes into them."""
+    old = list_checkpoints(directory)
+    pointer = directory / LATEST_POINTER
+    if not old and not pointer.exists():
+        return
+    archive = directory / f"previous-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
+    archive.mkdir()
+    for path in [*old, pointer] if pointer.exists() else old:
+        path.rename(archive / path.name)
+    log.warning("train.resume is 'never': moved %d earlier checkpoints to %s", len(old), archive)
+
+
+def _resume(state: TrainState, directory: Path, config_dict: dict, compatible_keys: Iterable[str]) -> None:
+    path = latest_checkpoint(directory)
+    if path is None:
+        return
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt.get("config", {}), _plain_config(config_dict), compatible_keys)
+    load_train_state(state, ckpt)
+    log.info("resumed from %s at step %d", path, state.step)
+
+
+def _next_batch(batches: Iterator[Batch], step: int) -> Batch:
+    try:
+        return next(batches)
+    except StopIteration:
+        raise RuntimeError(f"batch_source ran out of batches at step {step}: it must yield batches "
+                           f"forever (e.g. resampled WebDataset shards or an endless loop)") from None
+
+
+def train(model: nn.Module, sde, batch_source: Callable[[int], Iterator[Batch]], cfg: TrainConfig, *,
+          checkpoint_dir: str | Path, config_dict: dict, device: str | torch.device = "cpu",
+          log_fn: Callable[[int, dict], None] | None = None,
+          sample_fn: Callable[[int, nn.Module], None] | None = None,
+          compatible_keys: Iterable[str] = (), is_main_process: bool = True) -> TrainState:
+    """Train ``model`` to ``cfg.steps``, resuming from ``checkpoint_dir`` when ``cfg.resume == "auto"``.
+
+    ``batch_source(start_step)`` must yield batches ``{"lq", "gt", "context"}`` forever, starting
+    where step ``start_step`` would be, so a resumed run sees the same data stream.
+    ``log_fn(step, {"loss", "lr", "grad_norm", "images_per_s"})`` runs every ``cfg.log_every``
+    steps, ``sample_fn(step, ema)`` every ``cfg.sample_every``; checkpoints every
+    ``cfg.checkpoint_every`` steps and at the end. Returns the final state (``model`` is the
+    module that ran, possibly compiled: use :func:`unwrap` for its plain weights).
+    """
+    device = torch.device(device)
+    checkpoint_dir = Path(checkpoint_dir)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    unwrap(model).to(device, memory_format=memory_format)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    state = TrainState(model=model, ema=make_ema(unwrap(model)), optimizer=optimizer, scheduler=scheduler,
+                       generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    if cfg.resume == "auto":
+        _resume(state, checkpoint_dir, config_dict, compatible_keys)
+    elif is_main_process:
+        _archive_previous_run(checkpoint_dir)
+    if state.step >= cfg.steps:
+        return state
+    if cfg.compile and not hasattr(model, "_orig_mod"):
+        state.model = torch.compile(model)
+
+    batches = batch_source(state.step)
+    images, busy_seconds = 0, 0.0
+    while state.step < cfg.steps:
+        started = time.perf_counter()
+        batch = _next_batch(batches, state.step)
+        metrics = train_step(state, sde, batch, cfg, device=device)
+        # train_step's .item() waits for the device, so this interval is real work done.
+        busy_seconds += time.perf_counter() - started
+        images += batch["gt"].shape[0]
+        step = state.step
+        if not is_main_process:
+            continue
+        if log_fn is not None and step % cfg.log_every == 0:
+            # Throughput over the steps since the last log, excluding sampling and checkpointing.
+            log_fn(step, {**metrics, "images_per_s": images / busy_seconds})
+            images, busy_seconds = 0, 0.0
+        if sample_fn is not None and step % cfg.sample_every == 0:
+            sample_fn(step, state.ema)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(checkpoint_dir, train_state_dict(state, config_dict), step)
+    return state

@@ -1,0 +1,280 @@
+"""Conditional UNet noise predictor of the IR-SDE, laid out as DA-CLIP's ConditionalUNet.
+
+Input is concat(x_t - mu, mu) (the residual to remove and the degraded image itself); output is the
+predicted noise eps of x_t = m_t + sqrt(v_t) eps. Levels of ResBlocks (GroupNorm + time scale-shift,
+as in Dhariwal & Nichol 2021) with a skip after every block; the two lowest-resolution levels and
+the middle block also carry a transformer block (self-attention, cross-attention to the semantic
+context tokens, feed-forward; DA-CLIP's SpatialTransformer, after Rombach et al. 2022).
+
+The semantic context is a CLIP-space vector [B, D] (one token) or a token sequence [B, L, D]. With a
+single token every query attends to it with weight 1, so cross-attention adds W_o W_v c at every
+position: a learned, semantics-dependent feature bias. That is still conditioning, just not spatial.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from srdiff_core.config import UNetConfig
+
+Conditioning = Literal["semantic", "null"]
+
+
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= 32 that divides ``channels`` (32 for nf=64)."""
+    groups = next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (float) timesteps [B] -> [B, dim] (Vaswani et al. 2017, as in DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the time embedding entering as a scale and shift of the second
+    norm (Dhariwal & Nichol 2021, "adaptive group normalisation"), plus a (1x1) skip."""
+
+    def __init__(self, dim_in: int, dim_out: int, time_dim: int):
+        super().__init__()
+        self.norm1 = group_norm(dim_in)
+        self.conv1 = nn.Conv2d(dim_in, dim_out, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, 2 * dim_out)
+        self.norm2 = group_norm(dim_out)
+        self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
+        self.skip = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
+
+    def forward(self, x: Tensor, time_emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.time_proj(F.silu(time_emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        return h + self.skip(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of image tokens [B, N, C] over ``context`` tokens [B, L, context_dim]
+    (itself when no context_dim is given), through F.scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by attn_heads={heads}; "
+                             f"pick attn_heads dividing nf * ch_mult")
+        self.heads = heads
+        kv_dim = dim if context_dim is None else context_dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(kv_dim, dim, bias=False)
+        self.to_v = nn.Linear(kv_dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        b, n, c = q.shape
+        q, k, v = (z.reshape(b, -1, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, c))
+
+
+class SpatialTransformer(nn.Module):
+    """Pre-norm transformer block on the feature map: self-attention, cross-attention to the
+    context, GELU feed-forward, each residual. Its output projection is zero-initialised so the block
+    starts as the identity and the pretrained-free UNet trains like a plain ResNet-UNet at first."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm_in = group_norm(dim)
+        self.proj_in = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = Attention(dim, heads, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.proj_out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.proj_in(self.norm_in(x).flatten(2).transpose(1, 2))  # [B, HW, C]
+        tokens = tokens + self.self_attn(self.norm1(tokens))
+        tokens = tokens + self.cross_attn(self.norm2(tokens), context)
+        tokens = tokens + self.ff(self.norm3(tokens))
+        out = self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
+        return x + out
+
+
+class Downsample(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim_in, dim_out, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv (avoids the checkerboard of transposed convs)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim_in, dim_out, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: ResBlocks, an optional transformer, a resampler."""
+
+    def __init__(self, blocks: Sequence[ResBlock], transformer: SpatialTransformer | None, resample: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.transformer = transformer
+        self.resample = resample
+
+
+class ConditionalUNet(nn.Module):
+    """Noise predictor eps(x_t, mu, t, context) of the IR-SDE (DA-CLIP layout, semantic cross-attention).
+
+    ``conditioning="null"`` replaces any context with one learned token (the no-semantics ablation);
+    ``"semantic"`` requires a context. Any image size works: the input is padded (replicate) to a
+    multiple of 2**(len(ch_mult)-1) and the output cropped back.
+    """
+
+    def __init__(self, *, in_channels: int = 3, out_channels: int = 3, nf: int = 64,
+                 ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int = 2, context_dim: int = 512,
+                 attn_heads: int = 4, conditioning: Conditioning = "semantic"):
+        super().__init__()
+        if conditioning not in ("semantic", "null"):
+            raise ValueError(f"conditioning must be 'semantic' or 'null', got '{conditioning}'")
+        if len(ch_mult) < 1 or num_res_blocks < 1:
+            raise ValueError("ConditionalUNet needs at least one level (ch_mult) and one ResBlock per level")
+        self.conditioning = conditioning
+        self.context_dim = context_dim
+        self.size_multiple = 2 ** (len(ch_mult) - 1)
+        time_dim = 4 * nf
+        # Level i maps nf*mult[i] -> nf*mult[i+1] channels, as DA-CLIP does with ch_mult = [1] + ch_mult.
+        widths = [nf * m for m in (1, *ch_mult)]
+        depth = len(ch_mult)
+        # Cross-attention where the feature map is small: the two lowest-resolution levels.
+        attn_levels = set(range(max(depth - 2, 0), depth))
+
+        self.nf = nf
+        self.init_conv = nn.Conv2d(2 * in_channels, nf, 7, padding=3)
+        self.time_mlp = nn.Sequential(nn.Linear(nf, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
+        # Normalising the context makes the model indifferent to the raw scale of CLIP embeddings.
+        self.context_norm = nn.LayerNorm(context_dim)
+        # Unit-scale init, like a LayerNorm'd context token; used only when conditioning="null".
+        self.null_context = nn.Parameter(torch.randn(1, 1, context_dim))
+
+        def transformer(dim: int) -> SpatialTransformer:
+            return SpatialTransformer(dim, attn_heads, context_dim)
+
+        self.downs = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        for i in range(depth):
+            dim_in, dim_out = widths[i], widths[i + 1]
+            last = i == depth - 1
+            self.downs.append(Level(
+                [ResBlock(dim_in, dim_in, time_dim) for _ in range(num_res_blocks)],
+                transformer(dim_in) if i in attn_levels else None,
+                nn.Conv2d(dim_in, dim_out, 3, padding=1) if last else Downsample(dim_in, dim_out)))
+            # The decoder level i mirrors encoder level i: each block eats one skip of width dim_in.
+            self.ups.insert(0, Level(
+                [ResBlock(dim_out + dim_in, dim_out, time_dim) for _ in range(num_res_blocks)],
+                transformer(dim_out) if i in attn_levels else None,
+                nn.Conv2d(dim_out, dim_in, 3, padding=1) if i == 0 else Upsample(dim_out, dim_in)))
+
+        mid = widths[-1]
+        self.mid_block1 = ResBlock(mid, mid, time_dim)
+        self.mid_transformer = transformer(mid)
+        self.mid_block2 = ResBlock(mid, mid, time_dim)
+        self.final_block = ResBlock(2 * nf, nf, time_dim)
+        self.final_conv = nn.Conv2d(nf, out_channels, 3, padding=1)
+        # Zero-init the output (Dhariwal & Nichol 2021): the untrained model predicts eps = 0, i.e. the
+        # reverse step is the pure mean-reverting drift, instead of random noise of arbitrary scale that
+        # the first updates would have to undo. Gradients still reach it since its input is non-zero.
+        nn.init.zeros_(self.final_conv.weight)
+        nn.init.zeros_(self.final_conv.bias)
+
+    @classmethod
+    def from_config(cls, cfg: "UNetConfig") -> "ConditionalUNet":
+        return cls(nf=cfg.nf, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+                   context_dim=cfg.context_dim, attn_heads=cfg.attn_heads, conditioning=cfg.conditioning)
+
+    def context_tokens(self, context: Tensor | None, batch: int) -> Tensor:
+        """[B, L, context_dim] tokens the cross-attention reads (the learned null token in null mode)."""
+        if self.conditioning == "null":
+            return self.null_context.expand(batch, -1, -1)
+        if context is None:
+            raise ValueError("ConditionalUNet(conditioning='semantic') needs a context [B, D] or [B, L, D]; "
+                             "pass the RestoreCLS embedding, or build the model with conditioning='null'")
+        if context.ndim == 2:
+            context = context[:, None, :]
+        if context.ndim != 3 or context.shape[-1] != self.context_dim or context.shape[0] != batch:
+            raise ValueError(f"context must be [B={batch}, D={self.context_dim}] or [B, L, D], got "
+                             f"{tuple(context.shape)}; check unet.context_dim against the embedding width")
+        return self.context_norm(context)
+
+    def forward(self, xt: Tensor, mu: Tensor, t: Tensor | int, context: Tensor | None) -> Tensor:
+        """Predicted noise for x_t, same shape and dtype as ``xt``."""
+        if xt.shape != mu.shape or xt.ndim != 4:
+            raise ValueError(f"xt {tuple(xt.shape)} and mu {tuple(mu.shape)} must be equal NCHW shapes")
+        batch, _, height, width = xt.shape
+        t = torch.as_tensor(t, device=xt.device).reshape(-1).expand(batch)
+        context = self.context_tokens(context, batch)
+
+        x = torch.cat([xt - mu, mu], dim=1)
+        x = self._pad(x)
+        x = self.init_conv(x)
+        first = x
+        time_emb = self.time_mlp(timestep_embedding(t, self.nf))
+
+        skips = []
+        for level in self.downs:
+            for block in level.blocks:
+                x = block(x, time_emb)
+                if level.transformer is not None and block is level.blocks[-1]:
+                    x = level.transformer(x, context)
+                skips.append(x)
+            x = level.resample(x)
+
+        x = self.mid_block1(x, time_emb)
+        x = self.mid_transformer(x, context)
+        x = self.mid_block2(x, time_emb)
+
+        for level in self.ups:
+            for block in level.blocks:
+                x = block(torch.cat([x, skips.pop()], dim=1), time_emb)
+            if level.transformer is not None:
+                x = level.transformer(x, context)
+            x = level.resample(x)
+
+        x = self.final_block(torch.cat([x, first], dim=1), time_emb)
+        x = self.final_conv(x)
+        return x[:, :, :height, :width].to(xt.dtype)
+
+    def _pad(self, x: Tensor) -> Tensor:
+        """Replicate-pad the bottom/right to a multiple of the total downsampling (always valid,
+        unlike reflect padding, even when the image is smaller than the pad)."""
+        m = self.size_multiple
+        pad_h, pad_w = (-x.shape[-2]) % m, (-x.shape[-1]) % m
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        return x

@@ -1,0 +1,171 @@
+"""Evaluate stage: restore the val sets, score them against GT and the untouched LQ, report."""
+
+from __future__ import annotations
+
+import html
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+from prefect import get_run_logger, task
+
+from srdiff_core import images, metrics
+from srdiff_core.config import Config
+from srdiff_core.restorer import Restorer
+from storage import fs, shards, tables
+from tasks import tracking
+from tasks.common import RateLogger, StageResult, pick_device, stage_dir
+from tasks.embed import read_embeddings
+
+METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips")
+
+
+def protocol(cfg: Config, lpips_reason: str | None) -> dict[str, str]:
+    """The evaluation protocol, logged as parameters of every evaluation run."""
+    e = cfg.evaluate
+    return {"eval.crop_border": str(e.crop_border), "eval.channels": "RGB [0,1] and Y (BT.601)",
+            "eval.quantized": "8-bit (outputs rounded to k/255 before scoring)",
+            "eval.lpips": "alex, inputs in [-1,1]" if lpips_reason is None else f"unavailable: {lpips_reason}",
+            "eval.seed": str(e.seed), "eval.sampler": "posterior", "eval.steps": str(e.steps),
+            "eval.samples_per_image": str(e.samples_per_image), "eval.max_sigma": str(cfg.sde.max_sigma),
+            "eval.resolution": "full" if not e.tile_size else f"full, tiles {e.tile_size}/{e.tile_overlap}"}
+
+
+def load_lpips(cfg: Config, device: torch.device):
+    """(metric, None) when the AlexNet backbone is present, else (None, reason)."""
+    if not cfg.evaluate.lpips:
+        return None, "disabled in config (evaluate.lpips: false)"
+    loaded = metrics.LPIPSMetric.load(device=device)
+    if isinstance(loaded, metrics.MetricAvailability):
+        return None, loaded.reason
+    return loaded, None
+
+
+def score(pred: torch.Tensor, target: torch.Tensor, border: int, lpips) -> dict[str, float]:
+    values = metrics.image_metrics(pred, target, border=border, lpips=lpips)
+    return {k: float(v[0]) for k, v in values.items()}
+
+
+def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], context: dict[str, np.ndarray],
+                     lpips, log) -> tuple[list[dict], dict[str, list]]:
+    """Per-image rows (restored and LQ metrics) and, per degradation, images for the grids."""
+    dataset = shards.PairDataset(val_urls, embeddings=context)
+    taken: dict[str, int] = defaultdict(int)
+    rows, examples = [], defaultdict(list)
+    autocast = torch.bfloat16 if (cfg.evaluate.precision == "bf16" and restorer.device.type == "cuda") else None
+    progress = RateLogger(log, "evaluate", None, "images")
+    for ex in dataset:
+        deg = ex["degradation"]
+        if cfg.evaluate.max_images and taken[deg] >= cfg.evaluate.max_images:
+            continue
+        taken[deg] += 1
+        lq, gt = ex["lq"][None], ex["gt"][None]
+        out = restorer.restore(lq, ex["context"][None], steps=cfg.evaluate.steps, seed=cfg.evaluate.seed,
+                               tile_size=cfg.evaluate.tile_size, tile_overlap=cfg.evaluate.tile_overlap,
+                               autocast_dtype=autocast).float().cpu()
+        restored = score(images.quantize(out), gt, cfg.evaluate.crop_border, lpips)
+        baseline = score(lq, gt, cfg.evaluate.crop_border, lpips)
+        rows.append({"id": ex["id"], "degradation": deg, **restored, **{f"lq_{k}": v for k, v in baseline.items()}})
+        examples[deg].append((restored["psnr"], images.to_uint8(ex["lq"]), images.to_uint8(out[0]),
+                              images.to_uint8(ex["gt"])))
+        progress.update()
+    if not rows:
+        raise ValueError("the val split has no samples: check download.demo.val_per_degradation or the val "
+                         "folders of your datasets, then rerun from the shard stage")
+    return rows, examples
+
+
+def aggregate(rows: list[dict]) -> dict[str, float]:
+    """Means per degradation and over all images: eval/<degradation>/<metric> and .../lq_<metric>."""
+    out: dict[str, float] = {}
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["degradation"]].append(r)
+        groups["all"].append(r)
+    for deg, items in groups.items():
+        for name in METRICS:
+            for key in (name, f"lq_{name}"):
+                values = [r[key] for r in items if key in r]
+                if values:
+                    out[f"eval/{deg}/{key}"] = float(np.mean(values))
+        out[f"eval/{deg}/images"] = float(len(items))
+    return out
+
+
+def grid_rows(examples: list, n: int) -> list[list[np.ndarray]]:
+    """The n worst and n best restorations by PSNR (all of them when there are few)."""
+    ranked = sorted(examples, key=lambda e: e[0])
+    chosen = ranked if len(ranked) <= 2 * n else ranked[:n] + ranked[-n:]
+    return [[lq, out, gt] for _, lq, out, gt in chosen]
+
+
+def write_report(folder: Path, means: dict[str, float], proto: dict[str, str], grids: dict[str, str]) -> None:
+    """report.md and report.html: the metrics table, the protocol, and the grids."""
+    degs = sorted({k.split("/")[1] for k in means if k.startswith("eval/")})
+    header = "| degradation | images | LQ PSNR | PSNR | LQ SSIM | SSIM | LQ PSNR-Y | PSNR-Y | LPIPS |"
+    lines = ["# SR-Diff evaluation", "", header, "|" + "---|" * 9]
+    cells = {}
+    for deg in degs:
+        g = lambda k: means.get(f"eval/{deg}/{k}")  # noqa: E731
+        fmt = lambda v, p=2: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
+        cells[deg] = [deg, fmt(g("images"), 0), fmt(g("lq_psnr")), fmt(g("psnr")), fmt(g("lq_ssim"), 4),
+                      fmt(g("ssim"), 4), fmt(g("lq_psnr_y")), fmt(g("psnr_y")), fmt(g("lpips"), 4)]
+        lines.append("| " + " | ".join(cells[deg]) + " |")
+    lines += ["", "## Protocol", ""] + [f"- {k}: {v}" for k, v in proto.items()]
+    lines += ["", "## Grids (LQ | restored | GT; worst then best by PSNR)", ""]
+    lines += [f"### {deg}\n\n![{deg}]({name})\n" for deg, name in grids.items()]
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    head = "".join(f"<th>{h.strip()}</th>" for h in header.strip("|").split("|"))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells.values())
+    figs = "".join(f"<h3>{html.escape(d)}</h3><img src='{html.escape(n)}'>" for d, n in grids.items())
+    proto_html = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in proto.items())
+    (folder / "report.html").write_text(
+        f"<!doctype html><meta charset='utf-8'><title>SR-Diff evaluation</title><h1>SR-Diff evaluation</h1>"
+        f"<table border='1' cellpadding='4'><tr>{head}</tr>{body}</table><h2>Protocol</h2><ul>{proto_html}</ul>"
+        f"<h2>Grids (LQ | restored | GT)</h2>{figs}")
+
+
+@task(name="evaluate", persist_result=True)
+def evaluate(cfg: Config, key: str, shards_url: str, restorecls_url: str, model_url: str,
+             run_id: str | None = None) -> StageResult:
+    """Restore the val sets (one seeded sample per image), score, write tables, grids and report."""
+    log = get_run_logger()
+    start = time.perf_counter()
+    device = pick_device(cfg)
+    restorer = Restorer.from_file(fs.local_path(model_url), device=device, clip_pretrained=cfg.embed.pretrained)
+    lpips, lpips_reason = load_lpips(cfg, device)
+    if lpips_reason:
+        log.warning(f"LPIPS unavailable: {lpips_reason}")
+    proto = protocol(cfg, lpips_reason)
+    rows, examples = evaluate_samples(restorer, cfg, shards.shard_urls(shards_url, split="val"),
+                                      read_embeddings(restorecls_url), lpips, log)
+    means = aggregate(rows)
+
+    out_dir = stage_dir(cfg, "runs/evaluate", key)
+    tables.write_table(f"{out_dir}/per_image.parquet", pa.Table.from_pylist(rows))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        grids = {}
+        for deg, exs in sorted(examples.items()):
+            name = f"grid_{deg}.png"
+            Image.fromarray(images.grid(grid_rows(exs, cfg.evaluate.grid_images))).save(folder / name)
+            grids[deg] = name
+        write_report(folder, means, proto, grids)
+        for f in sorted(folder.iterdir()):
+            fs.atomic_write_bytes(f"{out_dir}/{f.name}", f.read_bytes())
+        if run_id:
+            tracking.log_artifact(cfg, run_id, folder, "report")
+            tracking.log_params(cfg, run_id, proto)
+            if lpips_reason:
+                tracking.set_tags(cfg, run_id, {"eval.lpips": f"unavailable: {lpips_reason}"})
+    seconds = time.perf_counter() - start
+    log.info(f"evaluate: {len(rows)} images in {seconds:.1f} s -> {out_dir}")
+    return StageResult(stage="evaluate", key=key, digest=tables.table_digest(pa.Table.from_pylist(rows)),
+                       outputs={"report": f"{out_dir}/report.md", "html": f"{out_dir}/report.html",
+                                "per_image": f"{out_dir}/per_image.parquet"},
+                       metrics={**means, "eval/seconds": seconds}, params=proto, run_id=run_id, seconds=seconds)

@@ -1,0 +1,121 @@
+"""Train stage: the IR-SDE conditional UNet on the shards, conditioned on RestoreCLS."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from prefect import get_run_logger, task
+
+from srdiff_core import images, samplers, training
+from srdiff_core.checkpoint import latest_checkpoint
+from srdiff_core.config import Config
+from srdiff_core.sde import IRSDE
+from srdiff_core.unet import ConditionalUNet
+from storage import fs, shards
+from tasks import tracking
+from tasks.common import StageResult, pick_device, stage_dir
+from tasks.embed import read_embeddings
+
+# Settings a checkpoint must share with the config to be resumed (anything else, e.g. the step
+# budget or the logging interval, may change between a run and its resume).
+ARCHITECTURE_KEYS = ("unet", "sde")
+
+
+def model_file_state(ema: torch.nn.Module, cfg: Config, srm_url: str) -> dict:
+    """Everything `srdiff restore` needs: EMA weights, model + SDE config, CLIP + SRM."""
+    srm_state = torch.load(io.BytesIO(fs.read_bytes(srm_url)), weights_only=True)
+    return {"format": "srdiff-model-v1", "ema": ema.state_dict(),
+            "unet": cfg.unet.model_dump(mode="json"), "sde": cfg.sde.model_dump(mode="json"),
+            "embed": {"arch": cfg.embed.arch, "pretrained": cfg.embed.pretrained}, "srm": srm_state}
+
+
+def batch_source(cfg: Config, urls: list[str], context: dict[str, np.ndarray]):
+    """batch_source(start_step) -> infinite iterator of training batches.
+
+    The shard sampler is seeded with (seed, start_step) so a resumed run continues with a
+    well-defined stream rather than replaying the first batches again."""
+    def make(start_step: int):
+        dataset = shards.PairDataset(urls, patch_size=cfg.train.patch_size, augment=True, resampled=True,
+                                     embeddings=context, seed=cfg.train.seed * 1_000_003 + start_step)
+        loader = shards.make_loader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers)
+        for batch in loader:
+            yield {"lq": batch["lq"], "gt": batch["gt"], "context": batch["context"]}
+    return make
+
+
+def preview_fn(cfg: Config, sde: IRSDE, val_urls: list[str], context: dict[str, np.ndarray], run_id: str | None,
+               device: torch.device):
+    """sample_fn for training: restore a few val images with the EMA model, log a grid."""
+    dataset = shards.PairDataset(val_urls, embeddings=context)
+    examples = list(itertools.islice(iter(dataset), 4))
+
+    def sample(step: int, ema: torch.nn.Module) -> None:
+        if not examples or run_id is None:
+            return
+        rows = []
+        for ex in examples:
+            gen = torch.Generator(device="cpu").manual_seed(cfg.evaluate.seed)
+            out = samplers.restore(ema, ex["lq"][None].to(device), sde, ex["context"][None].to(device),
+                                   steps=cfg.evaluate.steps, generator=gen)
+            rows.append([images.to_uint8(ex["lq"]), images.to_uint8(out[0]), images.to_uint8(ex["gt"])])
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / f"step_{step:08d}.png"
+            Image.fromarray(images.grid(rows)).save(target)
+            tracking.log_artifact(cfg, run_id, target, "samples")
+    return sample
+
+
+def mlflow_log_fn(cfg: Config, run_id: str | None, log):
+    def log_fn(step: int, metrics: dict) -> None:
+        log.info(f"train step {step}/{cfg.train.steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if run_id:
+            tracking.log_metrics(cfg, run_id, {f"train/{k}": v for k, v in metrics.items()}, step=step)
+    return log_fn
+
+
+@task(name="train", persist_result=True)
+def train(cfg: Config, key: str, shards_url: str, restorecls_url: str, srm_url: str,
+          run_id: str | None = None) -> StageResult:
+    """Train the conditional UNet with the matching loss; write full-state checkpoints and model.pt."""
+    log = get_run_logger()
+    start = time.perf_counter()
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.train.seed)
+    out_dir = Path(fs.local_path(stage_dir(cfg, "runs/train", key)))
+    context = read_embeddings(restorecls_url)
+    train_urls = shards.shard_urls(shards_url, split="train")
+    sde = IRSDE.from_config(cfg.sde)
+    model = ConditionalUNet.from_config(cfg.unet).to(device)
+    if latest_checkpoint(out_dir / "checkpoints") is not None:
+        log.info(f"resuming from {latest_checkpoint(out_dir / 'checkpoints')}")
+    log.info(f"UNet nf {cfg.unet.nf} ch_mult {cfg.unet.ch_mult}, conditioning {cfg.unet.conditioning}, "
+             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {cfg.train.steps} steps "
+             f"of batch {cfg.train.batch_size} x {cfg.train.patch_size} px on {device}")
+    state = training.train(
+        model, sde, batch_source(cfg, train_urls, context), cfg.train,
+        checkpoint_dir=out_dir / "checkpoints", config_dict=cfg.model_dump(mode="json"), device=device,
+        log_fn=mlflow_log_fn(cfg, run_id, log),
+        sample_fn=preview_fn(cfg, sde, shards.shard_urls(shards_url, split="val"), context, run_id, device),
+        compatible_keys=ARCHITECTURE_KEYS)
+
+    model_path = out_dir / "model.pt"
+    buf = io.BytesIO()
+    torch.save(model_file_state(state.ema, cfg, srm_url), buf)
+    fs.atomic_write_bytes(str(model_path), buf.getvalue())
+    if run_id:
+        tracking.log_artifact(cfg, run_id, model_path, "model")
+    seconds = time.perf_counter() - start
+    log.info(f"train: {state.step} steps in {seconds:.1f} s -> {model_path}")
+    return StageResult(stage="train", key=key, digest=fs.sha256_bytes(buf.getvalue()),
+                       outputs={"model": str(model_path), "checkpoints": str(out_dir / "checkpoints")},
+                       metrics={"train/final_step": float(state.step), "train/seconds": seconds},
+                       params={"unet.conditioning": cfg.unet.conditioning, "train.steps": cfg.train.steps,
+                               "sde.max_sigma": cfg.sde.max_sigma},
+                       run_id=run_id, seconds=seconds)
