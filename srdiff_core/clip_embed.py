@@ -96,15 +96,27 @@ def hf_hub_location(arch: str, tag: str) -> tuple[str, str] | None:
     return repo_id, filename
 
 
+def _hub_fetch_hint(arch: str, pretrained: str) -> str:
+    """How to fill the HF cache on a machine with network: for this tag, or (when ``pretrained``
+    is a path, not a tag) for the first tag of ``arch`` that has a Hugging Face mirror."""
+    tags = [pretrained] + [t for t in open_clip.list_pretrained_tags_by_model(arch) if t != pretrained]
+    for tag in tags:
+        location = hf_hub_location(arch, tag)
+        if location is not None:
+            repo_id, filename = location
+            for_tag = "" if tag == pretrained else f" (for the '{tag}' tag, then set embed.pretrained: {tag})"
+            fallback = (" (or open_clip_pytorch_model.bin where the repo has no safetensors file)"
+                        if filename == "open_clip_model.safetensors" else "")
+            return (f"on a machine with network run `hf download {repo_id} {filename}`{for_tag} "
+                    f"(older huggingface_hub: `huggingface-cli download {repo_id} {filename}`){fallback}")
+    return (f"on a machine with network run `python -c \"import open_clip; "
+            f"open_clip.create_model('{arch}', pretrained='<tag>')\"` with a tag from "
+            f"open_clip.list_pretrained_tags_by_model('{arch}')")
+
+
 def weights_help(arch: str, pretrained: str) -> str:
     """The three offline ways to supply weights, with the exact download command for this tag."""
-    location = hf_hub_location(arch, pretrained)
-    if location is not None:
-        repo_id, filename = location
-        fetch = (f"on a machine with network run `hf download {repo_id} {filename}` "
-                 f"(older huggingface_hub: `huggingface-cli download {repo_id} {filename}`)")
-    else:
-        fetch = f"on a machine with network run `python -c \"import open_clip; open_clip.create_model('{arch}', pretrained='{pretrained}')\"`"
+    fetch = _hub_fetch_hint(arch, pretrained)
     return (
         "Supply the weights in one of three offline ways:\n"
         f"  1. a local file: set embed.pretrained to the path of a .bin/.pt/.pth/.safetensors state_dict "

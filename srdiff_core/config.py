@@ -117,6 +117,9 @@ class TrainConfig(_Section):
     sample_every: int = Field(default=10_000, ge=1)
     resume: Literal["auto", "never"] = "auto"
     num_workers: int = Field(default=4, ge=0)
+    # Samples mixed across the shards being read, so a batch is not one degradation's
+    # neighbouring ids (memory: this many raw PNG pairs per worker).
+    shuffle_buffer: int = Field(default=256, ge=0)
     seed: int = 0
 
 

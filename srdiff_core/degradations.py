@@ -117,7 +117,7 @@ def motion_blur_kernel(length: float, angle_deg: float) -> np.ndarray:
 
     ``angle_deg`` is counter-clockwise from the image x axis (0 = horizontal, 90 = vertical).
     Each pixel's weight is max(0, 1 - distance from its centre to the segment), the
-    sub-pixel coverage of a 1-pixel-wide line (Wu-style anti-aliasing), so non-integer
+    approximate sub-pixel coverage of a 1-pixel-wide line (anti-aliasing), so non-integer
     lengths and any angle give a smooth kernel. The segment runs +/- (length - 1) / 2 about
     the centre, so length L at angle 0 is exactly an L-tap box, and length 1 is the identity.
     """
@@ -193,8 +193,9 @@ def add_rain(clean: np.ndarray, rng: np.random.Generator, *,
              brightness_range: Range = (0.5, 0.9)) -> np.ndarray:
     """Rain streaks screen-blended onto the image: O = 1 - (1 - J)(1 - R).
 
-    Rain100H-style: one layer of near-parallel bright streaks (angle from vertical, in
-    degrees, positive leaning clockwise / to the right at the bottom). Screen blending only
+    One layer of near-parallel bright streaks (Rain100H mixes several directions per
+    image; one layer is enough for a demo). The angle is from vertical, in degrees,
+    positive leaning to the right at the bottom. Screen blending only
     brightens, like light scattered by the drops, and never overflows 1. ``density`` is the
     fraction of pixels that start a streak; ``length`` and ``width`` (Gaussian std across
     the streak) are in pixels.
@@ -218,7 +219,7 @@ def add_low_light(clean: np.ndarray, rng: np.random.Generator, *,
     """Under-exposure: x = gain * J^gamma, then Poisson-Gaussian sensor noise, then 8-bit levels.
 
     gamma > 1 darkens shadows more than highlights and gain < 1 scales the exposure, which
-    together bring a normal image to LOL's low-light brightness (a 3-20x lower mean).
+    together lower the mean 3-25x with the default ranges, towards LOL's dark inputs.
     Noise follows the Poisson-Gaussian model of Foi et al. (IEEE TIP 2008):
     y = Poisson(photons * x) / photons + N(0, read_noise^2), i.e. var(y) = x / photons +
     read_noise^2, where ``photons`` is the photon count of a full-scale pixel (drawn

@@ -81,8 +81,6 @@ def split_region(height: int, width: int, split: str) -> tuple[slice, slice]:
 
 def _pair_seed(seed: int, degradation: str, split: str, index: int) -> np.random.SeedSequence:
     """Seed for one pair. Names enter as crc32 (stable across processes, unlike hash())."""
-    if seed < 0:
-        raise ValueError(f"demo seed must be >= 0, got {seed}")
     words = [seed, zlib.crc32(degradation.encode()), zlib.crc32(split.encode()), index]
     return np.random.SeedSequence(words)
 
@@ -126,6 +124,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 def make_demo_pair(*, seed: int, degradation: str, split: str, index: int, crop_size: int) -> DemoPair:
     """Pair ``index`` of (degradation, split): a crop and its degraded copy."""
+    if seed < 0:  # SeedSequence takes non-negative entropy only
+        raise ValueError(f"demo seed must be >= 0, got {seed}; set download.demo.seed to 0 or more")
     source = _source_order(seed, degradation, split)[index % len(SOURCES)]
     # Separate streams for the crop and the degradation: changing one never moves the other.
     crop_seq, degrade_seq = _pair_seed(seed, degradation, split, index).spawn(2)
@@ -134,7 +134,9 @@ def make_demo_pair(*, seed: int, degradation: str, split: str, index: int, crop_
     lq = to_uint8(degrade(degradation, to_float(gt), np.random.default_rng(degrade_seq)))
     gt.setflags(write=False)
     lq.setflags(write=False)
-    return DemoPair(id=f"{source}-{index:04d}", degradation=degradation, split=split, lq=lq, gt=gt)
+    # The degradation is part of the id: ids are unique over the whole set, because the
+    # embedding tables downstream are keyed by id alone.
+    return DemoPair(id=f"{degradation}-{split}-{source}-{index:04d}", degradation=degradation, split=split, lq=lq, gt=gt)
 
 
 def iter_demo_pairs(*, seed: int, crop_size: int, train_per_degradation: int,

@@ -16,11 +16,6 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
     return img.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
-def quantize(img: torch.Tensor) -> torch.Tensor:
-    """Round to 8-bit levels: metrics are computed on the images as they would be saved."""
-    return img.clamp(0, 1).mul(255).round().div(255)
-
-
 def grid(rows: list[list[np.ndarray]], pad: int = 4, fill: int = 255) -> np.ndarray:
     """Tile uint8 HxWx3 images into a grid (each row e.g. LQ | restored | GT); cells are
     padded to the largest image so rows of different sizes still line up."""

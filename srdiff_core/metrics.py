@@ -215,7 +215,8 @@ class LPIPSMetric:
         self.weights_path = weights_path
 
     @classmethod
-    def load(cls, device: str | torch.device = "cpu", *, verify_sha256: bool = True) -> "LPIPSMetric | MetricAvailability":
+    def load(cls, device: str | torch.device = "cpu", *,
+             verify_sha256: bool = True) -> "LPIPSMetric | MetricAvailability":
         """The metric, or ``MetricAvailability(False, reason)`` when it cannot be computed honestly.
 
         Offline by construction: the trunk is built with random weights (``pnet_rand=True``, so
@@ -232,7 +233,8 @@ class LPIPSMetric:
         weights_path = lpips_weights_path()
         if not weights_path.is_file():
             return MetricAvailability(False, _alexnet_missing_reason(weights_path))
-        if verify_sha256 and (found := _sha256_prefix(weights_path, len(ALEXNET_SHA256_PREFIX))) != ALEXNET_SHA256_PREFIX:
+        found = _sha256_prefix(weights_path, len(ALEXNET_SHA256_PREFIX)) if verify_sha256 else None
+        if found is not None and found != ALEXNET_SHA256_PREFIX:
             return MetricAvailability(False, (
                 f"LPIPS unavailable: {weights_path} has sha256 prefix {found}, expected "
                 f"{ALEXNET_SHA256_PREFIX}; it is not torchvision's ImageNet AlexNet. Replace it with "
@@ -275,6 +277,16 @@ class LPIPSMetric:
 
 # ----------------------------------------------------------------------------- protocol
 
+def lpips_version() -> str:
+    """Installed lpips package version (part of the logged protocol)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lpips")
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def image_metrics(pred: Tensor, target: Tensor, *, border: int = 4,
                   lpips: LPIPSMetric | None = None) -> dict[str, Tensor]:
     """All protocol metrics per image ([N] each), keyed by the stable names in METRIC_NAMES.
@@ -293,27 +305,24 @@ def image_metrics(pred: Tensor, target: Tensor, *, border: int = 4,
 
 
 def protocol_description(border: int, lpips_available: bool, lpips_reason: str = "") -> dict[str, str]:
-    """The evaluation protocol as flat string params, to log with every run (DESIGN.md)."""
-    lpips_text = (f"lpips {lpips_version()} v{LPIPS_VERSION}, AlexNet trunk ({ALEXNET_FILENAME}), "
-                  f"inputs scaled to [-1,1], whole image"
-                  if lpips_available else f"unavailable: {lpips_reason or 'AlexNet weights not found'}")
+    """The evaluation protocol as flat string params, to log with every run (DESIGN.md).
+
+    ``lpips_reason`` is the :class:`MetricAvailability` reason when LPIPS is unavailable.
+    """
+    if lpips_available:
+        lpips_text = (f"lpips {lpips_version()} v{LPIPS_VERSION}, AlexNet trunk ({ALEXNET_FILENAME}), "
+                      f"inputs scaled to [-1,1], whole image (no border crop)")
+    else:
+        lpips_text = "unavailable: " + (lpips_reason.removeprefix("LPIPS unavailable: ") or "no AlexNet weights")
     return {
         "eval.protocol.input": "RGB in [0,1], rounded to 8-bit levels k/255 before scoring",
         "eval.protocol.border_crop": str(border),
-        "eval.protocol.psnr": "10*log10(1/MSE), data range 1, mean over C,H,W per image, then mean over images",
+        "eval.protocol.psnr": ("10*log10(1/MSE), data range 1, MSE over C,H,W of each image; "
+                               "runs report the mean over images"),
         "eval.protocol.ssim": (f"Wang et al. 2004, Gaussian {SSIM_WINDOW}x{SSIM_WINDOW} sigma {SSIM_SIGMA}, "
                                f"K1 {SSIM_K1} K2 {SSIM_K2}, data range 1, population covariance, valid "
                                f"window positions, RGB = mean over channels"),
-        "eval.protocol.y_channel": "ITU-R BT.601 Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255 (BasicSR rgb2ycbcr)",
+        "eval.protocol.y_channel": ("ITU-R BT.601 Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255 "
+                                    "(BasicSR rgb2ycbcr y_only), data range 1"),
         "eval.protocol.lpips": lpips_text,
     }
-
-
-def lpips_version() -> str:
-    """Installed lpips package version (part of the logged protocol)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lpips")
-    except PackageNotFoundError:
-        return "not installed"

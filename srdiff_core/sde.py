@@ -3,7 +3,11 @@ Differential Equations" (ICML 2023), and its "matching" training loss.
 
 The forward process drifts a clean image x0 towards the degraded image mu while adding noise:
 
-    dx = theta_t (mu - x) dt + sigma_t dw,   sigma_t^2 = 2 lambda^2 theta_t      (IR-SDE eq. "MR-SDE")
+    dx = theta_t (mu - x) dt + sigma_t dw,   sigma_t^2 = 2 lambda^2 theta_t   (IR-SDE, the mean-reverting SDE)
+
+whose solution is Gaussian in closed form (IR-SDE, "closed-form solution"):
+
+    x_t | x0 ~ N(m_t, v_t),  m_t = mu + (x0 - mu) e^{-thetabar_t},  v_t = lambda^2 (1 - e^{-2 thetabar_t})
 
 so its stationary law is N(mu, lambda^2): at t = T the state is "mu plus noise of std lambda", which
 is exactly where sampling starts. Everything here is schedule math (no network). Discrete step i
@@ -82,7 +86,7 @@ class IRSDE:
         self.thetas = thetas
         self.thetas_cumsum = thetas_cumsum
         # Forward marginal std (IR-SDE, closed-form solution): sqrt(v_t) = lambda sqrt(1 - e^{-2 thetabar_t}).
-        self.sigma_bars = self.lam * torch.sqrt(1 - torch.exp(-2 * thetas_cumsum * self.dt))
+        self.sigma_bars = self._sigma_bar64(thetas_cumsum * self.dt)
         self._device_cache: dict[torch.device, dict[str, Tensor]] = {}
 
     @classmethod
@@ -122,6 +126,7 @@ class IRSDE:
         return _broadcast(self._sigma_bar64(self._thetabar(t)), 4, torch.float32)
 
     def _sigma_bar64(self, thetabar: Tensor) -> Tensor:
+        # expm1 keeps full precision near t = 0, where 1 - e^{-2 thetabar} would cancel.
         return self.lam * torch.sqrt(-torch.expm1(-2 * thetabar))
 
     # -------------------------------------------------------------- forward process

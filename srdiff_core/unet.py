@@ -178,10 +178,11 @@ class ConditionalUNet(nn.Module):
         self.nf = nf
         self.init_conv = nn.Conv2d(2 * in_channels, nf, 7, padding=3)
         self.time_mlp = nn.Sequential(nn.Linear(nf, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
-        # Normalising the context makes the model indifferent to the raw scale of CLIP embeddings.
-        self.context_norm = nn.LayerNorm(context_dim)
-        # Unit-scale init, like a LayerNorm'd context token; used only when conditioning="null".
-        self.null_context = nn.Parameter(torch.randn(1, 1, context_dim))
+        # Only the parameters a mode uses exist in it: DDP rejects parameters that never get a gradient.
+        # Semantic: normalising the context makes the model indifferent to the raw scale of CLIP embeddings.
+        self.context_norm = nn.LayerNorm(context_dim) if conditioning == "semantic" else None
+        # Null: one learned token, unit-scale like a LayerNorm'd context token.
+        self.null_context = nn.Parameter(torch.randn(1, 1, context_dim)) if conditioning == "null" else None
 
         def transformer(dim: int) -> SpatialTransformer:
             return SpatialTransformer(dim, attn_heads, context_dim)
@@ -220,7 +221,7 @@ class ConditionalUNet(nn.Module):
 
     def context_tokens(self, context: Tensor | None, batch: int) -> Tensor:
         """[B, L, context_dim] tokens the cross-attention reads (the learned null token in null mode)."""
-        if self.conditioning == "null":
+        if self.null_context is not None:
             return self.null_context.expand(batch, -1, -1)
         if context is None:
             raise ValueError("ConditionalUNet(conditioning='semantic') needs a context [B, D] or [B, L, D]; "
@@ -244,7 +245,8 @@ class ConditionalUNet(nn.Module):
         x = self._pad(x)
         x = self.init_conv(x)
         first = x
-        time_emb = self.time_mlp(timestep_embedding(t, self.nf))
+        # The sinusoids are computed in float32 and handed over in the weights' dtype (bf16 models).
+        time_emb = self.time_mlp(timestep_embedding(t, self.nf).to(self.init_conv.weight.dtype))
 
         skips = []
         for level in self.downs:

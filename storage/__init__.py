@@ -1,0 +1,1 @@
+"""Where bytes live: fsspec URLs, atomic writes, Parquet tables, WebDataset shards."""

@@ -131,12 +131,6 @@ def _temp_path(path: str) -> str:
     return posixpath.join(parent, f".{name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
 
 
-def is_temp_name(name: str) -> bool:
-    """Whether a file name is one of atomic_open's temporaries (left over by a killed writer)."""
-    base = posixpath.basename(name)
-    return base.startswith(".") and base.endswith(TEMP_SUFFIX)
-
-
 @contextmanager
 def atomic_open(url: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open ``url`` for writing; it appears under its name only if the block succeeds.
@@ -151,11 +145,12 @@ def atomic_open(url: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     if parent:
         fs.makedirs(parent, exist_ok=True)
     tmp = _temp_path(path)
+    text = {} if "b" in mode else {"encoding": "utf-8"}
     if _fs_is_local(fs):
-        with _local_atomic(tmp, path, mode) as f:
+        with _local_atomic(tmp, path, mode, text) as f:
             yield f
         return
-    f = fs.open(tmp, mode)
+    f = fs.open(tmp, mode, **text)
     try:
         yield f
     except BaseException:
@@ -166,8 +161,8 @@ def atomic_open(url: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
 
 @contextmanager
-def _local_atomic(tmp: str, path: str, mode: str) -> Iterator[IO]:
-    f = open(tmp, mode)
+def _local_atomic(tmp: str, path: str, mode: str, text: dict) -> Iterator[IO]:
+    f = open(tmp, mode, **text)
     try:
         yield f
         f.flush()

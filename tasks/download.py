@@ -103,6 +103,23 @@ def _pair_row(sample_id: str, split: str, degradation: str, lq_url: str, gt_url:
             "lq_sha256": fs.sha256_bytes(lq_bytes), "gt_sha256": fs.sha256_bytes(gt_bytes)}
 
 
+def drop_duplicate_ids(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Ids key every table downstream, so they must be unique over the whole manifest: the
+    first pair (in split/degradation/id order) stays, later ones are quarantined."""
+    seen: dict[str, dict] = {}
+    kept, rejected = [], []
+    for r in sorted(rows, key=lambda r: (r["split"], r["degradation"], r["id"])):
+        if r["id"] in seen:
+            first = seen[r["id"]]
+            rejected.append({"id": r["id"], "split": r["split"], "degradation": r["degradation"],
+                             "path": r["lq_path"], "reason": f"duplicate id (already used by "
+                                                              f"{first['split']}/{first['degradation']})"})
+        else:
+            seen[r["id"]] = r
+            kept.append(r)
+    return kept, rejected
+
+
 def summarize(rows: list[dict]) -> dict[str, float]:
     counts = Counter((r["split"], r["degradation"]) for r in rows)
     return {f"pairs/{split}/{deg}": float(n) for (split, deg), n in sorted(counts.items())}
@@ -123,8 +140,9 @@ def download(cfg: Config, key: str, run_id: str | None = None) -> StageResult:
                 f"no image pairs under {common.path(cfg, 'datasets')}: put the datasets there in the layout "
                 f"datasets/{{train,val}}/<degradation>/{{LQ,GT}}/<id>.png, or run the demo with "
                 f"`srdiff demo` (download.source: demo)")
-    manifest = pa.Table.from_pylist(sorted(rows, key=lambda r: (r["split"], r["degradation"], r["id"])),
-                                    schema=tables.PAIRS_SCHEMA)
+    rows, duplicates = drop_duplicate_ids(rows)
+    quarantine += duplicates
+    manifest = pa.Table.from_pylist(rows, schema=tables.PAIRS_SCHEMA)
     manifest_url = common.path(cfg, MANIFEST)
     tables.write_table(manifest_url, manifest)
     quarantine_url = common.path(cfg, QUARANTINE)

@@ -138,8 +138,8 @@ def embed(cfg: Config, key: str, shards_url: str, run_id: str | None = None) -> 
 
     out_url = stage_dir(cfg, "embeddings", key)
     meta = {"arch": encoder.arch, "weights": encoder.weights, "weights_digest": encoder.weights_digest,
-            "preprocessing": f"resize short side {encoder.image_size} bicubic antialias, centre crop, "
-                             f"normalise mean {encoder.mean} std {encoder.std}"}
+            "preprocessing": f"resize ({encoder.resize_mode}, {encoder.interpolation}, antialias) to "
+                             f"{encoder.image_size}, centre crop, normalise mean {encoder.mean} std {encoder.std}"}
     lq_table, restore_table = embedding_table(emb, emb.lq, meta), embedding_table(emb, restored, meta)
     for name, table in (("lqcls", lq_table), ("gtcls", embedding_table(emb, emb.gt, meta)),
                         ("restorecls", restore_table)):

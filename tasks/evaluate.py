@@ -26,11 +26,9 @@ METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips")
 
 
 def protocol(cfg: Config, lpips_reason: str | None) -> dict[str, str]:
-    """The evaluation protocol, logged as parameters of every evaluation run."""
+    """The evaluation protocol (metric definitions + sampling), logged with every evaluation run."""
     e = cfg.evaluate
-    return {"eval.crop_border": str(e.crop_border), "eval.channels": "RGB [0,1] and Y (BT.601)",
-            "eval.quantized": "8-bit (outputs rounded to k/255 before scoring)",
-            "eval.lpips": "alex, inputs in [-1,1]" if lpips_reason is None else f"unavailable: {lpips_reason}",
+    return {**metrics.protocol_description(e.crop_border, lpips_reason is None, lpips_reason or ""),
             "eval.seed": str(e.seed), "eval.sampler": "posterior", "eval.steps": str(e.steps),
             "eval.samples_per_image": str(e.samples_per_image), "eval.max_sigma": str(cfg.sde.max_sigma),
             "eval.resolution": "full" if not e.tile_size else f"full, tiles {e.tile_size}/{e.tile_overlap}"}
@@ -68,7 +66,7 @@ def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], conte
         out = restorer.restore(lq, ex["context"][None], steps=cfg.evaluate.steps, seed=cfg.evaluate.seed,
                                tile_size=cfg.evaluate.tile_size, tile_overlap=cfg.evaluate.tile_overlap,
                                autocast_dtype=autocast).float().cpu()
-        restored = score(images.quantize(out), gt, cfg.evaluate.crop_border, lpips)
+        restored = score(metrics.quantize_uint8(out), gt, cfg.evaluate.crop_border, lpips)
         baseline = score(lq, gt, cfg.evaluate.crop_border, lpips)
         rows.append({"id": ex["id"], "degradation": deg, **restored, **{f"lq_{k}": v for k, v in baseline.items()}})
         examples[deg].append((restored["psnr"], images.to_uint8(ex["lq"]), images.to_uint8(out[0]),
@@ -162,7 +160,7 @@ def evaluate(cfg: Config, key: str, shards_url: str, restorecls_url: str, model_
             tracking.log_artifact(cfg, run_id, folder, "report")
             tracking.log_params(cfg, run_id, proto)
             if lpips_reason:
-                tracking.set_tags(cfg, run_id, {"eval.lpips": f"unavailable: {lpips_reason}"})
+                tracking.set_tags(cfg, run_id, {"eval.lpips": proto["eval.protocol.lpips"]})
     seconds = time.perf_counter() - start
     log.info(f"evaluate: {len(rows)} images in {seconds:.1f} s -> {out_dir}")
     return StageResult(stage="evaluate", key=key, digest=tables.table_digest(pa.Table.from_pylist(rows)),

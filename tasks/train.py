@@ -43,7 +43,8 @@ def batch_source(cfg: Config, urls: list[str], context: dict[str, np.ndarray]):
     well-defined stream rather than replaying the first batches again."""
     def make(start_step: int):
         dataset = shards.PairDataset(urls, patch_size=cfg.train.patch_size, augment=True, resampled=True,
-                                     embeddings=context, seed=cfg.train.seed * 1_000_003 + start_step)
+                                     embeddings=context, seed=cfg.train.seed * 1_000_003 + start_step,
+                                     shuffle_buffer=cfg.train.shuffle_buffer)
         loader = shards.make_loader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers)
         for batch in loader:
             yield {"lq": batch["lq"], "gt": batch["gt"], "context": batch["context"]}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,10 +72,12 @@ def test_rgb_to_y_bt601_on_pure_colours():
 def test_quantize_uint8_rounds_to_k_over_255_and_clamps():
     x = torch.tensor([-0.2, 0.0, 0.5, 1 / 255 * 0.49, 1 / 255 * 0.51, 1.0, 1.3])
     levels = quantize_uint8(x) * 255
-    assert levels.tolist() == pytest.approx([0, 0, 128, 0, 1, 255, 255], abs=1e-4)  # 127.5 -> 128 (half to even)
+    assert levels.tolist() == pytest.approx([0, 0, 128, 0, 1, 255, 255], abs=1e-4)  # float32 re-scaling
 
 
 # ----------------------------------------------------------------------------- PSNR / SSIM
+# Tolerances vs scikit-image are 1e-8: the computations agree to rounding, and a looser bound
+# would miss e.g. K2 = 0.031 instead of 0.03 (an SSIM shift of ~2e-5 on these inputs).
 
 def test_identical_images_give_inf_psnr_and_unit_ssim():
     _, target = _random_pair()
@@ -97,8 +101,8 @@ def test_rgb_psnr_ssim_match_skimage(border: int):
     got_psnr, got_ssim = psnr(pred, target, border=border), ssim(pred, target, border=border)
     for i in range(pred.shape[0]):
         p, t = _hwc64(crop_border(pred[i], border)), _hwc64(crop_border(target[i], border))
-        assert got_psnr[i].item() == pytest.approx(peak_signal_noise_ratio(t, p, data_range=1.0), abs=1e-4)
-        assert got_ssim[i].item() == pytest.approx(_skimage_ssim(p, t), abs=1e-4)
+        assert got_psnr[i].item() == pytest.approx(peak_signal_noise_ratio(t, p, data_range=1.0), abs=1e-8)
+        assert got_ssim[i].item() == pytest.approx(_skimage_ssim(p, t), abs=1e-8)
 
 
 def test_y_channel_psnr_ssim_match_skimage_on_hand_converted_y():
@@ -113,10 +117,10 @@ def test_y_channel_psnr_ssim_match_skimage_on_hand_converted_y():
 
     for i in range(pred.shape[0]):
         p, t = y_image(pred[i]), y_image(target[i])
-        assert got_psnr[i].item() == pytest.approx(peak_signal_noise_ratio(t, p, data_range=1.0), abs=1e-4)
+        assert got_psnr[i].item() == pytest.approx(peak_signal_noise_ratio(t, p, data_range=1.0), abs=1e-8)
         ssim_ref = structural_similarity(t, p, gaussian_weights=True, sigma=1.5,
                                          use_sample_covariance=False, data_range=1.0)
-        assert got_ssim[i].item() == pytest.approx(ssim_ref, abs=1e-4)
+        assert got_ssim[i].item() == pytest.approx(ssim_ref, abs=1e-8)
 
 
 def test_metrics_reject_wrong_range_shape_and_too_small_images():
@@ -142,7 +146,7 @@ def test_image_metrics_keys_and_values():
 
 
 def test_protocol_description_is_flat_strings():
-    desc = protocol_description(4, lpips_available=False, lpips_reason="no weights at /x")
+    desc = protocol_description(4, lpips_available=False, lpips_reason="LPIPS unavailable: no weights at /x")
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in desc.items())
     assert desc["eval.protocol.border_crop"] == "4"
     assert desc["eval.protocol.lpips"] == "unavailable: no weights at /x"
@@ -152,7 +156,7 @@ def test_protocol_description_is_flat_strings():
 # ----------------------------------------------------------------------------- LPIPS
 
 @pytest.fixture(scope="module")
-def random_alexnet_file(tmp_path_factory) -> tuple[torch.nn.Module, object]:
+def random_alexnet_file(tmp_path_factory) -> Iterator[tuple[torch.nn.Module, Path]]:
     """A correctly shaped, randomly initialised torchvision AlexNet checkpoint in a torch home."""
     torch_home = tmp_path_factory.mktemp("torch_home")
     checkpoint = torch_home / "hub" / "checkpoints" / metrics.ALEXNET_FILENAME
@@ -160,7 +164,8 @@ def random_alexnet_file(tmp_path_factory) -> tuple[torch.nn.Module, object]:
     torch.manual_seed(0)
     alexnet = torchvision.models.alexnet(weights=None)
     torch.save(alexnet.state_dict(), checkpoint)
-    return alexnet, torch_home
+    yield alexnet, torch_home
+    checkpoint.unlink()  # 244 MB; pytest keeps its last three temp dirs
 
 
 @pytest.fixture
@@ -218,7 +223,7 @@ def test_lpips_loads_cached_trunk_and_wheel_heads_offline(monkeypatch, random_al
     torch.testing.assert_close(trunk["slice1.0.weight"], alexnet.features[0].weight, rtol=0, atol=0)
     torch.testing.assert_close(trunk["slice5.10.bias"], alexnet.features[10].bias, rtol=0, atol=0)
     # ... and the heads hold the wheel's calibrated linear layers.
-    heads = torch.load(metrics._lpips_linear_weights_path(), weights_only=True)
+    heads = torch.load(metrics._lpips_linear_weights_path(), map_location="cpu", weights_only=True)
     torch.testing.assert_close(metric.model.lin3.model[1].weight, heads["lin3.model.1.weight"], rtol=0, atol=0)
 
     pred, target = _random_pair(n=2, h=32, w=32)
@@ -227,6 +232,15 @@ def test_lpips_loads_cached_trunk_and_wheel_heads_offline(monkeypatch, random_al
     assert same.shape == different.shape == (2,)
     assert same.tolist() == [0.0, 0.0]
     assert (different > 0).all()
+    # End to end equal to lpips' own pipeline built around the same trunk ([0,1] via normalize=True).
+    import lpips
+
+    monkeypatch.setattr(lpips.pretrained_networks.tv, "alexnet", lambda **kwargs: alexnet)
+    reference = lpips.LPIPS(net="alex", version="0.1", verbose=False)
+    with torch.no_grad():
+        expected = reference(pred, target, normalize=True).flatten()
+    torch.testing.assert_close(different, expected, rtol=1e-5, atol=1e-6)
+
     scores = image_metrics(pred, target, lpips=metric)
     assert list(scores) == list(metrics.METRIC_NAMES)
     torch.testing.assert_close(scores["lpips"], different)

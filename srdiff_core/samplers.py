@@ -1,0 +1,208 @@
+"""IR-SDE samplers: the posterior sampler with K <= T closed-form jumps, and tiled restoration.
+
+Pure functions of (model, degraded image, schedule, conditioning, randomness). They run under
+torch.no_grad and leave the model's train/eval mode to the caller (pass the EMA model in eval mode).
+
+Posterior sampling (the IR-SDE code's ``posterior_sample``, generalised to jumps): start from
+x_T = mu + lambda n_0, the stationary law of the SDE around the degraded image; at each jump t -> s
+estimate x0 from the predicted noise and draw x_s from the Gaussian q(x_s | x_t, x0_hat). With
+s = t - 1 at every step this is exactly the 100-step IR-SDE posterior sampler; larger jumps reuse the
+same network (the posterior is closed-form for any s < t), so fewer steps need no retraining.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from srdiff_core.sde import IRSDE, NoiseModel
+
+
+def sampling_timesteps(T: int, steps: int | None = None) -> list[int]:
+    """``steps + 1`` strictly decreasing integers from T to 0, evenly spaced (rounded half up).
+
+    steps = T gives T, T-1, ..., 0; steps = 4 with T = 100 gives 100, 75, 50, 25, 0.
+    """
+    steps = T if steps is None else int(steps)
+    if not 1 <= steps <= T:
+        raise ValueError(f"sampling steps must lie in 1..T={T}, got {steps}")
+    # Integer arithmetic for round(T * (steps - k) / steps): no float drift, and the spacing T/steps >= 1
+    # keeps the rounded values strictly decreasing.
+    return [(2 * T * (steps - k) + steps) // (2 * steps) for k in range(steps + 1)]
+
+
+def posterior_noise(shape: tuple[int, ...] | torch.Size, steps: int, *, generator: torch.Generator | None,
+                    device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+    """The ``steps + 1`` standard-normal tensors a posterior sampler consumes, in order: n_0 for x_T,
+    then one per jump (the last jump, to s = 0, is deterministic and ignores its tensor).
+
+    Drawn on the generator's device and moved to ``device``, so a CPU generator gives the same image
+    on any device. Same order as :func:`posterior_sample` draws lazily, so pre-drawing changes nothing.
+    """
+    return [_randn(shape, generator, device, dtype) for _ in range(steps + 1)]
+
+
+def posterior_sample(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor | None, *,
+                     steps: int | None = None, generator: torch.Generator | None = None,
+                     noise: list[Tensor] | None = None, autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """Restore ``lq`` (NCHW in [0,1]) with ``steps`` posterior jumps from T to 0 (None: all T).
+
+    ``noise``: ``steps + 1`` tensors shaped like ``lq`` (see :func:`posterior_noise`); otherwise they
+    are drawn from ``generator`` one at a time. ``autocast_dtype`` (e.g. torch.bfloat16) runs the
+    network under autocast; the SDE arithmetic stays in float32 (float64 for a float64 ``lq``).
+    Returns clamp(x_0, 0, 1) in the dtype of ``lq``.
+    """
+    timesteps = sampling_timesteps(sde.T, steps)
+    n_jumps = len(timesteps) - 1
+    if noise is not None and len(noise) != n_jumps + 1:
+        raise ValueError(f"noise has {len(noise)} tensors but {n_jumps} steps need {n_jumps + 1}; "
+                         f"draw it with posterior_noise(lq.shape, steps, ...)")
+    mu = lq.to(working_dtype(lq))
+    noises = iter(noise) if noise is not None else _lazy_noise(mu, generator)
+    with torch.no_grad():
+        # x_T ~ N(mu, lambda^2): the stationary law of the mean-reverting SDE around the degraded image.
+        x = mu + sde.lam * _next_noise(noises, mu)
+        for t, s in zip(timesteps[:-1], timesteps[1:]):
+            x = posterior_jump(model, x, mu, sde, context, t, s, _next_noise(noises, mu),
+                               autocast_dtype=autocast_dtype)
+    return x.clamp(0, 1).to(lq.dtype)
+
+
+def posterior_jump(model: NoiseModel, x: Tensor, mu: Tensor, sde: IRSDE, context: Tensor | None,
+                   t: int, s: int, noise: Tensor, *, autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """One jump t -> s: x0_hat from the predicted noise, then x_s ~ q(x_s | x_t, x0_hat).
+
+    The variance is exactly 0 at s = 0 (x_0 is x0_hat itself), so the final jump adds no noise.
+    """
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    with _autocast(x.device, autocast_dtype):
+        noise_pred = model(x, mu, t_batch, context)
+    x0_hat = sde.predict_x0(x, mu, t, noise_pred.to(x.dtype))
+    mean, var = sde.posterior_mean_var(x, x0_hat, mu, t, s)
+    if s == 0:
+        return mean
+    return mean + var.sqrt() * noise
+
+
+def restore(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor | None, *, steps: int | None = None,
+            generator: torch.Generator | None = None, tile_size: int = 0, tile_overlap: int = 32,
+            autocast_dtype: torch.dtype | None = None, tiles_per_batch: int = 8) -> Tensor:
+    """Restore ``lq``, evaluating the network in overlapping tiles when the image is larger than
+    ``tile_size`` (0: never tile); see :func:`tiled_model`.
+
+    The sampler state stays one full image: at every jump the tiles' noise predictions are blended
+    with a raised-cosine window (normalised by the summed weights) into one prediction, and the jump
+    is taken on the whole image with full-image noise. So every pixel follows one random path (the
+    same noise as untiled sampling from the same generator), tiles can never drift apart, and a
+    position-independent network gives exactly the untiled result. ``tiles_per_batch`` tiles share
+    one model call.
+    """
+    _, _, height, width = lq.shape
+    if tile_size > 0 and (height > tile_size or width > tile_size):
+        model = tiled_model(model, tile_size=tile_size, tile_overlap=tile_overlap, tiles_per_batch=tiles_per_batch)
+    return posterior_sample(model, lq, sde, context, steps=steps, generator=generator,
+                            autocast_dtype=autocast_dtype)
+
+
+def tiled_model(model: NoiseModel, *, tile_size: int, tile_overlap: int, tiles_per_batch: int = 8) -> NoiseModel:
+    """Wrap ``model`` so it runs on overlapping ``tile_size`` crops (batched ``tiles_per_batch`` at a
+    time, each with its own image's context) and returns their weight-normalised blend: memory
+    stays that of one tile batch, whatever the image size (MultiDiffusion-style fusion, Bar-Tal et
+    al. 2023, applied to the noise prediction, on which the posterior jump is affine)."""
+    if not 0 <= tile_overlap < tile_size:
+        raise ValueError(f"tile_overlap must lie in 0..tile_size-1 (tile_size={tile_size}), got {tile_overlap}")
+    if tiles_per_batch < 1:
+        raise ValueError(f"tiles_per_batch must be >= 1, got {tiles_per_batch}")
+
+    def blended(xt: Tensor, mu: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
+        batch, _, height, width = xt.shape
+        tile_h, tile_w = min(tile_size, height), min(tile_size, width)
+        windows = [(b, y, x) for b in range(batch)
+                   for y in tile_starts(height, tile_h, tile_overlap)
+                   for x in tile_starts(width, tile_w, tile_overlap)]
+        # Accumulated in float64: where all tiles agree the blend then rounds back to exactly their
+        # value, instead of carrying a float32 rounding that exp(thetabar_t) <= 200 would amplify.
+        weight = blend_window(tile_h, tile_w, tile_overlap, device=xt.device).double()
+        out = torch.zeros(xt.shape, dtype=torch.float64, device=xt.device)
+        weight_sum = torch.zeros((batch, 1, height, width), dtype=torch.float64, device=xt.device)
+        for chunk in _chunks(windows, tiles_per_batch):
+            def crop(img: Tensor) -> Tensor:
+                return torch.stack([img[b, :, y:y + tile_h, x:x + tile_w] for b, y, x in chunk])
+            index = torch.tensor([b for b, _, _ in chunk], device=t.device)
+            tile_context = None if context is None else context[index.to(context.device)]
+            pred = model(crop(xt), crop(mu), t[index], tile_context)
+            for (b, y, x), tile in zip(chunk, pred.double()):
+                out[b, :, y:y + tile_h, x:x + tile_w] += tile * weight
+                weight_sum[b, :, y:y + tile_h, x:x + tile_w] += weight
+        return (out / weight_sum).to(xt.dtype)
+
+    return blended
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering 0..length with stride tile - overlap; the last
+    tile is shifted to end at the border (so every tile has the same size and the batch stacks)."""
+    if tile >= length:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def blend_window(height: int, width: int, overlap: int, *, device: torch.device | str = "cpu") -> Tensor:
+    """Separable [height, width] weights: a raised-cosine ramp over ``overlap`` pixels at each edge,
+    1 inside. Strictly positive (sampled at pixel centres), so a pixel covered by one tile keeps it."""
+    return _ramp(height, overlap, device)[:, None] * _ramp(width, overlap, device)[None, :]
+
+
+def _ramp(length: int, overlap: int, device: torch.device | str) -> Tensor:
+    ramp = torch.ones(length, dtype=torch.float32, device=device)
+    n = min(overlap, length // 2)
+    if n > 0:
+        centres = (torch.arange(n, dtype=torch.float32, device=device) + 0.5) / n
+        rise = torch.sin(0.5 * math.pi * centres) ** 2
+        ramp[:n] = rise
+        ramp[length - n:] = rise.flip(0)  # n <= length // 2: the two ramps never overlap
+    return ramp
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def _randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None,
+           device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    gen_device = generator.device if generator is not None else torch.device(device)
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def working_dtype(lq: Tensor) -> torch.dtype:
+    """float32 for the sampler state (bf16/fp16 would lose the x0 estimate, which is amplified by
+    exp(thetabar_T) = 1/eps), float64 when the caller asks for it with a float64 image."""
+    return torch.float64 if lq.dtype == torch.float64 else torch.float32
+
+
+def _lazy_noise(like: Tensor, generator: torch.Generator | None) -> Iterator[Tensor]:
+    while True:
+        yield _randn(like.shape, generator, like.device, like.dtype)
+
+
+def _next_noise(noises: Iterator[Tensor], like: Tensor) -> Tensor:
+    n = next(noises)
+    if n.shape != like.shape:
+        raise ValueError(f"pre-drawn noise has shape {tuple(n.shape)}, expected {tuple(like.shape)} like lq")
+    return n.to(device=like.device, dtype=like.dtype)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -1,0 +1,800 @@
+"""WebDataset shards of LQ/GT pairs: a deterministic, resumable writer and a DDP-aware reader.
+
+Layout under ``out_url``::
+
+    <split>/<degradation>/pairs-000000.tar        samples <key>.lq.png, <key>.gt.png, <key>.json
+    <split>/<degradation>/pairs-000000.tar.json   sidecar: the plan digest, bytes and sha256
+    index.parquet                                 one row per shard, written last
+
+A sample's PNG bytes are copied verbatim from the manifest's files (never re-encoded), and
+every tar header is fixed (mtime 0, uid/gid 0, empty owner names, mode 0o444), so the same
+manifest always gives byte-identical shards. The shard boundaries are planned up front from
+the sample count and the exact tar size of each sample, which makes every shard independent:
+they are written in parallel, each atomically, and a rerun keeps every shard whose sidecar
+matches its plan and writes only the rest.
+
+The tar format is WebDataset's (https://github.com/webdataset/webdataset): consecutive members
+sharing a key form one sample. Reading parses the tar stream forward only (one
+``tarfile.TarInfo.frombuf`` per header), so remote shards stream without seeking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import quote
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from storage import fs
+from storage.tables import PAIRS_SCHEMA, as_table, read_table, write_table
+
+# Bump when the bytes a plan produces change (member order, json fields, header fields):
+# sidecars from an older format then no longer match and their shards are rewritten.
+SHARD_FORMAT = 1
+INDEX_NAME = "index.parquet"
+SHARD_PATTERN = "pairs-%06d.tar"
+SIDECAR_SUFFIX = ".json"
+COPY_BUFSIZE = 1 << 20
+REFRESH_HINT = "rerun the shard stage with --refresh shard"
+
+INDEX_SCHEMA = pa.schema([
+    pa.field("shard", pa.string(), nullable=False),  # relative to out_url
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("degradation", pa.string(), nullable=False),
+    pa.field("first_id", pa.string(), nullable=False),
+    pa.field("last_id", pa.string(), nullable=False),
+    pa.field("count", pa.int64(), nullable=False),
+    pa.field("bytes", pa.int64(), nullable=False),
+    pa.field("sha256", pa.string(), nullable=False),
+])
+
+# Our own file names inside out_url: anything else there is never touched.
+_OWN_FILE = re.compile(r"^[^/]+/[^/]+/pairs-\d{6}\.tar(\.json)?$")
+_OWN_TEMP = re.compile(r"^([^/]+/[^/]+/)?\.(pairs-\d{6}\.tar(\.json)?|index\.parquet)\.[0-9a-f]{12}\.tmp$")
+
+
+class ShardVerificationError(RuntimeError):
+    """One or more shards do not match index.parquet."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: pure functions from the manifest (plus file sizes) to shard contents and sizes.
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    size: int
+    source: str | None = None  # URL whose bytes are copied verbatim
+    data: bytes | None = None  # in-memory bytes (the json member)
+    sha256: str | None = None  # expected sha256 of the source bytes (from the manifest)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str  # "<split>/<degradation>/pairs-000000.tar"
+    split: str
+    degradation: str
+    ids: tuple[str, ...]
+    members: tuple[Member, ...]
+    size: int  # exact bytes of the finished tar
+
+    @property
+    def digest(self) -> str:
+        """sha256 over everything that determines the shard's bytes."""
+        spec = {"format": SHARD_FORMAT, "name": self.name, "size": self.size,
+                "members": [[m.name, m.size, m.sha256 if m.source else fs.sha256_bytes(m.data)]
+                            for m in self.members]}
+        return fs.sha256_bytes(json.dumps(spec, sort_keys=True).encode())
+
+
+def sample_key(sample_id: str) -> str:
+    """The tar key of a sample: its id with every character outside [A-Za-z0-9_-] %-escaped.
+
+    WebDataset splits a member name at the first "." of its base name (key, then extension),
+    so ids such as "0001_0.8_0.2" must not keep their dots; escaping also keeps "/" out of
+    member names. The readable id stays in the json member.
+    """
+    return quote(sample_id, safe="-_").replace(".", "%2E").replace("~", "%7E")
+
+
+def sample_json(row: dict) -> bytes:
+    meta = {k: row[k] for k in ("id", "dataset", "degradation", "split")}
+    meta.update(width=int(row["width"]), height=int(row["height"]))
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # Fixed metadata so a rerun (any machine, any user, any time) gives identical bytes.
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def _header_size(name: str, size: int) -> int:
+    # Long names add a PAX extended header; tobuf() gives the exact header bytes either way.
+    return len(_tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+
+def _padded(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def member_tar_size(m: Member) -> int:
+    return _header_size(m.name, m.size) + _padded(m.size, tarfile.BLOCKSIZE)
+
+
+def tar_size(members_bytes: int) -> int:
+    """Bytes of a finished tar: two zero end blocks, then padding to a whole record."""
+    return _padded(members_bytes + 2 * tarfile.BLOCKSIZE, tarfile.RECORDSIZE)
+
+
+def sample_members(row: dict, lq_size: int, gt_size: int) -> tuple[Member, Member, Member]:
+    key = sample_key(row["id"])
+    meta = sample_json(row)
+    return (Member(f"{key}.lq.png", lq_size, source=row["lq_path"], sha256=row["lq_sha256"] or None),
+            Member(f"{key}.gt.png", gt_size, source=row["gt_path"], sha256=row["gt_sha256"] or None),
+            Member(f"{key}.json", len(meta), data=meta))
+
+
+def plan_group(rows: list[dict], sizes: dict[str, int], *, split: str, degradation: str,
+               maxcount: int, maxsize: int) -> list[ShardPlan]:
+    """Cut one (split, degradation) group, already sorted by id, into shards.
+
+    A shard takes samples until the next would exceed ``maxcount`` samples or ``maxsize``
+    bytes; a single sample larger than ``maxsize`` gets a shard of its own.
+    """
+    plans: list[ShardPlan] = []
+    current: list[tuple[dict, tuple[Member, ...], int]] = []
+    current_bytes = 0
+
+    def close_shard() -> None:
+        name = f"{split}/{degradation}/{SHARD_PATTERN % len(plans)}"
+        members = tuple(m for _, ms, _ in current for m in ms)
+        plans.append(ShardPlan(name, split, degradation, tuple(r["id"] for r, _, _ in current),
+                               members, tar_size(current_bytes)))
+
+    for row in rows:
+        members = sample_members(row, sizes[row["lq_path"]], sizes[row["gt_path"]])
+        nbytes = sum(member_tar_size(m) for m in members)
+        full = len(current) >= maxcount or tar_size(current_bytes + nbytes) > maxsize
+        if current and full:
+            close_shard()
+            current, current_bytes = [], 0
+        current.append((row, members, nbytes))
+        current_bytes += nbytes
+    if current:
+        close_shard()
+    return plans
+
+
+def _check_manifest(manifest: pa.Table) -> pa.Table:
+    missing = [n for n in PAIRS_SCHEMA.names if n not in manifest.column_names]
+    if missing:
+        raise ValueError(f"the manifest lacks column(s) {missing}; it must follow "
+                         f"storage.tables.PAIRS_SCHEMA: rerun the download stage")
+    manifest = as_table(manifest, PAIRS_SCHEMA)
+    if manifest.num_rows == 0:
+        raise ValueError("the manifest has no pairs: rerun the download stage (check its "
+                         "quarantine table for rejected files)")
+    for name in ("id", "split", "degradation", "lq_path", "gt_path"):
+        if manifest.column(name).null_count:
+            raise ValueError(f"the manifest has empty '{name}' values: rerun the download stage")
+    dupes = sorted(i for i, n in Counter(manifest.column("id").to_pylist()).items() if n > 1)
+    if dupes:
+        raise ValueError(f"the manifest repeats sample id(s) {dupes[:5]}: ids must be unique "
+                         f"across datasets and splits; fix the download stage's id scheme")
+    for name in ("split", "degradation"):
+        for value in set(manifest.column(name).to_pylist()):
+            if not value or "/" in value or value.startswith("."):
+                raise ValueError(f"manifest {name} {value!r} cannot name a folder")
+    return manifest
+
+
+def plan_shards(manifest: pa.Table, *, maxcount: int = 1000, maxsize: int = 1 << 30,
+                sizes: dict[str, int] | None = None) -> list[ShardPlan]:
+    """All shard plans, grouped by (split, degradation) and sorted by id within a group.
+
+    ``sizes`` maps each LQ/GT URL to its byte size; by default it is listed from storage.
+    """
+    if maxcount < 1 or maxsize < 1:
+        raise ValueError(f"maxcount ({maxcount}) and maxsize ({maxsize}) must be positive")
+    manifest = _check_manifest(manifest)
+    rows = manifest.to_pylist()
+    if sizes is None:
+        sizes = fs.sizes([r[k] for r in rows for k in ("lq_path", "gt_path")])
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["split"], row["degradation"]), []).append(row)
+    plans: list[ShardPlan] = []
+    for (split, degradation) in sorted(groups):
+        group = sorted(groups[(split, degradation)], key=lambda r: r["id"])
+        plans += plan_group(group, sizes, split=split, degradation=degradation,
+                            maxcount=maxcount, maxsize=maxsize)
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+class _HashingWriter(io.RawIOBase):
+    """Passes writes through to ``target`` while counting bytes and hashing them."""
+
+    def __init__(self, target: IO[bytes]):
+        self.target, self.sha, self.count = target, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.target.write(data)
+        self.sha.update(data)
+        self.count += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.count
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads from ``source`` while counting bytes and hashing them."""
+
+    def __init__(self, source: IO[bytes]):
+        self.source, self.sha, self.count = source, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.source.read(n)
+        self.sha.update(data)
+        self.count += len(data)
+        return data
+
+
+def _copy_member(tar: tarfile.TarFile, member: Member) -> None:
+    """Append one member, streaming a source file's bytes and checking them on the way."""
+    info = _tarinfo(member.name, member.size)
+    if member.data is not None:
+        tar.addfile(info, io.BytesIO(member.data))
+        return
+    filesystem, path = fs.resolve(member.source)
+    with filesystem.open(path, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            tar.addfile(info, reader)
+        except OSError as e:
+            if "unexpected end of data" not in str(e):  # tarfile's words for a short source
+                raise
+            raise _changed_source(member, f"is shorter than {member.size} bytes") from None
+        if f.read(1):
+            raise _changed_source(member, f"is longer than {member.size} bytes")
+    if member.sha256 and reader.sha.hexdigest() != member.sha256:
+        raise _changed_source(member, "does not match its manifest sha256")
+
+
+def _changed_source(member: Member, what: str) -> RuntimeError:
+    return RuntimeError(f"{member.source} {what}: it changed after the download stage wrote the "
+                        f"manifest; rerun the download stage")
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    bytes: int
+    sha256: str
+
+
+def write_shard(plan: ShardPlan, out_url: str) -> ShardRecord:
+    """Write one shard atomically, then its sidecar (so a sidecar implies a finished shard)."""
+    url = fs.join(out_url, plan.name)
+    with fs.atomic_open(url, "wb") as raw:
+        out = _HashingWriter(raw)
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                          copybufsize=COPY_BUFSIZE) as tar:
+            for member in plan.members:
+                _copy_member(tar, member)
+        if out.count != plan.size:
+            raise RuntimeError(f"{url}: wrote {out.count} bytes but planned {plan.size}; "
+                               f"the tar size model in storage/shards.py is out of date")
+    record = ShardRecord(out.count, out.sha.hexdigest())
+    sidecar = {"plan": plan.digest, "bytes": record.bytes, "sha256": record.sha256}
+    fs.atomic_write_bytes(url + SIDECAR_SUFFIX, json.dumps(sidecar, sort_keys=True).encode())
+    return record
+
+
+def _finished_shard(plan: ShardPlan, out_url: str, listed: dict[str, int]) -> ShardRecord | None:
+    """The record of an existing shard that matches ``plan``, or None if it must be written."""
+    url = fs.join(out_url, plan.name)
+    if url not in listed or url + SIDECAR_SUFFIX not in listed:
+        return None
+    try:
+        sidecar = json.loads(fs.read_bytes(url + SIDECAR_SUFFIX))
+    except (ValueError, FileNotFoundError):
+        return None
+    if sidecar.get("plan") != plan.digest or not listed[url] == sidecar.get("bytes") == plan.size:
+        return None
+    return ShardRecord(plan.size, sidecar["sha256"])
+
+
+def _list_sizes(out_url: str) -> dict[str, int]:
+    """URL -> size of every file under ``out_url`` (one recursive listing)."""
+    filesystem, root = fs.resolve(out_url)
+    if not filesystem.exists(root):
+        return {}
+    found = filesystem.find(root, detail=True)
+    return {fs.join(out_url, _relative(root, path)): int(info["size"]) for path, info in found.items()}
+
+
+def _relative(root: str, path: str) -> str:
+    return path[len(root.rstrip("/")):].lstrip("/")
+
+
+def _remove_stale(out_url: str, plans: list[ShardPlan]) -> None:
+    """Delete our shard files that are not in the plan, and temporaries of killed writers.
+
+    After this the folder holds exactly what an uninterrupted run into an empty folder writes
+    (other files are left alone). Not safe against a second writer on the same out_url.
+    """
+    keep = {p.name for p in plans} | {p.name + SIDECAR_SUFFIX for p in plans}
+    filesystem, root = fs.resolve(out_url)
+    if not filesystem.exists(root):
+        return
+    for path in filesystem.find(root):
+        rel = _relative(root, path)
+        if (_OWN_FILE.match(rel) and rel not in keep) or _OWN_TEMP.match(rel):
+            filesystem.rm(path)
+
+
+def _index_row(plan: ShardPlan, record: ShardRecord) -> dict:
+    return {"shard": plan.name, "split": plan.split, "degradation": plan.degradation,
+            "first_id": plan.ids[0], "last_id": plan.ids[-1], "count": len(plan.ids),
+            "bytes": record.bytes, "sha256": record.sha256}
+
+
+def _run_parallel(fn: Callable[[Any], Any], items: list, workers: int,
+                  on_done: Callable[[], None]) -> list:
+    """fn over items on a thread pool, results in item order; the first error cancels the rest.
+
+    Threads, not processes: the work is file I/O and hashing, both of which release the GIL,
+    and threads share in-process filesystems such as memory://.
+    """
+    if workers <= 1 or len(items) <= 1:
+        out = []
+        for item in items:
+            out.append(fn(item))
+            on_done()
+        return out
+    results: list = [None] * len(items)
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(items)))
+    try:
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            on_done()
+        return results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_shards(manifest: pa.Table, out_url: str, *, maxcount: int = 1000, maxsize: int = 1 << 30,
+                 workers: int = 0, progress: Callable[[int, int], None] | None = None) -> pa.Table:
+    """Pack the manifest's pairs into shards under ``out_url``; returns the shard index.
+
+    Resumable: shards whose sidecar matches the plan are kept, the rest are written, stale
+    shards and temporaries are removed, and index.parquet is written last. ``progress`` is
+    called as progress(shards_done, shards_total).
+    """
+    out_url = os.fspath(out_url)
+    plans = plan_shards(manifest, maxcount=maxcount, maxsize=maxsize)
+    listed = _list_sizes(out_url)
+    records: dict[str, ShardRecord] = {}
+    for plan in plans:
+        if (record := _finished_shard(plan, out_url, listed)) is not None:
+            records[plan.name] = record
+    todo = [p for p in plans if p.name not in records]
+    index_url = fs.join(out_url, INDEX_NAME)
+    if todo and index_url in listed:
+        # The index is the commit marker: drop an older one before any shard under it changes,
+        # so a run killed from here on leaves no index that describes the wrong bytes.
+        fs.remove(index_url)
+    done = [0]
+
+    def tick() -> None:  # one call per shard, kept or written
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], len(plans))
+
+    for _ in records:
+        tick()
+    workers = workers or os.cpu_count() or 1
+    written = _run_parallel(lambda p: write_shard(p, out_url), todo, workers, tick)
+    records.update({p.name: r for p, r in zip(todo, written)})
+    _remove_stale(out_url, plans)
+    index = pa.Table.from_pylist([_index_row(p, records[p.name]) for p in plans], schema=INDEX_SCHEMA)
+    write_table(index_url, index)
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+def read_index(out_url: str) -> pa.Table:
+    return read_table(fs.join(out_url, INDEX_NAME), hint="the shard stage (srdiff/shard)")
+
+
+def shard_urls(out_url: str, *, split: str, degradations: list[str] | None = None) -> list[str]:
+    """Full URLs of the split's shards (optionally only some degradations), in index order.
+
+    The index, not a directory listing, is the source of truth: files it does not name (from
+    an older plan or another tool) are never read.
+    """
+    index = read_index(out_url).to_pylist()
+    splits = sorted({r["split"] for r in index})
+    rows = [r for r in index if r["split"] == split]
+    if not rows:
+        raise ValueError(f"no shards for split '{split}' in {fs.join(out_url, INDEX_NAME)} (it has "
+                         f"splits {splits}); check the manifest's split names or rerun the "
+                         f"download and shard stages")
+    if degradations is not None:
+        present = {r["degradation"] for r in rows}
+        missing = sorted(set(degradations) - present)
+        if missing:
+            raise ValueError(f"split '{split}' has no shards for degradation(s) {missing} (it has "
+                             f"{sorted(present)}); fix the degradation list or rerun the download "
+                             f"and shard stages")
+        rows = [r for r in rows if r["degradation"] in set(degradations)]
+    return [fs.join(out_url, r["shard"]) for r in rows]
+
+
+_SAMPLE_PARTS = ("lq.png", "gt.png", "json")
+
+
+def _read_exact(stream: IO[bytes], n: int, url: str) -> bytes:
+    data = stream.read(n)
+    while len(data) < n and (more := stream.read(n - len(data))):
+        data += more
+    if len(data) < n:
+        raise ValueError(f"{url} ends in the middle of a tar member (truncated); {REFRESH_HINT}")
+    return data
+
+
+def _pax_path(records: bytes) -> str | None:
+    # PAX extended header: records "<length> <key>=<value>\n" (POSIX.1-2001, pax format).
+    path, pos = None, 0
+    while pos < len(records):
+        length = int(records[pos:records.index(b" ", pos)])
+        key, _, value = records[records.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return path
+
+
+def _iter_members(stream: IO[bytes], url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in a tar stream, read forward only (no seeking).
+
+    Stricter than tarfile's reader, which ends silently at a damaged header after the first
+    member: here anything but a proper end (zero blocks to the end of the file) is an error.
+    """
+    long_name = None
+    while True:
+        header = _read_exact(stream, tarfile.BLOCKSIZE, url)
+        if header == tarfile.NUL * tarfile.BLOCKSIZE:
+            _check_end(stream, url)
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise ValueError(f"{url}: damaged tar header ({e}); {REFRESH_HINT}") from None
+        data = _read_exact(stream, info.size, url)
+        _read_exact(stream, _padded(info.size, tarfile.BLOCKSIZE) - info.size, url)
+        if info.type == tarfile.XHDTYPE:
+            long_name = _pax_path(data) or long_name
+        elif info.type == tarfile.GNUTYPE_LONGNAME:
+            long_name = data.rstrip(tarfile.NUL).decode("utf-8", "surrogateescape")
+        elif info.type in tarfile.REGULAR_TYPES:
+            yield long_name or info.name, data
+            long_name = None
+        else:
+            long_name = None
+
+
+def _check_end(stream: IO[bytes], url: str) -> None:
+    # After the first zero block: a second one, then only zero padding.
+    rest = 0
+    while block := stream.read(COPY_BUFSIZE):
+        if block.count(0) != len(block):
+            raise ValueError(f"{url}: data after the tar end marker; {REFRESH_HINT}")
+        rest += len(block)
+    if rest < tarfile.BLOCKSIZE:
+        raise ValueError(f"{url}: no tar end marker (truncated); {REFRESH_HINT}")
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    # WebDataset convention: key = everything before the first "." of the base name.
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def _samples_from_stream(stream: IO[bytes], url: str) -> Iterator[dict]:
+    key, parts = None, {}
+    for name, data in _iter_members(stream, url):
+        member_key, ext = _split_name(name)
+        if member_key != key:
+            if key is not None:
+                yield _assemble(key, parts, url)
+            key, parts = member_key, {}
+        parts[ext] = data
+    if key is not None:
+        yield _assemble(key, parts, url)
+
+
+def _assemble(key: str, parts: dict[str, bytes], url: str) -> dict:
+    missing = [p for p in _SAMPLE_PARTS if p not in parts]
+    if missing:
+        raise ValueError(f"{url}: sample '{key}' lacks {missing}; the shard is damaged: {REFRESH_HINT}")
+    meta = json.loads(parts["json"])
+    return {"id": meta["id"], "lq_png": parts["lq.png"], "gt_png": parts["gt.png"], "meta": meta}
+
+
+def iter_samples(urls: list[str]) -> Iterator[dict]:
+    """Raw samples {"id", "lq_png", "gt_png", "meta"} from each shard in turn, one in memory."""
+    for url in urls:
+        filesystem, path = fs.resolve(url)
+        with filesystem.open(path, "rb") as f:
+            yield from _samples_from_stream(f, url)
+
+
+def _verify_one(out_url: str, row: dict) -> str | None:
+    """Why the shard in index row ``row`` is bad, or None if it is intact."""
+    url = fs.join(out_url, row["shard"])
+    filesystem, path = fs.resolve(url)
+    try:
+        with filesystem.open(path, "rb") as f:
+            reader = _HashingReader(f)
+            ids = [s["id"] for s in _samples_from_stream(reader, url)]
+    except FileNotFoundError:
+        return "missing"
+    except (ValueError, KeyError, OSError) as e:
+        return f"unreadable ({str(e).removesuffix('; ' + REFRESH_HINT)})"
+    problems = []
+    if reader.count != row["bytes"]:
+        problems.append(f"{reader.count} bytes, index says {row['bytes']}")
+    if reader.sha.hexdigest() != row["sha256"]:
+        problems.append("sha256 differs from the index")
+    if len(ids) != row["count"]:
+        problems.append(f"{len(ids)} samples, index says {row['count']}")
+    elif ids and (ids[0] != row["first_id"] or ids[-1] != row["last_id"]):
+        problems.append(f"ids {ids[0]}..{ids[-1]}, index says {row['first_id']}..{row['last_id']}")
+    return "; ".join(problems) or None
+
+
+def verify_shards(out_url: str, *, workers: int = 0) -> None:
+    """Re-read every shard and check bytes, sha256, count and ids against index.parquet."""
+    out_url = os.fspath(out_url)
+    rows = read_index(out_url).to_pylist()
+    reasons = _run_parallel(lambda r: _verify_one(out_url, r), rows, workers or os.cpu_count() or 1,
+                            lambda: None)
+    bad = [f"  {r['shard']}: {why}" for r, why in zip(rows, reasons) if why]
+    if bad:
+        raise ShardVerificationError(f"{len(bad)} of {len(rows)} shard(s) under {out_url} failed "
+                                     f"verification:\n" + "\n".join(bad) + f"\n{REFRESH_HINT}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and the training/evaluation dataset.
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG (or any format Pillow reads) bytes -> uint8 HxWx3 RGB array.
+
+    Greyscale is replicated to three channels; alpha is dropped (as cv2.IMREAD_COLOR does in
+    BasicSR's loaders); 16-bit greyscale is rescaled to 8 bits (v / 257, rounded).
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            wide = np.asarray(im, dtype=np.float64)
+            grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
+        return np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
+
+
+def pad_to_at_least(img: np.ndarray, size: int) -> np.ndarray:
+    """Reflect-pad the bottom/right of an HxWxC image so both sides are at least ``size``."""
+    pad_h, pad_w = max(0, size - img.shape[0]), max(0, size - img.shape[1])
+    if not (pad_h or pad_w):
+        return img
+    return np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+
+
+def paired_random_crop(lq: np.ndarray, gt: np.ndarray, size: int,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The same random size x size window of LQ and GT (padded first if smaller)."""
+    if lq.shape != gt.shape:
+        raise ValueError(f"LQ {lq.shape} and GT {gt.shape} differ in size; a paired crop needs "
+                         f"equal sizes: rerun the download stage")
+    lq, gt = pad_to_at_least(lq, size), pad_to_at_least(gt, size)
+    top = int(rng.integers(0, lq.shape[0] - size + 1))
+    left = int(rng.integers(0, lq.shape[1] - size + 1))
+    window = (slice(top, top + size), slice(left, left + size))
+    return lq[window], gt[window]
+
+
+def paired_augment(lq: np.ndarray, gt: np.ndarray,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Same random flips/90-degree rotation for LQ and GT.
+
+    As BasicSR's ``augment``: horizontal flip, vertical flip and transpose, each with
+    probability 1/2, give the 8 elements of the square's symmetry group (rotations by 90
+    degrees included) with equal probability.
+    """
+    hflip, vflip, transpose = (rng.random(3) < 0.5).tolist()
+
+    def apply(img: np.ndarray) -> np.ndarray:
+        if hflip:
+            img = img[:, ::-1]
+        if vflip:
+            img = img[::-1]
+        if transpose:
+            img = img.transpose(1, 0, 2)
+        return img
+
+    return apply(lq), apply(gt)
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> float32 3xHxW in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def check_feed(num_shards: int, world_size: int, num_workers: int) -> None:
+    """Exact mode gives each (rank, worker) whole shards: there must be one for each."""
+    workers = max(num_workers, 1)
+    if num_shards < world_size * workers:
+        raise ValueError(f"{num_shards} shards cannot feed {world_size} ranks x {workers} workers; "
+                         f"lower train.num_workers or shard.maxcount")
+
+
+def split_shards(urls: list[str], *, rank: int, world_size: int, worker_id: int,
+                 num_workers: int) -> list[str]:
+    """This (rank, worker)'s shards in exact mode: every shard to exactly one reader.
+
+    Readers are numbered rank-major (rank * num_workers + worker_id) and take every
+    (world_size * num_workers)-th shard, in order.
+    """
+    check_feed(len(urls), world_size, num_workers)
+    workers = max(num_workers, 1)
+    return urls[rank * workers + worker_id::world_size * workers]
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _resampled(urls: list[str], rng: np.random.Generator) -> Iterator[dict]:
+    # Sampling shards with replacement, as webdataset's ResampledShards: no epoch boundary,
+    # so every rank/worker can stream for as long as training needs.
+    while True:
+        yield from iter_samples([urls[int(rng.integers(len(urls)))]])
+
+
+def _shuffled(samples: Iterator[dict], buffer: int, rng: np.random.Generator) -> Iterator[dict]:
+    # A shuffle buffer as in webdataset's shuffle(): each new sample swaps with a random held
+    # one, which is emitted (memory: `buffer` raw samples). Decorrelates neighbours, which in
+    # id-sorted shards are often frames of one scene.
+    held: list[dict] = []
+    for sample in samples:
+        if len(held) < buffer:
+            held.append(sample)
+            continue
+        i = int(rng.integers(buffer))
+        held[i], sample = sample, held[i]
+        yield sample
+    rng.shuffle(held)
+    yield from held
+
+
+class PairDataset(torch.utils.data.IterableDataset):
+    """LQ/GT pairs from shards as float tensors, split by DDP rank and DataLoader worker.
+
+    Exact mode (``resampled=False``): each sample exactly once across all ranks x workers, in
+    shard order. Resampled mode: an endless stream; each (seed, rank, worker, epoch) draws
+    shards with its own RNG (``shuffle_buffer`` > 0 also shuffles samples across shards).
+    """
+
+    def __init__(self, urls: list[str], *, patch_size: int | None = None, augment: bool = False,
+                 resampled: bool = False, embeddings: dict[str, np.ndarray] | None = None,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0):
+        super().__init__()
+        if not urls:
+            raise ValueError("PairDataset got no shard URLs: run the shard stage, and check the "
+                             "split and degradations asked of shard_urls()")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if patch_size is not None and patch_size < 1:
+            raise ValueError(f"patch_size must be positive or None, not {patch_size}")
+        if shuffle_buffer and not resampled:
+            raise ValueError("shuffle_buffer needs resampled=True: exact mode keeps shard order")
+        self.urls = list(urls)
+        self.patch_size, self.augment, self.resampled = patch_size, augment, resampled
+        self.embeddings, self.seed = embeddings, seed
+        self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the next iteration (call before each epoch, or with the step on resume)."""
+        self.epoch = epoch
+
+    def rngs(self, worker_id: int) -> tuple[np.random.Generator, np.random.Generator]:
+        """(shard-drawing RNG, crop/augment RNG) of one reader, seeded by (seed, rank, worker, epoch)."""
+        seq = np.random.SeedSequence([self.seed, self.rank, worker_id, self.epoch])
+        shard_seq, augment_seq = seq.spawn(2)
+        return np.random.default_rng(shard_seq), np.random.default_rng(augment_seq)
+
+    def raw_samples(self, worker_id: int, num_workers: int,
+                    shard_rng: np.random.Generator) -> Iterator[dict]:
+        """This reader's raw samples: its share of the shards (exact) or an endless draw."""
+        if not self.resampled:
+            return iter_samples(split_shards(self.urls, rank=self.rank, world_size=self.world_size,
+                                             worker_id=worker_id, num_workers=num_workers))
+        samples = _resampled(self.urls, shard_rng)
+        return _shuffled(samples, self.shuffle_buffer, shard_rng) if self.shuffle_buffer else samples
+
+    def prepare(self, raw: dict, rng: np.random.Generator) -> dict:
+        """Raw sample -> {"id", "degradation", "lq", "gt"[, "context"]} (crop, augment)."""
+        lq, gt = decode_png(raw["lq_png"]), decode_png(raw["gt_png"])
+        if lq.shape != gt.shape:
+            raise ValueError(f"sample {raw['id']}: LQ {lq.shape} and GT {gt.shape} differ in size: "
+                             f"rerun the download stage")
+        if self.patch_size is not None:
+            lq, gt = paired_random_crop(lq, gt, self.patch_size, rng)
+        if self.augment:
+            lq, gt = paired_augment(lq, gt, rng)
+        out = {"id": raw["id"], "degradation": raw["meta"]["degradation"],
+               "lq": to_tensor(lq), "gt": to_tensor(gt)}
+        if self.embeddings is not None:
+            out["context"] = self.context(raw["id"])
+        return out
+
+    def context(self, sample_id: str) -> torch.Tensor:
+        if sample_id not in self.embeddings:
+            raise KeyError(f"no embedding for sample id {sample_id!r}: rerun the embed stage "
+                           f"(its tables must cover every id in the shards)")
+        vector = np.asarray(self.embeddings[sample_id], dtype=np.float32)
+        if vector.ndim != 1:
+            raise ValueError(f"embedding of {sample_id!r} has shape {vector.shape}, expected [D]")
+        return torch.tensor(vector)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker_id, num_workers = _worker()
+        shard_rng, augment_rng = self.rngs(worker_id)
+        for raw in self.raw_samples(worker_id, num_workers, shard_rng):
+            yield self.prepare(raw, augment_rng)
+
+
+def make_loader(dataset: PairDataset, *, batch_size: int,
+                num_workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``dataset``; exact mode checks up front that every worker gets a shard."""
+    if not dataset.resampled:
+        check_feed(len(dataset.urls), dataset.world_size, num_workers)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=False)

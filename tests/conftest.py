@@ -1,0 +1,21 @@
+import os
+import tempfile
+
+# No hub downloads, ever, in tests; Prefect's telemetry off.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A torch hub cache of the tests' own: LPIPS is "unavailable" unless a test writes weights there,
+# whatever the developer's ~/.cache/torch holds.
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="srdiff-torch-home-")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session (it takes seconds to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,111 @@
+"""The `srdiff` flow end to end on the tiny config, under prefect_test_harness."""
+
+import math
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows import cli
+from flows.pipeline import srdiff
+from srdiff_core.config import DEGRADATIONS, STAGES, load_config
+from tasks.tracking import PARENT_TAG, REUSED_TAG, STAGE_TAG, tracking_uri
+
+TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
+pytestmark = pytest.mark.slow
+
+
+def runs_of(client: MlflowClient, parent_id: str) -> dict[str, object]:
+    exp = client.get_run(parent_id).info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
+    return {r.data.tags[STAGE_TAG]: r for r in children}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, prefect_harness):
+    root = tmp_path_factory.mktemp("pipeline")
+    overrides = [f"data_root={root}"]
+    first = srdiff(config_path=TINY, overrides=overrides)
+    second = srdiff(config_path=TINY, overrides=overrides)
+    changed = srdiff(config_path=TINY, overrides=overrides + ["train.steps=6"])
+    cfg = load_config(TINY, overrides)
+    return {"root": root, "cfg": cfg, "first": first, "second": second, "changed": changed,
+            "client": MlflowClient(tracking_uri(cfg)), "overrides": overrides}
+
+
+def test_first_run_runs_every_stage_with_nested_mlflow_runs(pipeline):
+    first, client = pipeline["first"], pipeline["client"]
+    assert list(first["stages"]) == list(STAGES)
+    assert not any(s["reused"] for s in first["stages"].values())
+    parent = client.get_run(first["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = runs_of(client, first["parent_run_id"])
+    assert set(children) == set(STAGES)
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    assert children["embed"].data.tags["clip.weights"].startswith("random CLIP weights")
+
+
+def test_evaluation_metrics_are_finite_and_named_per_degradation(pipeline):
+    client, first = pipeline["client"], pipeline["first"]
+    ev = runs_of(client, first["parent_run_id"])["evaluate"]
+    for deg in DEGRADATIONS:
+        for name in ("psnr", "ssim", "psnr_y", "lq_psnr", "lq_ssim", "lq_psnr_y"):
+            value = ev.data.metrics[f"eval/{deg}/{name}"]
+            assert math.isfinite(value), (deg, name, value)
+    assert ev.data.params["eval.protocol.border_crop"] == "4"
+    assert ev.data.params["eval.steps"] == "2" and ev.data.params["eval.seed"] == "0"
+    # LPIPS weights are not in this machine's torch hub cache: reported, never faked.
+    assert "eval/hazy/lpips" not in ev.data.metrics
+    assert ev.data.params["eval.protocol.lpips"].startswith("unavailable")
+
+
+def test_artifacts_grids_report_and_model(pipeline):
+    client, first = pipeline["client"], pipeline["first"]
+    children = runs_of(client, first["parent_run_id"])
+    report = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "report")}
+    assert {f"report/grid_{d}.png" for d in DEGRADATIONS} <= report
+    assert {"report/report.md", "report/report.html"} <= report
+    model = [a.path for a in client.list_artifacts(children["train"].info.run_id, "model")]
+    assert model == ["model/model.pt"]
+    text = (Path(first["stages"]["evaluate"]["outputs"]["report"])).read_text()
+    assert all(d in text for d in DEGRADATIONS)
+
+
+def test_seed_layout_manifest_and_pt_export(pipeline):
+    root, cfg = pipeline["root"], pipeline["cfg"]
+    for split, n in (("train", 3), ("val", 1)):
+        for deg in DEGRADATIONS:
+            lq = sorted(p.name for p in (root / "datasets" / split / deg / "LQ").glob("*.png"))
+            gt = sorted(p.name for p in (root / "datasets" / split / deg / "GT").glob("*.png"))
+            assert lq == gt and len(lq) == n
+    emb_dir = Path(pipeline["first"]["stages"]["embed"]["outputs"]["embeddings"])
+    assert len(list((emb_dir / "LQCLS").glob("*.pt"))) == 16
+    assert len(list((emb_dir / "RestoreCLS").glob("*.pt"))) == 16
+
+
+def test_second_run_hits_the_cache_everywhere(pipeline):
+    first, second, client = pipeline["first"], pipeline["second"], pipeline["client"]
+    assert all(s["reused"] for s in second["stages"].values())
+    children = runs_of(client, second["parent_run_id"])
+    assert set(children) == set(STAGES)
+    for stage, run in children.items():
+        assert run.data.tags[REUSED_TAG] == first["stages"][stage]["run_id"]
+    assert second["stages"]["evaluate"]["metrics"] == first["stages"]["evaluate"]["metrics"]
+    ev = children["evaluate"].data.metrics
+    assert math.isfinite(ev["eval/hazy/psnr"])
+
+
+def test_changing_a_training_setting_reruns_train_and_evaluate_only(pipeline):
+    changed = pipeline["changed"]["stages"]
+    assert [s for s, r in changed.items() if r["reused"]] == ["download", "shard", "embed"]
+    assert changed["train"]["metrics"]["train/final_step"] == 6.0
+
+
+def test_cli_run_prints_the_results_table(pipeline, capsys):
+    code = cli.main(["run", "--config", TINY, *sum((["--set", o] for o in pipeline["overrides"]), [])])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "reused (cache)" in out and "LQ PSNR" in out
+    for deg in DEGRADATIONS:
+        assert deg in out
+    assert "srdiff ui" in out

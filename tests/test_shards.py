@@ -1,0 +1,498 @@
+"""storage.shards: deterministic, resumable WebDataset shards and the DDP-aware PairDataset."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from storage import fs, shards, tables
+
+DEGRADATIONS = ("hazy", "rainy")
+PER_GROUP = {"train": 4, "val": 2}  # maxcount 3 -> train groups 3+1, val groups 2: 6 shards
+SIZES = [(9, 11), (12, 8), (16, 16), (7, 13)]  # (h, w); 7x13 is smaller than the 8-px patches
+LONG_ID = "val/hazy/" + "x" * 120  # > 100 bytes: its tar members need PAX headers
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _ids(split: str, degradation: str) -> list[str]:
+    # "/" and "." in ids exercise the tar key escaping.
+    ids = [f"{split}/{degradation}/img.{i}" for i in range(PER_GROUP[split])]
+    return ids[:-1] + [LONG_ID] if (split, degradation) == ("val", "hazy") else ids
+
+
+def make_pairs(root: str) -> pa.Table:
+    """12 real PNG pairs under ``root``; GT = 255 - LQ, so any misaligned crop is visible."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for split in PER_GROUP:
+        for degradation in DEGRADATIONS:
+            for i, sample_id in enumerate(_ids(split, degradation)):
+                h, w = SIZES[i % len(SIZES)]
+                lq = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                name = f"{split}-{degradation}-{i}.png"
+                lq_url, gt_url = fs.join(root, "LQ", name), fs.join(root, "GT", name)
+                lq_png, gt_png = _png(lq), _png(255 - lq)
+                fs.atomic_write_bytes(lq_url, lq_png)
+                fs.atomic_write_bytes(gt_url, gt_png)
+                rows.append({"id": sample_id, "dataset": "tiny", "degradation": degradation, "split": split,
+                             "lq_path": lq_url, "gt_path": gt_url, "width": w, "height": h,
+                             "lq_sha256": fs.sha256_bytes(lq_png), "gt_sha256": fs.sha256_bytes(gt_png)})
+    rows.reverse()  # the writer must sort, not trust the manifest order
+    return pa.Table.from_pylist(rows, schema=tables.PAIRS_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> pa.Table:
+    return make_pairs(str(tmp_path_factory.mktemp("pairs")))
+
+
+@pytest.fixture
+def memory_root():
+    url = f"memory://shards-test-{uuid.uuid4().hex}"
+    yield url
+    if fs.exists(url):
+        fs.remove(url, recursive=True)
+
+
+@pytest.fixture(scope="module")
+def written(source, tmp_path_factory) -> str:
+    """One finished shard folder shared by the read-only tests."""
+    out = str(tmp_path_factory.mktemp("written") / "shards")
+    shards.write_shards(source, out, maxcount=3, workers=2)
+    return out
+
+
+def snapshot(url: str) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under ``url``."""
+    filesystem, root = fs.resolve(url)
+    return {p[len(root):].lstrip("/"): filesystem.cat_file(p) for p in filesystem.find(root)}
+
+
+def expected_samples(manifest: pa.Table) -> dict[str, dict]:
+    return {r["id"]: r for r in manifest.to_pylist()}
+
+
+# --------------------------------------------------------------------------------------------
+# planning (pure)
+
+def _fake_rows(n: int, gt_size: int = 600) -> tuple[list[dict], dict[str, int]]:
+    rows = [{"id": f"s{i}", "dataset": "d", "degradation": "hazy", "split": "train",
+             "lq_path": f"memory://src/{i}.lq.png", "gt_path": f"memory://src/{i}.gt.png",
+             "width": 1, "height": 1, "lq_sha256": "", "gt_sha256": ""} for i in range(n)]
+    sizes = {r["lq_path"]: 100 for r in rows} | {r["gt_path"]: gt_size for r in rows}
+    return rows, sizes
+
+
+def test_plan_sizes_are_exact_tar_arithmetic():
+    rows, sizes = _fake_rows(5)
+    # Per sample: lq 512+512, gt 512+1024, json 512+512 = 3584 bytes; a tar adds two 512-byte
+    # end blocks and pads to a 10240-byte record.
+    plans = shards.plan_group(rows, sizes, split="train", degradation="hazy", maxcount=3, maxsize=1 << 30)
+    assert [p.ids for p in plans] == [("s0", "s1", "s2"), ("s3", "s4")]
+    assert [p.size for p in plans] == [20480, 10240]  # 3*3584+1024 -> 20480; 2*3584+1024 -> 10240
+    assert plans[1].name == "train/hazy/pairs-000001.tar"
+    # maxsize 10240 fits two samples (8192 -> 10240) but not three (11776 -> 20480).
+    by_size = shards.plan_group(rows, sizes, split="train", degradation="hazy", maxcount=99, maxsize=10240)
+    assert [len(p.ids) for p in by_size] == [2, 2, 1]
+    # A sample larger than maxsize still gets a shard, alone.
+    big_rows, big_sizes = _fake_rows(2, gt_size=50_000)
+    alone = shards.plan_group(big_rows, big_sizes, split="train", degradation="hazy", maxcount=99, maxsize=10240)
+    assert [len(p.ids) for p in alone] == [1, 1]
+
+
+def test_sample_keys_have_no_dots_or_slashes():
+    assert shards.sample_key("val/hazy/0001_0.8_0.2") == "val%2Fhazy%2F0001_0%2E8_0%2E2"
+    assert shards.sample_key("a-b_c") == "a-b_c"
+    assert shards.sample_json({"id": "x", "dataset": "d", "degradation": "hazy", "split": "val",
+                               "width": np.int32(3), "height": 2}) == \
+        b'{"dataset":"d","degradation":"hazy","height":2,"id":"x","split":"val","width":3}'
+
+
+def test_manifest_problems_are_named(source):
+    with pytest.raises(ValueError, match="has no pairs: rerun the download stage"):
+        shards.plan_shards(source.slice(0, 0))
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['lq_sha256'\]"):
+        shards.plan_shards(source.drop(["lq_sha256"]))
+    doubled = pa.concat_tables([source, source.slice(0, 1)])
+    with pytest.raises(ValueError, match="repeats sample id"):
+        shards.plan_shards(doubled)
+
+
+# --------------------------------------------------------------------------------------------
+# writing and reading
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_round_trip_copies_bytes_verbatim(source, tmp_path, memory_root, where):
+    root = str(tmp_path) if where == "local" else memory_root
+    manifest = make_pairs(fs.join(root, "src")) if where == "memory" else source
+    out = fs.join(root, "shards")
+    calls = []
+    index = shards.write_shards(manifest, out, maxcount=3, workers=2, progress=lambda d, t: calls.append((d, t)))
+    assert index.column("shard").to_pylist() == [
+        "train/hazy/pairs-000000.tar", "train/hazy/pairs-000001.tar",
+        "train/rainy/pairs-000000.tar", "train/rainy/pairs-000001.tar",
+        "val/hazy/pairs-000000.tar", "val/rainy/pairs-000000.tar"]
+    assert index.column("count").to_pylist() == [3, 1, 3, 1, 2, 2]
+    assert index.column("first_id").to_pylist()[:2] == ["train/hazy/img.0", "train/hazy/img.3"]
+    assert sorted(calls) == [(i, 6) for i in range(1, 7)]
+    assert tables.read_table(fs.join(out, "index.parquet")).equals(index)
+
+    expected = expected_samples(manifest)
+    seen = []
+    for row in index.to_pylist():
+        url = fs.join(out, row["shard"])
+        assert fs.sha256_file(url) == row["sha256"] and fs.sizes([url])[url] == row["bytes"]
+        for sample in shards.iter_samples([url]):
+            want = expected[sample["id"]]
+            assert sample["lq_png"] == fs.read_bytes(want["lq_path"])
+            assert sample["gt_png"] == fs.read_bytes(want["gt_path"])
+            assert sample["meta"] == {k: want[k] for k in ("id", "dataset", "degradation", "split",
+                                                            "width", "height")}
+            seen.append(sample["id"])
+    assert sorted(seen) == sorted(expected)
+    shards.verify_shards(out)
+
+
+def test_tar_members_have_fixed_metadata(written):
+    url = shards.shard_urls(written, split="val", degradations=["hazy"])[0]
+    with tarfile.open(fs.local_path(url)) as tar:
+        members = tar.getmembers()
+    assert [m.name.split(".", 1)[1] for m in members] == ["lq.png", "gt.png", "json"] * 2
+    for m in members:
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o444)
+    assert any(len(m.name) > 100 for m in members)  # the long id went through a PAX header
+
+
+def test_rerun_into_fresh_folder_is_byte_identical(source, written, tmp_path):
+    again = str(tmp_path / "again")
+    shards.write_shards(source, again, maxcount=3, workers=1)
+    assert snapshot(again) == snapshot(written)
+
+
+def test_resume_after_kill_writes_only_missing_shards(source, written, tmp_path, monkeypatch):
+    out = str(tmp_path / "shards")
+    shutil.copytree(written, out)
+    # A run killed after four shards: the last two shards, a sidecar and the index are
+    # missing, and a killed writer's temporary is left behind.
+    for rel in ("val/hazy/pairs-000000.tar", "val/hazy/pairs-000000.tar.json",
+                "val/rainy/pairs-000000.tar.json", "index.parquet"):
+        os.remove(os.path.join(out, rel))
+    leftover = os.path.join(out, "val/rainy/.pairs-000001.tar.0123456789ab.tmp")
+    with open(leftover, "wb") as f:
+        f.write(b"half a shard")
+    kept = os.stat(os.path.join(out, "train/hazy/pairs-000000.tar")).st_mtime_ns
+
+    rewritten = []
+    real_write = shards.write_shard
+    monkeypatch.setattr(shards, "write_shard", lambda plan, url: rewritten.append(plan.name) or real_write(plan, url))
+    shards.write_shards(source, out, maxcount=3, workers=2)
+
+    assert sorted(rewritten) == ["val/hazy/pairs-000000.tar", "val/rainy/pairs-000000.tar"]
+    assert os.stat(os.path.join(out, "train/hazy/pairs-000000.tar")).st_mtime_ns == kept
+    assert snapshot(out) == snapshot(written)
+
+
+def test_failure_mid_shard_leaves_no_finished_looking_file(source, written, tmp_path, monkeypatch):
+    out = str(tmp_path / "shards")
+    real_copy, copies = shards._copy_member, []
+
+    def dying_copy(tar, member):
+        if len(copies) == 7:  # inside the third sample of the first shard
+            raise KeyboardInterrupt("killed")
+        copies.append(member.name)
+        real_copy(tar, member)
+
+    monkeypatch.setattr(shards, "_copy_member", dying_copy)
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_shards(source, out, maxcount=3, workers=1)
+    assert snapshot(out) == {}  # no shard, no sidecar, no temporary, no index
+    monkeypatch.setattr(shards, "_copy_member", real_copy)
+    shards.write_shards(source, out, maxcount=3, workers=1)
+    assert snapshot(out) == snapshot(written)
+
+
+def test_changed_plan_rewrites_and_removes_stale_shards(source, written, tmp_path, monkeypatch):
+    out = str(tmp_path / "shards")
+    shutil.copytree(written, out)
+    # Killed while rewriting for a new plan: the old index must not survive to describe the
+    # half-changed folder.
+    def killed(plan, url):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards, "write_shard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_shards(source, out, maxcount=2, workers=1)
+    assert not os.path.exists(os.path.join(out, "index.parquet"))
+    monkeypatch.undo()
+    shards.write_shards(source, out, maxcount=2, workers=2)
+    fresh = str(tmp_path / "fresh")
+    shards.write_shards(source, fresh, maxcount=2, workers=2)
+    assert snapshot(out) == snapshot(fresh)
+    assert "train/hazy/pairs-000001.tar" in snapshot(out) and "train/hazy/pairs-000002.tar" not in snapshot(out)
+
+
+def test_changed_source_file_is_refused(source, tmp_path):
+    src = make_pairs(str(tmp_path / "src"))
+    victim = src.to_pylist()[0]["lq_path"]
+    data = bytearray(fs.read_bytes(victim))
+    data[-20] ^= 0xFF  # same size, different bytes: only the manifest sha256 can tell
+    fs.atomic_write_bytes(victim, bytes(data))
+    with pytest.raises(RuntimeError, match="does not match its manifest sha256.*rerun the download stage"):
+        shards.write_shards(src, str(tmp_path / "shards"), maxcount=3, workers=1)
+    # Sizes come from the plan: a file that grew or shrank since is caught while copying.
+    sizes = fs.sizes([r[k] for r in src.to_pylist() for k in ("lq_path", "gt_path")])
+    plan = next(p for p in shards.plan_shards(src, maxcount=3, sizes=sizes)
+                if victim in {m.source for m in p.members})
+    for delta, word in [(1, "longer"), (-1, "shorter")]:
+        fs.atomic_write_bytes(victim, b"x" * (sizes[victim] + delta))
+        with pytest.raises(RuntimeError, match=f"{victim} is {word} than {sizes[victim]} bytes"):
+            shards.write_shard(plan, str(tmp_path / "shards"))
+    assert not fs.exists(str(tmp_path / "shards" / plan.name))
+
+
+def _flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_verify_names_corrupted_and_missing_shards(written, tmp_path):
+    out = str(tmp_path / "shards")
+    shutil.copytree(written, out)
+    shards.verify_shards(out)
+    _flip_byte(os.path.join(out, "train/rainy/pairs-000000.tar"), 612)  # inside the first PNG
+    _flip_byte(os.path.join(out, "train/rainy/pairs-000001.tar"), 1500)  # inside the second header
+    os.remove(os.path.join(out, "val/rainy/pairs-000000.tar"))
+    with pytest.raises(shards.ShardVerificationError) as err:
+        shards.verify_shards(out)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"3 of 6 shard(s) under {out} failed verification:"
+    assert lines[1] == "  train/rainy/pairs-000000.tar: sha256 differs from the index"
+    assert lines[2].startswith("  train/rainy/pairs-000001.tar: unreadable (") and "damaged tar header" in lines[2]
+    assert lines[3] == "  val/rainy/pairs-000000.tar: missing"
+    assert lines[4] == "rerun the shard stage with --refresh shard" and len(lines) == 5
+
+
+def test_reader_refuses_damaged_or_truncated_shards(written, tmp_path):
+    url = shards.shard_urls(written, split="train", degradations=["hazy"])[0]
+    data = fs.read_bytes(url)
+    cases = {"header": bytearray(data), "truncated": data[:2048], "no-end": data[:3 * 3584 - 512]}
+    cases["header"][1500] ^= 0xFF
+    for name, damaged in cases.items():
+        path = str(tmp_path / f"{name}.tar")
+        fs.atomic_write_bytes(path, bytes(damaged))
+        with pytest.raises(ValueError, match="rerun the shard stage with --refresh shard"):
+            list(shards.iter_samples([path]))
+
+
+def test_shard_urls_and_missing_stage_messages(written, tmp_path):
+    urls = shards.shard_urls(written, split="train")
+    assert [u[len(written) + 1:] for u in urls] == [
+        "train/hazy/pairs-000000.tar", "train/hazy/pairs-000001.tar",
+        "train/rainy/pairs-000000.tar", "train/rainy/pairs-000001.tar"]
+    assert len(shards.shard_urls(written, split="val", degradations=["rainy"])) == 1
+    with pytest.raises(ValueError, match=r"no shards for split 'test'.*\['train', 'val'\]"):
+        shards.shard_urls(written, split="test")
+    with pytest.raises(ValueError, match=r"no shards for degradation\(s\) \['low-light'\]"):
+        shards.shard_urls(written, split="val", degradations=["hazy", "low-light"])
+    with pytest.raises(FileNotFoundError, match="index.parquet does not exist; it is written by the shard stage"):
+        shards.shard_urls(str(tmp_path / "never-written"), split="train")
+    with pytest.raises(ValueError, match="no shard URLs"):
+        shards.PairDataset([])
+
+
+# --------------------------------------------------------------------------------------------
+# decoding and PairDataset
+
+def test_decode_png_gives_rgb_uint8():
+    grey = np.array([[0, 128], [255, 7]], np.uint8)
+    assert shards.decode_png(_png(grey)).tolist() == np.repeat(grey[:, :, None], 3, 2).tolist()
+    rgba = np.arange(16, dtype=np.uint8).reshape(2, 2, 4)
+    assert shards.decode_png(_png(rgba)).tolist() == rgba[:, :, :3].tolist()
+    buf = io.BytesIO()
+    Image.fromarray(np.array([[0, 257, 65535]], np.uint16)).save(buf, format="PNG")
+    assert shards.decode_png(buf.getvalue())[..., 0].tolist() == [[0, 1, 255]]
+    rgb = shards.decode_png(_png(np.full((3, 5, 3), 9, np.uint8)))
+    assert rgb.dtype == np.uint8 and rgb.shape == (3, 5, 3)
+
+
+def test_paired_crop_pads_with_reflection():
+    img = np.arange(6, dtype=np.uint8).reshape(2, 3, 1)
+    lq, gt = shards.paired_random_crop(img, img + 10, 4, np.random.default_rng(0))
+    # rows [0 1 2],[3 4 5] reflect-padded to 4x4: rows 0,1,0,1 and columns 0,1,2,1.
+    assert lq[..., 0].tolist() == [[0, 1, 2, 1], [3, 4, 5, 4], [0, 1, 2, 1], [3, 4, 5, 4]]
+    assert (gt == lq + 10).all()
+    with pytest.raises(ValueError, match="differ in size"):
+        shards.paired_random_crop(img, img[:1], 2, np.random.default_rng(0))
+
+
+def test_paired_augment_covers_the_eight_symmetries_identically():
+    img = np.arange(6, dtype=np.uint8).reshape(2, 3, 1)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        lq, gt = shards.paired_augment(img, img + 100, rng)
+        assert (gt == lq + 100).all()
+        seen.add((lq.shape, lq.tobytes()))
+    assert len(seen) == 8
+
+
+def _crop_is_aligned(sample: dict) -> bool:
+    # The fixture's GT is 255 - LQ pixel by pixel.
+    lq, gt = (sample[k].mul(255).round().to(torch.int32) for k in ("lq", "gt"))
+    return bool((lq + gt == 255).all())
+
+
+def test_pair_dataset_crops_and_augments_lq_and_gt_together(written):
+    urls = shards.shard_urls(written, split="train")
+    samples = list(shards.PairDataset(urls, patch_size=8, augment=True, seed=3))
+    assert len(samples) == 8
+    for s in samples:
+        assert s["lq"].shape == s["gt"].shape == (3, 8, 8) and s["lq"].dtype == torch.float32
+        assert 0 <= float(s["lq"].min()) and float(s["lq"].max()) <= 1
+        assert _crop_is_aligned(s)
+        assert s["degradation"] == s["id"].split("/")[1]
+    again = list(shards.PairDataset(urls, patch_size=8, augment=True, seed=3))
+    assert all(torch.equal(a["lq"], b["lq"]) for a, b in zip(samples, again))
+    full = next(iter(shards.PairDataset(urls)))  # no crop: the stored size
+    assert full["id"] == "train/hazy/img.0" and full["lq"].shape == (3, 9, 11) and _crop_is_aligned(full)
+
+
+def test_exact_mode_split_covers_each_sample_once(written):
+    urls = shards.shard_urls(written, split="train")  # 4 shards, 8 samples
+    parts = [shards.split_shards(urls, rank=r, world_size=2, worker_id=w, num_workers=2)
+             for r in range(2) for w in range(2)]
+    assert sorted(u for p in parts for u in p) == sorted(urls) and all(len(p) == 1 for p in parts)
+    ids = []
+    for rank in range(2):
+        dataset = shards.PairDataset(urls, patch_size=8, rank=rank, world_size=2)
+        loader = shards.make_loader(dataset, batch_size=2, num_workers=2)
+        ids += [i for batch in loader for i in batch["id"]]
+    assert sorted(ids) == sorted(f"train/{d}/img.{i}" for d in DEGRADATIONS for i in range(4))
+    with pytest.raises(ValueError, match="^4 shards cannot feed 2 ranks x 3 workers; lower train.num_workers "
+                                         "or shard.maxcount$"):
+        shards.make_loader(shards.PairDataset(urls, world_size=2), batch_size=2, num_workers=3)
+
+
+def test_resampled_mode_is_endless_and_seeded_per_rank_and_worker(written):
+    urls = shards.shard_urls(written, split="train")
+
+    def first_ids(n: int, worker: int = 0, **kw) -> list[str]:
+        dataset = shards.PairDataset(urls, resampled=True, **kw)
+        stream = dataset.raw_samples(worker, 2, dataset.rngs(worker)[0])
+        return [next(stream)["id"] for _ in range(n)]
+
+    a = first_ids(30, seed=1)  # 30 draws from 8 samples: the stream does not end
+    assert len(a) == 30 and set(a) <= {f"train/{d}/img.{i}" for d in DEGRADATIONS for i in range(4)}
+    assert first_ids(30, seed=1) == a
+    assert first_ids(30, seed=2) != a
+    assert first_ids(30, seed=1, rank=1, world_size=2) != a
+    assert first_ids(30, worker=1, seed=1) != a
+    assert first_ids(30, seed=1, shuffle_buffer=4) != a
+    with pytest.raises(ValueError, match="shuffle_buffer needs resampled=True"):
+        shards.PairDataset(urls, shuffle_buffer=4)
+
+
+def test_embeddings_join_by_id(written):
+    urls = shards.shard_urls(written, split="val")
+    ids = [s["id"] for s in shards.iter_samples(urls)]
+    embeddings = {i: np.array([n, -n, 0.5], np.float64) for n, i in enumerate(ids)}
+    samples = list(shards.PairDataset(urls, embeddings=embeddings))
+    for s in samples:
+        n = ids.index(s["id"])
+        assert s["context"].dtype == torch.float32 and s["context"].tolist() == [n, -n, 0.5]
+    del embeddings[ids[2]]
+    with pytest.raises(KeyError, match=f"no embedding for sample id '{ids[2]}': rerun the embed stage"):
+        list(shards.PairDataset(urls, embeddings=embeddings))
+
+
+# --------------------------------------------------------------------------------------------
+# S3 through s3fs against a real S3 API (moto's server on loopback)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    import fsspec.config
+    import s3fs
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}")
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as mp:
+            # What a user sets: AWS_* for botocore, FSSPEC_S3_ENDPOINT_URL for fsspec. fsspec reads
+            # FSSPEC_* once at import, so apply them the way it does (set_conf_env).
+            env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint,
+                   "NO_PROXY": "127.0.0.1,localhost"}
+            for key, value in env.items():
+                mp.setenv(key, value)
+            conf: dict = {}
+            fsspec.config.set_conf_env(conf, env)
+            mp.setitem(fsspec.config.conf, "s3", conf["s3"])
+            s3fs.S3FileSystem.clear_instance_cache()
+            filesystem, _ = fs.resolve("s3://srdiff-test")
+            filesystem.mkdir("srdiff-test")
+            yield "s3://srdiff-test"
+            s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        os.kill(server.pid, 15)
+        server.wait(timeout=10)
+
+
+def test_s3_round_trip_and_atomic_writes(source, written, s3_endpoint, tmp_path):
+    out = fs.join(s3_endpoint, "run1", "shards")
+    index = shards.write_shards(source, out, maxcount=3, workers=2)
+    assert snapshot(out) == snapshot(written)  # same bytes as on local disk
+    shards.verify_shards(out)
+    urls = shards.shard_urls(out, split="val")
+    assert all(u.startswith("s3://srdiff-test/run1/shards/val/") for u in urls)
+    expected = expected_samples(source)
+    samples = list(shards.iter_samples(urls))
+    assert len(samples) == 4 == sum(r["count"] for r in index.to_pylist() if r["split"] == "val")
+    for s in samples:
+        assert s["lq_png"] == fs.read_bytes(expected[s["id"]]["lq_path"])
+    # A failed write on S3 leaves neither the object nor its temporary.
+    with pytest.raises(RuntimeError):
+        with fs.atomic_open(fs.join(s3_endpoint, "run1", "x.bin")) as f:
+            f.write(b"partial")
+            raise RuntimeError("killed")
+    assert [u.rsplit("/", 1)[-1] for u in fs.listdir(fs.join(s3_endpoint, "run1"))] == ["shards"]
