@@ -205,13 +205,21 @@ def _show(value: Any) -> str:
     return "<absent>" if value is _MISSING else repr(value) if isinstance(value, str) else str(value)
 
 
+def _differences(key: str, saved: Any, current: Any) -> list[str]:
+    """Leaf-level differences, so a section key ("unet") reports "unet.nf", not two whole dicts."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [line for sub in sorted(saved.keys() | current.keys(), key=str)
+                for line in _differences(f"{key}.{sub}", saved.get(sub, _MISSING), current.get(sub, _MISSING))]
+    if _normalise(saved) == _normalise(current):
+        return []
+    return [f"  {key}: checkpoint {_show(saved)}, config {_show(current)}"]
+
+
 def check_compatible(saved_config: dict, current_config: dict, keys: Iterable[str]) -> None:
-    """Raise :class:`CheckpointMismatch` naming every dotted key whose value differs."""
-    differences = []
-    for key in keys:
-        saved, current = _lookup(saved_config, key), _lookup(current_config, key)
-        if _normalise(saved) != _normalise(current):
-            differences.append(f"  {key}: checkpoint {_show(saved)}, config {_show(current)}")
+    """Raise :class:`CheckpointMismatch` naming every differing value under the dotted ``keys``
+    (a key may name a whole section: ``"unet"`` checks every ``unet.*`` value)."""
+    differences = [line for key in keys
+                   for line in _differences(key, _lookup(saved_config, key), _lookup(current_config, key))]
     if differences:
         raise CheckpointMismatch(
             "the checkpoint to resume from was trained with different settings:\n"

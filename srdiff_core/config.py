@@ -110,7 +110,8 @@ class TrainConfig(_Section):
     ema_decay: float = Field(default=0.995, ge=0.0, le=1.0)
     grad_clip: float = 1.0
     precision: Precision = "bf16"
-    channels_last: bool = True
+    # channels_last only pays with torch.compile: eager it measured ~15% slower on this UNet (H200).
+    channels_last: bool = False
     compile: bool = False
     checkpoint_every: int = Field(default=5000, ge=1)
     log_every: int = Field(default=100, ge=1)

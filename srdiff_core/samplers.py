@@ -8,6 +8,9 @@ x_T = mu + lambda n_0, the stationary law of the SDE around the degraded image; 
 estimate x0 from the predicted noise and draw x_s from the Gaussian q(x_s | x_t, x0_hat). With
 s = t - 1 at every step this is exactly the 100-step IR-SDE posterior sampler; larger jumps reuse the
 same network (the posterior is closed-form for any s < t), so fewer steps need no retraining.
+
+Large images: :func:`restore` evaluates the network in overlapping, batched tiles and blends their
+noise predictions at every jump, so the sampler state is always one seamless image.
 """
 
 from __future__ import annotations
@@ -48,8 +51,14 @@ def posterior_noise(shape: tuple[int, ...] | torch.Size, steps: int, *, generato
 
 def posterior_sample(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor | None, *,
                      steps: int | None = None, generator: torch.Generator | None = None,
-                     noise: list[Tensor] | None = None, autocast_dtype: torch.dtype | None = None) -> Tensor:
+                     noise: list[Tensor] | None = None, autocast_dtype: torch.dtype | None = None,
+                     clip_x0: bool = True) -> Tensor:
     """Restore ``lq`` (NCHW in [0,1]) with ``steps`` posterior jumps from T to 0 (None: all T).
+
+    ``clip_x0`` clamps each x0 estimate to [0,1] before the posterior jump (as DDPM's
+    ``clip_denoised``): near t = T the estimate divides the residual by e^{-thetabar_T} = eps
+    (x200 by default), so a small noise error becomes a wild x0; the true x0 is in [0,1], so
+    clamping only removes error, and a well-trained network is unaffected.
 
     ``noise``: ``steps + 1`` tensors shaped like ``lq`` (see :func:`posterior_noise`); otherwise they
     are drawn from ``generator`` one at a time. ``autocast_dtype`` (e.g. torch.bfloat16) runs the
@@ -68,12 +77,13 @@ def posterior_sample(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor 
         x = mu + sde.lam * _next_noise(noises, mu)
         for t, s in zip(timesteps[:-1], timesteps[1:]):
             x = posterior_jump(model, x, mu, sde, context, t, s, _next_noise(noises, mu),
-                               autocast_dtype=autocast_dtype)
+                               autocast_dtype=autocast_dtype, clip_x0=clip_x0)
     return x.clamp(0, 1).to(lq.dtype)
 
 
 def posterior_jump(model: NoiseModel, x: Tensor, mu: Tensor, sde: IRSDE, context: Tensor | None,
-                   t: int, s: int, noise: Tensor, *, autocast_dtype: torch.dtype | None = None) -> Tensor:
+                   t: int, s: int, noise: Tensor, *, autocast_dtype: torch.dtype | None = None,
+                   clip_x0: bool = True) -> Tensor:
     """One jump t -> s: x0_hat from the predicted noise, then x_s ~ q(x_s | x_t, x0_hat).
 
     The variance is exactly 0 at s = 0 (x_0 is x0_hat itself), so the final jump adds no noise.
@@ -82,6 +92,8 @@ def posterior_jump(model: NoiseModel, x: Tensor, mu: Tensor, sde: IRSDE, context
     with _autocast(x.device, autocast_dtype):
         noise_pred = model(x, mu, t_batch, context)
     x0_hat = sde.predict_x0(x, mu, t, noise_pred.to(x.dtype))
+    if clip_x0:
+        x0_hat = x0_hat.clamp(0, 1)
     mean, var = sde.posterior_mean_var(x, x0_hat, mu, t, s)
     if s == 0:
         return mean

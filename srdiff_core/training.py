@@ -37,7 +37,7 @@ from srdiff_core.checkpoint import (
     save_checkpoint,
 )
 from srdiff_core.config import TrainConfig
-from srdiff_core.ema import ema_update, make_ema
+from srdiff_core.ema import ema_decay_at, ema_update, make_ema
 from srdiff_core.sde import matching_loss
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,13 @@ def _to_device(batch: Batch, device: torch.device, channels_last: bool) -> tuple
     return lq, gt, context
 
 
+def _refuse_non_finite(what: str, value: float, step: int) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"training {what} is {value} at step {step}: lower train.lr, raise train.warmup_steps or "
+            f"set train.precision: fp32; a rerun resumes from the last checkpoint")
+
+
 def train_step(state: TrainState, sde, batch: Batch, cfg: TrainConfig, *, device: str | torch.device,
                generator: torch.Generator | None = None) -> dict[str, float]:
     """One AdamW step on the IR-SDE matching loss, then the scheduler and EMA updates.
@@ -199,19 +206,18 @@ def train_step(state: TrainState, sde, batch: Batch, cfg: TrainConfig, *, device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         loss = matching_loss(sde, model, gt, lq, context, generator=generator)
     loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(
-            f"training loss is {loss_value} at step {state.step}: lower train.lr, raise "
-            f"train.warmup_steps or set train.precision: fp32; resume continues from the last checkpoint")
+    _refuse_non_finite("loss", loss_value, state.step)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     # max_norm=inf measures the norm (for logging) without clipping.
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), max_norm).item()
+    # A non-finite gradient would poison the weights, the EMA and Adam's moments in one step.
+    _refuse_non_finite("gradient norm", grad_norm, state.step)
     lr = state.optimizer.param_groups[0]["lr"]
     state.optimizer.step()
     state.scheduler.step()
-    ema_update(state.ema, unwrap(model), cfg.ema_decay)
+    ema_update(state.ema, unwrap(model), ema_decay_at(cfg.ema_decay, state.step))
     state.step += 1
     return {"loss": loss_value, "grad_norm": grad_norm, "lr": lr}
 

@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+import logging
+
 import torch
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 
 from srdiff_core.config import Config
 from storage import fs
@@ -74,6 +78,15 @@ def stage_dir(cfg: Config, stage: str, key: str) -> str:
     """Outputs of a stage live in a folder named by its key, so a changed setting never
     overwrites what an earlier cached run still points at."""
     return path(cfg, stage, key[:16])
+
+
+def stage_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a run (lines reach the UI), a plain logger when a task's
+    logic is called directly (``task.fn(...)`` in a notebook or a test)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("srdiff")
 
 
 def pick_device(cfg: Config) -> torch.device:

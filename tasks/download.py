@@ -9,13 +9,13 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-from prefect import get_run_logger, task
+from prefect import task
 
 from srdiff_core import demo_data
 from srdiff_core.config import DEGRADATIONS, Config
 from storage import fs, tables
 from tasks import common
-from tasks.common import RateLogger, StageResult
+from tasks.common import RateLogger, StageResult, stage_logger
 
 MANIFEST = "manifests/pairs.parquet"
 QUARANTINE = "manifests/quarantine.parquet"
@@ -128,7 +128,7 @@ def summarize(rows: list[dict]) -> dict[str, float]:
 @task(name="download", persist_result=True)
 def download(cfg: Config, key: str, run_id: str | None = None) -> StageResult:
     """Materialise the dataset in the seed layout and write the pairs manifest."""
-    log = get_run_logger()
+    log = stage_logger()
     start = time.perf_counter()
     quarantine: list[dict] = []
     if cfg.download.source == "demo":

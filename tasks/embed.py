@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 
 from srdiff_core import clip_embed, srm
 from srdiff_core.config import Config
 from storage import fs, shards, tables
 from tasks import tracking
-from tasks.common import RateLogger, StageResult, pick_device, stage_dir
+from tasks.common import RateLogger, StageResult, pick_device, stage_dir, stage_logger
 
 SPLITS = ("train", "val")
 
@@ -123,7 +123,7 @@ def save_srm(url: str, model: torch.nn.Module, cfg: Config, dim: int) -> None:
 @task(name="embed", persist_result=True)
 def embed(cfg: Config, key: str, shards_url: str, run_id: str | None = None) -> StageResult:
     """CLIP-embed LQ and GT, train the SRM, write LQCLS / GTCLS / RestoreCLS tables."""
-    log = get_run_logger()
+    log = stage_logger()
     start = time.perf_counter()
     device = pick_device(cfg)
     encoder = clip_embed.load_clip(cfg.embed.arch, cfg.embed.pretrained, device=device,

@@ -12,14 +12,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
-from prefect import get_run_logger, task
+from prefect import task
 
 from srdiff_core import images, metrics
 from srdiff_core.config import Config
 from srdiff_core.restorer import Restorer
 from storage import fs, shards, tables
 from tasks import tracking
-from tasks.common import RateLogger, StageResult, pick_device, stage_dir
+from tasks.common import RateLogger, StageResult, pick_device, stage_dir, stage_logger
 from tasks.embed import read_embeddings
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips")
@@ -132,13 +132,13 @@ def write_report(folder: Path, means: dict[str, float], proto: dict[str, str], g
 def evaluate(cfg: Config, key: str, shards_url: str, restorecls_url: str, model_url: str,
              run_id: str | None = None) -> StageResult:
     """Restore the val sets (one seeded sample per image), score, write tables, grids and report."""
-    log = get_run_logger()
+    log = stage_logger()
     start = time.perf_counter()
     device = pick_device(cfg)
     restorer = Restorer.from_file(fs.local_path(model_url), device=device, clip_pretrained=cfg.embed.pretrained)
     lpips, lpips_reason = load_lpips(cfg, device)
     if lpips_reason:
-        log.warning(f"LPIPS unavailable: {lpips_reason}")
+        log.warning(lpips_reason if lpips_reason.startswith("LPIPS") else f"LPIPS unavailable: {lpips_reason}")
     proto = protocol(cfg, lpips_reason)
     rows, examples = evaluate_samples(restorer, cfg, shards.shard_urls(shards_url, split="val"),
                                       read_embeddings(restorecls_url), lpips, log)

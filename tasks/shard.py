@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import time
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from srdiff_core.config import Config
 from storage import shards, tables
-from tasks.common import RateLogger, StageResult, stage_dir
+from tasks.common import RateLogger, StageResult, stage_dir, stage_logger
 
 
 @task(name="shard", persist_result=True)
 def shard(cfg: Config, key: str, manifest_url: str, run_id: str | None = None) -> StageResult:
     """Write WebDataset shards (lq.png, gt.png, json) and their index from the manifest."""
-    log = get_run_logger()
+    log = stage_logger()
     start = time.perf_counter()
     manifest = tables.read_table(manifest_url, hint="the download stage writes it: run `srdiff run --stages download`")
     out_url = stage_dir(cfg, "shards", key)

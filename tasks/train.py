@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from prefect import get_run_logger, task
+from prefect import task
 
 from srdiff_core import images, samplers, training
 from srdiff_core.checkpoint import latest_checkpoint
@@ -20,7 +20,7 @@ from srdiff_core.sde import IRSDE
 from srdiff_core.unet import ConditionalUNet
 from storage import fs, shards
 from tasks import tracking
-from tasks.common import StageResult, pick_device, stage_dir
+from tasks.common import StageResult, pick_device, stage_dir, stage_logger
 from tasks.embed import read_embeddings
 
 # Settings a checkpoint must share with the config to be resumed (anything else, e.g. the step
@@ -85,7 +85,7 @@ def mlflow_log_fn(cfg: Config, run_id: str | None, log):
 def train(cfg: Config, key: str, shards_url: str, restorecls_url: str, srm_url: str,
           run_id: str | None = None) -> StageResult:
     """Train the conditional UNet with the matching loss; write full-state checkpoints and model.pt."""
-    log = get_run_logger()
+    log = stage_logger()
     start = time.perf_counter()
     device = pick_device(cfg)
     torch.manual_seed(cfg.train.seed)

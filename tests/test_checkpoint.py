@@ -154,6 +154,17 @@ def test_check_compatible_names_every_differing_key():
     assert "restore the old values" in message
 
 
+def test_check_compatible_on_a_section_names_its_leaves():
+    saved = {"unet": {"nf": 64, "ch_mult": [1, 2, 4, 8], "conditioning": "semantic"}}
+    current = {"unet": {"nf": 64, "ch_mult": [1, 2], "conditioning": "null"}}
+    with pytest.raises(CheckpointMismatch) as info:
+        check_compatible(saved, current, ["unet"])
+    assert str(info.value).splitlines()[1:3] == [
+        "  unet.ch_mult: checkpoint [1, 2, 4, 8], config [1, 2]",
+        "  unet.conditioning: checkpoint 'semantic', config 'null'",
+    ]
+
+
 def test_check_compatible_accepts_identical_configs():
     config = {"unet": {"nf": 8}, "sde": {"max_sigma": 10.0}}
     check_compatible(config, dict(config), ["unet.nf", "sde.max_sigma"])

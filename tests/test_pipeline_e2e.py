@@ -109,3 +109,34 @@ def test_cli_run_prints_the_results_table(pipeline, capsys):
     for deg in DEGRADATIONS:
         assert deg in out
     assert "srdiff ui" in out
+
+
+def test_restore_cli_on_a_folder_by_path_and_by_run_id(pipeline, tmp_path, capsys):
+    """A folder with a non-image file and a greyscale image: both handled with a message, the
+    colour image restored; the checkpoint given as a file and as an MLflow train run id."""
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(src / "colour.png")
+    Image.fromarray(rng.integers(0, 256, (33, 30), dtype=np.uint8)).save(src / "grey.png")
+    (src / "notes.txt").write_text("not an image")
+    first = pipeline["first"]["stages"]["train"]
+    set_args = sum((["--set", o] for o in pipeline["overrides"]), [])
+    for checkpoint, out in ((first["outputs"]["model"], tmp_path / "out_path"), (first["run_id"], tmp_path / "out_run")):
+        assert cli.main(["restore", str(src), str(out), "--checkpoint", checkpoint, "--config", TINY,
+                         "--steps", "2", *set_args]) == 0
+        err = capsys.readouterr().err
+        assert "notes.txt: not an image file" in err and "grey.png: L image converted to RGB" in err
+        assert sorted(p.name for p in out.iterdir()) == ["colour.png", "grey.png"]
+        assert Image.open(out / "colour.png").size == (52, 40) and Image.open(out / "grey.png").mode == "RGB"
+    assert (np.asarray(Image.open(tmp_path / "out_path" / "colour.png")) ==
+            np.asarray(Image.open(tmp_path / "out_run" / "colour.png"))).all()  # same seed, same model
+
+
+def test_restore_cli_rejects_an_unknown_checkpoint(pipeline, tmp_path):
+    with pytest.raises(SystemExit, match="neither a model.pt file nor an MLflow train run"):
+        cli.main(["restore", str(tmp_path), str(tmp_path / "o"), "--checkpoint", "0123456789abcdef",
+                  "--config", TINY, *sum((["--set", o] for o in pipeline["overrides"]), [])])

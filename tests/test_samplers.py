@@ -72,15 +72,18 @@ def oracle_for(sde: IRSDE):
     return model
 
 
-def reference_posterior_sampler(model, lq, sde, context, noise):
+def reference_posterior_sampler(model, lq, sde, context, noise, clip_x0=True):
     """IR-SDE's 100-step posterior sampler written out step by step (its posterior_sample loop):
-    x0 from the noise, the optimum x*_{t-1} of Proposition 3.1, its std, one noise draw per step."""
+    x0 from the noise (clamped to [0,1] when clip_x0), the optimum x*_{t-1} of Proposition 3.1,
+    its std, one noise draw per step."""
     T, dt, lam = sde.T, sde.dt, sde.lam
     x = lq + lam * noise[0]
     for k, t in enumerate(range(T, 0, -1), start=1):
         eps = model(x, lq, torch.full((lq.shape[0],), t), context)
         thetabar_t, thetabar_prev = sde.thetas_cumsum[t].item() * dt, sde.thetas_cumsum[t - 1].item() * dt
         x0 = (x - lq - sde.sigma_bars[t].item() * eps) * math.exp(thetabar_t) + lq
+        if clip_x0:
+            x0 = x0.clamp(0, 1)
         A, B, C = math.exp(-sde.thetas[t].item() * dt), math.exp(-thetabar_t), math.exp(-thetabar_prev)
         mean = A * (1 - C ** 2) / (1 - B ** 2) * (x - lq) + C * (1 - A ** 2) / (1 - B ** 2) * (x0 - lq) + lq
         std = lam * math.sqrt((1 - A ** 2) * (1 - C ** 2) / (1 - B ** 2))
@@ -101,18 +104,19 @@ def test_sampling_timesteps():
         sampling_timesteps(100, 101)
 
 
+@pytest.mark.parametrize("clip_x0", [True, False])
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_full_steps_equal_reference_sampler(sde, unet, dtype, atol):
+def test_full_steps_equal_reference_sampler(sde, unet, dtype, atol, clip_x0):
     """In float64 the two agree to rounding (1e-10). In float32 the order in which the coefficients are
     rounded differs, and x0 = (...) * exp(thetabar_T) amplifies that by 1/eps = 200: 1e-4."""
     lq, context = images(2, 8, 12)
     lq, context, model = lq.to(dtype), context.to(dtype), copy.deepcopy(unet).to(dtype)
     noise = posterior_noise(lq.shape, sde.T, generator=torch.Generator().manual_seed(3), device="cpu", dtype=dtype)
     with torch.no_grad():
-        expected = reference_posterior_sampler(model, lq, sde, context, noise)
-    ours = posterior_sample(model, lq, sde, context, noise=noise)
+        expected = reference_posterior_sampler(model, lq, sde, context, noise, clip_x0=clip_x0)
+    ours = posterior_sample(model, lq, sde, context, noise=noise, clip_x0=clip_x0)
     assert ours.dtype == dtype
-    assert torch.equal(ours, posterior_sample(model, lq, sde, context, steps=sde.T, noise=noise))
+    assert torch.equal(ours, posterior_sample(model, lq, sde, context, steps=sde.T, noise=noise, clip_x0=clip_x0))
     torch.testing.assert_close(ours, expected, rtol=0, atol=atol)
     assert (ours - lq).abs().mean() > 1e-3  # the network did something
 
