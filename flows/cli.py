@@ -80,7 +80,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.deployments import serve_all
-    serve_all(resolve_config(args.config))
+    from srdiff_core.config import load_config
+
+    config_path = resolve_config(args.config)
+    load_config(config_path, args.set)  # a bad config fails here, not in every deployment run
+    print("serving srdiff/full-pipeline and srdiff/{download,shard,embed,train,evaluate}; "
+          "run one with `prefect deployment run srdiff/full-pipeline`", flush=True)
+    serve_all(config_path, args.set)
     return 0
 
 
@@ -88,16 +94,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
     from srdiff_core.config import load_config
-    from tasks.tracking import artifact_root, tracking_uri
+    from tasks.tracking import mlflow_server_command
 
     cfg = load_config(resolve_config(args.config), args.set)
-    uri = tracking_uri(cfg)
-    print(f"MLflow UI on {uri}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(args.port),
-           "--workers", "1", "--backend-store-uri", uri]
-    if not cfg.tracking.mlflow_uri:
-        cmd += ["--default-artifact-root", artifact_root(cfg)]
-    return subprocess.call(cmd)
+    print(f"MLflow UI on the runs of {cfg.data_root}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    return subprocess.call(mlflow_server_command(cfg, args.port))
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -44,6 +45,15 @@ def tracking_uri(cfg: Config) -> str:
 
 def artifact_root(cfg: Config) -> str:
     return (Path(data_root(cfg)) / "mlartifacts").as_uri()
+
+
+def mlflow_server_command(cfg: Config, port: int) -> list[str]:
+    """`mlflow server` on the pipeline's run store: loopback, one worker (small machines)."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", tracking_uri(cfg)]
+    if not cfg.tracking.mlflow_uri:
+        cmd += ["--default-artifact-root", artifact_root(cfg)]
+    return cmd
 
 
 def client_for(cfg: Config) -> MlflowClient:

@@ -140,3 +140,29 @@ def test_restore_cli_rejects_an_unknown_checkpoint(pipeline, tmp_path):
     with pytest.raises(SystemExit, match="neither a model.pt file nor an MLflow train run"):
         cli.main(["restore", str(tmp_path), str(tmp_path / "o"), "--checkpoint", "0123456789abcdef",
                   "--config", TINY, *sum((["--set", o] for o in pipeline["overrides"]), [])])
+
+
+def test_a_real_mlflow_server_serves_the_runs(pipeline, tmp_path):
+    """`mlflow server` (what `srdiff ui` starts) on the pipeline's store: its REST API returns the
+    parent and nested runs with the stable metric names."""
+    import os
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from servers import background, free_port, post_json
+
+    from tasks.tracking import mlflow_server_command
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with background(mlflow_server_command(pipeline["cfg"], port), env=dict(os.environ), log=tmp_path / "mlflow.log",
+                    health_url=f"{base}/health", timeout=180):
+        exps = post_json(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 10})["experiments"]
+        exp_id = next(e["experiment_id"] for e in exps if e["name"] == "srdiff")
+        parent = pipeline["first"]["parent_run_id"]
+        runs = post_json(f"{base}/api/2.0/mlflow/runs/search",
+                         {"experiment_ids": [exp_id], "filter": f"tags.`mlflow.parentRunId` = '{parent}'"})["runs"]
+    stages = {next(t["value"] for t in r["data"]["tags"] if t["key"] == STAGE_TAG): r for r in runs}
+    assert set(stages) == set(STAGES)
+    names = {m["key"] for m in stages["evaluate"]["data"]["metrics"]}
+    assert {f"eval/{d}/{m}" for d in DEGRADATIONS for m in ("psnr", "ssim", "psnr_y", "lq_psnr")} <= names

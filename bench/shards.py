@@ -1,0 +1,441 @@
+"""Shard-stage benchmark: writer throughput against `tar`, writer peak memory, loader throughput.
+
+One run on one disk: synthetic PNG pairs are generated (not timed), then
+
+1. write throughput of `storage.shards.write_shards` (workers = cores) against the system
+   `tar -cf` of the same files, in MB/s of PNG payload and pairs/s;
+2. peak resident memory of the writer at each pair count, each in a fresh Python process;
+3. decoded, cropped, augmented pairs/s of `PairDataset` through `make_loader` at several
+   DataLoader worker counts.
+
+A table is printed last and a JSON file written. CI runs the same code at toy size (`--toy`,
+see tests/test_bench_shards.py).
+
+    python bench/shards.py [--pairs 1000,10000] [--out bench/out/shards.json] [--toy] [--workdir DIR]
+
+Targets (issue 4): writer throughput >= 0.8x `tar -cf`; writer peak memory at 10,000 pairs
+within 10% of that at 1,000 pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from srdiff_core.config import ShardConfig  # noqa: E402
+from storage import shards, tables  # noqa: E402
+
+# (degradation, dataset) as in DESIGN.md: pairs are dealt round-robin so every pair count
+# gives four groups, hence several shards for the writer's threads to share.
+GROUPS = (("hazy", "RESIDE-6k"), ("rainy", "Rain100H"), ("motion-blurry", "GoPro"), ("low-light", "LOL"))
+SPLIT = "train"
+MB = 1e6  # throughput in decimal megabytes, as `dd` and most disk benchmarks report it
+WRITE_TARGET = 0.8   # ours / tar
+MEMORY_TARGET = 1.10  # peak at the largest / peak at the smallest pair count
+CACHE_NOTE = ("page cache warm: dropping it needs root, so every variant runs once untimed "
+              "before its timed runs")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that scales between the real benchmark and CI's toy run."""
+
+    pairs: tuple[int, ...]         # write and memory rows; the loader reads the largest
+    side: int                      # synthetic images are side x side RGB
+    read_workers: tuple[int, ...]  # DataLoader num_workers
+    repeats: int                   # timed write runs per variant (median reported)
+    batch_size: int
+    patch_size: int
+
+
+FULL = Sizes(pairs=(1000, 10000), side=96, read_workers=(1, 2, 4), repeats=3, batch_size=16, patch_size=64)
+TOY = Sizes(pairs=(40, 80), side=96, read_workers=(0, 1), repeats=1, batch_size=8, patch_size=64)
+
+
+def cores() -> int:
+    """CPUs this process may run on (os.cpu_count() ignores affinity masks and cgroups' cpusets)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic pairs: deterministic per index, compressible like photographs (smooth GT) with a
+# noisier LQ, so PNG sizes are realistic rather than those of white noise or flat colour.
+
+def pair_arrays(index: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(LQ, GT) uint8 side x side x 3: GT a bicubic upsampling of a coarse random grid, LQ = GT + noise."""
+    rng = np.random.default_rng([20261126, index])
+    coarse = rng.integers(0, 256, (max(side // 16, 2),) * 2 + (3,), dtype=np.uint8)
+    gt = np.asarray(Image.fromarray(coarse).resize((side, side), Image.Resampling.BICUBIC))
+    noise = rng.normal(0.0, 3.0, gt.shape)
+    lq = np.clip(np.rint(gt * 0.8 + 16 + noise), 0, 255).astype(np.uint8)
+    return lq, gt
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    # zlib level 1: 2x faster to generate than Pillow's default 6 and only ~15% larger files.
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def pair_id(index: int) -> str:
+    return f"{GROUPS[index % len(GROUPS)][0]}-{index:06d}"
+
+
+def pair_paths(root: Path, index: int) -> tuple[Path, Path]:
+    # The seed layout of DESIGN.md: <split>/<degradation>/{LQ,GT}/<id>.png
+    folder = root / SPLIT / GROUPS[index % len(GROUPS)][0]
+    name = f"{pair_id(index)}.png"
+    return folder / "LQ" / name, folder / "GT" / name
+
+
+def write_pair(root: Path, index: int, side: int) -> dict:
+    """Write one pair's PNGs and return its manifest row (sha256 of the bytes written)."""
+    lq, gt = pair_arrays(index, side)
+    lq_path, gt_path = pair_paths(root, index)
+    row = {"id": pair_id(index), "dataset": GROUPS[index % len(GROUPS)][1],
+           "degradation": GROUPS[index % len(GROUPS)][0], "split": SPLIT,
+           "lq_path": str(lq_path), "gt_path": str(gt_path), "width": side, "height": side}
+    for path, img, key in ((lq_path, lq, "lq_sha256"), (gt_path, gt, "gt_sha256")):
+        data = png_bytes(img)
+        path.write_bytes(data)
+        row[key] = hashlib.sha256(data).hexdigest()
+    return row
+
+
+def generate_pairs(root: Path, count: int, side: int) -> pa.Table:
+    """``count`` pairs under ``root`` and their manifest (PAIRS_SCHEMA), in index order."""
+    for degradation, _ in GROUPS:
+        for part in ("LQ", "GT"):
+            (root / SPLIT / degradation / part).mkdir(parents=True, exist_ok=True)
+    return pa.Table.from_pylist([write_pair(root, i, side) for i in range(count)], schema=tables.PAIRS_SCHEMA)
+
+
+def payload_bytes(manifest: pa.Table) -> int:
+    return sum(os.path.getsize(p) for col in ("lq_path", "gt_path") for p in manifest.column(col).to_pylist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Write throughput: ours against `tar -cf`.
+
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def write_ours(manifest: pa.Table, out_dir: Path, workers: int) -> None:
+    cfg = ShardConfig()
+    shards.write_shards(manifest, str(out_dir), maxcount=cfg.maxcount, maxsize=cfg.maxsize, workers=workers)
+
+
+def write_tar(root: Path, file_list: Path, out_tar: Path, *, fsync: bool) -> None:
+    """GNU/BSD `tar -cf` of the listed files (relative to ``root``); optionally fsync the result.
+
+    The fsync variant matches what write_shards promises (storage.fs fsyncs before renaming),
+    so the two columns bracket a fair comparison.
+    """
+    subprocess.run(["tar", "-cf", str(out_tar), "-C", str(root), "-T", str(file_list)], check=True)
+    if fsync:
+        fd = os.open(out_tar, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def tar_file_list(manifest: pa.Table, root: Path, path: Path) -> Path:
+    rows = manifest.to_pylist()
+    names = [os.path.relpath(r[k], root) for r in rows for k in ("lq_path", "gt_path")]
+    path.write_text("\n".join(names) + "\n")
+    return path
+
+
+def time_variant(run: Callable[[Path], None], scratch: Path, repeats: int, keep: Path | None = None) -> list[float]:
+    """One untimed warm-up run, then ``repeats`` timed runs, each into a fresh output path.
+
+    The output of the last timed run is moved to ``keep`` (if given); the rest is deleted
+    outside the timed region.
+    """
+    times = []
+    for attempt in range(repeats + 1):
+        target = scratch / f"run-{attempt}"
+        seconds = timed(lambda: run(target))
+        if attempt:
+            times.append(seconds)
+        if attempt == repeats and keep is not None:
+            target.rename(keep)
+        else:
+            remove(target)
+    return times
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def rate_row(times: list[float], pairs: int, payload: int) -> dict:
+    seconds = statistics.median(times)
+    return {"seconds": seconds, "all_seconds": times, "pairs_per_s": pairs / seconds,
+            "mb_per_s": payload / MB / seconds}
+
+
+def bench_write(manifest: pa.Table, image_root: Path, scratch: Path, keep: Path, *, workers: int,
+                repeats: int) -> dict:
+    """Timed rows for ours, `tar -cf` and `tar -cf` + fsync, on the same files."""
+    pairs, payload = manifest.num_rows, payload_bytes(manifest)
+    file_list = tar_file_list(manifest, image_root, scratch / f"files-{pairs}.txt")
+    variants = {
+        "ours": (lambda out: write_ours(manifest, out, workers), keep),
+        "tar": (lambda out: write_tar(image_root, file_list, out, fsync=False), None),
+        "tar+fsync": (lambda out: write_tar(image_root, file_list, out, fsync=True), None),
+    }
+    rows = {}
+    for name, (run, kept) in variants.items():
+        rows[name] = rate_row(time_variant(run, scratch, repeats, kept), pairs, payload)
+    rows["ours"]["shard_bytes"] = sum(shards.read_index(str(keep)).column("bytes").to_pylist())
+    file_list.unlink()
+    return {"pairs": pairs, "payload_bytes": payload, "workers": workers, "rows": rows,
+            "ratio_vs_tar": rows["ours"]["mb_per_s"] / rows["tar"]["mb_per_s"],
+            "ratio_vs_tar_fsync": rows["ours"]["mb_per_s"] / rows["tar+fsync"]["mb_per_s"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory: the writer alone in a fresh interpreter, so earlier work in this process (and
+# the other pair count) cannot raise the high-water mark.
+
+def proc_status_kib(field: str) -> int | None:
+    """A `VmRSS`/`VmHWM`-style line of /proc/self/status in KiB (None where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS: "echo 5 > /proc/PID/clear_refs" (proc(5), Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_write(manifest_url: str, out_dir: str, workers: int) -> dict:
+    """Run in the fresh process: read the manifest and write the shards; report memory in MiB.
+
+    Imports (torch, pyarrow) are done before the baseline, so ``writer_mib`` is what the shard
+    stage itself adds; ``peak_mib`` (ru_maxrss) is the whole process, imports included.
+    """
+    baseline_kib = proc_status_kib("VmRSS")
+    hwm_reset = reset_peak_rss()
+    manifest = tables.read_table(manifest_url)
+    write_ours(manifest, Path(out_dir), workers)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    hwm_kib = proc_status_kib("VmHWM")
+    row = {"pairs": manifest.num_rows, "peak_mib": peak_kib / 1024}
+    if baseline_kib is not None and hwm_kib is not None:
+        row.update(after_import_mib=baseline_kib / 1024, writer_mib=(hwm_kib - baseline_kib) / 1024,
+                   hwm_reset=hwm_reset)
+    return row
+
+
+def measure_writer_memory(manifest: pa.Table, scratch: Path, workers: int) -> dict:
+    manifest_url = scratch / f"manifest-{manifest.num_rows}.parquet"
+    tables.write_table(str(manifest_url), manifest)
+    out_dir = scratch / f"memory-{manifest.num_rows}"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-write", str(manifest_url), str(out_dir), str(workers)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode:
+        raise RuntimeError(f"the writer subprocess failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    remove(out_dir)
+    manifest_url.unlink()
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader throughput: what training sees (exact mode, one pass over every shard).
+
+def bench_read(urls: list[str], *, workers: int, batch_size: int, patch_size: int) -> dict:
+    """Pairs/s of decoded, cropped, augmented tensors out of make_loader, worker start-up included."""
+    dataset = shards.PairDataset(urls, patch_size=patch_size, augment=True, resampled=False)
+    loader = shards.make_loader(dataset, batch_size=batch_size, num_workers=workers)
+    pairs = 0
+    start = time.perf_counter()
+    for batch in loader:
+        expected = (len(batch["id"]), 3, patch_size, patch_size)
+        if tuple(batch["lq"].shape) != expected or tuple(batch["gt"].shape) != expected:
+            raise AssertionError(f"loader gave LQ {tuple(batch['lq'].shape)}, GT {tuple(batch['gt'].shape)}; "
+                                 f"expected {expected}")
+        pairs += len(batch["id"])
+    seconds = time.perf_counter() - start
+    return {"workers": workers, "pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds,
+            "tensors_per_s": 2 * pairs / seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    tar_version = subprocess.run(["tar", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    return {"cpus": cores(), "platform": platform.platform(), "python": platform.python_version(),
+            "tar": tar_version[0] if tar_version else "unknown",
+            "date": dt.date.today().isoformat()}
+
+
+def run(sizes: Sizes, workdir: Path) -> dict:
+    workers = cores()
+    results: dict = {"machine": machine(), "sizes": repr(sizes), "workdir": str(workdir),
+                     "cache": CACHE_NOTE, "shard_config": ShardConfig().model_dump()}
+    image_root, scratch = workdir / "images", workdir / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    manifest = generate_pairs(image_root, max(sizes.pairs), sizes.side)
+    results["generate_seconds"] = time.perf_counter() - start
+    print(f"generated {manifest.num_rows} pairs of {sizes.side}x{sizes.side} PNGs in "
+          f"{results['generate_seconds']:.1f} s (not timed below)", flush=True)
+
+    results["write"], results["shards"] = {}, {}
+    for pairs in sizes.pairs:
+        keep = workdir / f"shards-{pairs}"
+        results["write"][str(pairs)] = bench_write(manifest.slice(0, pairs), image_root, scratch, keep,
+                                                   workers=workers, repeats=sizes.repeats)
+        results["shards"][str(pairs)] = str(keep)
+        print(f"write {pairs}:", json.dumps(results["write"][str(pairs)]["rows"]), flush=True)
+
+    results["memory"] = {str(p): measure_writer_memory(manifest.slice(0, p), scratch, workers) for p in sizes.pairs}
+    print("memory:", json.dumps(results["memory"]), flush=True)
+
+    largest = str(max(sizes.pairs))
+    for out_url in results["shards"].values():
+        shards.verify_shards(out_url, workers=workers)
+    results["checks"] = {"shards_verified": True}
+    urls = shards.shard_urls(results["shards"][largest], split=SPLIT)
+    results["read"] = {"pairs": int(largest), "shards": len(urls), "batch_size": sizes.batch_size,
+                       "patch_size": sizes.patch_size, "rows": {}}
+    for n in sizes.read_workers:
+        row = bench_read(urls, workers=n, batch_size=sizes.batch_size, patch_size=sizes.patch_size)
+        if row["pairs"] != int(largest):
+            raise AssertionError(f"the loader read {row['pairs']} pairs with {n} workers, expected {largest}")
+        results["read"]["rows"][str(n)] = row
+        print(f"read, {n} workers:", json.dumps(row), flush=True)
+    results["targets"] = targets(results)
+    return results
+
+
+def targets(results: dict) -> dict:
+    write = {p: w["ratio_vs_tar"] for p, w in results["write"].items()}
+    peaks = [results["memory"][p]["peak_mib"] for p in sorted(results["memory"], key=int)]
+    memory_ratio = peaks[-1] / peaks[0]
+    return {"write_ratio_vs_tar": write, "write_met": all(r >= WRITE_TARGET for r in write.values()),
+            "memory_ratio": memory_ratio, "memory_met": memory_ratio <= MEMORY_TARGET}
+
+
+def table(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"machine: {m['cpus']} CPUs, {m['platform']}, python {m['python']}, {m['tar']}, {m['date']}",
+             f"note: {results['cache']}; throughput in MB (1e6 bytes) of PNG payload, median of timed runs",
+             "",
+             f"{'write':<26} {'pairs':>6} {'seconds':>8} {'MB/s':>8} {'pairs/s':>9} {'ours/this':>9}"]
+    for pairs, w in results["write"].items():
+        for name, row in w["rows"].items():
+            label = f"write_shards ({w['workers']} thr)" if name == "ours" else f"{name} -cf" if name == "tar" \
+                else "tar -cf + fsync"
+            ratio = "" if name == "ours" else f"{w['rows']['ours']['mb_per_s'] / row['mb_per_s']:.2f}"
+            lines.append(f"{label:<26} {pairs:>6} {row['seconds']:>8.3f} {row['mb_per_s']:>8.1f} "
+                         f"{row['pairs_per_s']:>9.0f} {ratio:>9}")
+    lines += ["", f"{'writer memory (fresh proc)':<26} {'pairs':>6} {'peak MiB':>9} {'imports':>8} {'writer':>8}"]
+    for pairs, row in results["memory"].items():
+        lines.append(f"{'write_shards':<26} {pairs:>6} {row['peak_mib']:>9.1f} "
+                     f"{row.get('after_import_mib', math.nan):>8.1f} {row.get('writer_mib', math.nan):>8.1f}")
+    r = results["read"]
+    lines += ["", f"{'read (PairDataset, exact)':<26} {'workers':>7} {'pairs':>6} {'seconds':>8} "
+                  f"{'pairs/s':>8} {'tensors/s':>9}"]
+    for n, row in r["rows"].items():
+        lines.append(f"{'make_loader b' + str(r['batch_size']) + ' p' + str(r['patch_size']):<26} {n:>7} "
+                     f"{row['pairs']:>6} {row['seconds']:>8.2f} {row['pairs_per_s']:>8.0f} {row['tensors_per_s']:>9.0f}")
+    t = results["targets"]
+    ratios = ", ".join(f"{p}: {v:.2f}" for p, v in t["write_ratio_vs_tar"].items())
+    lines += ["", f"target write_shards >= {WRITE_TARGET}x tar -cf: {ratios} -> "
+                  f"{'met' if t['write_met'] else 'NOT met'}",
+              f"target peak memory at {max(results['memory'], key=int)} pairs within "
+              f"{MEMORY_TARGET - 1:.0%} of {min(results['memory'], key=int)}: ratio {t['memory_ratio']:.3f} -> "
+              f"{'met' if t['memory_met'] else 'NOT met'}",
+              f"checks: {json.dumps(results['checks'])}"]
+    return "\n".join(lines)
+
+
+def parse_pairs(text: str) -> tuple[int, ...]:
+    pairs = tuple(int(p) for p in text.split(","))
+    if len(pairs) < 2 or min(pairs) < len(GROUPS):
+        raise argparse.ArgumentTypeError(f"--pairs needs at least two counts of >= {len(GROUPS)} pairs "
+                                         f"(one per degradation), e.g. 1000,10000; got {text!r}")
+    return tuple(sorted(set(pairs)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--toy", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--pairs", type=parse_pairs, default=None, help="pair counts, e.g. 1000,10000")
+    parser.add_argument("--out", default=None, help="JSON output (default bench/out/shards.json)")
+    parser.add_argument("--workdir", default=None,
+                        help="folder for images and shards, kept afterwards (default: a temporary folder, "
+                             "deleted at the end); it must be empty or absent")
+    parser.add_argument("--child-write", nargs=3, metavar=("MANIFEST", "OUT_DIR", "WORKERS"),
+                        help=argparse.SUPPRESS)  # the fresh process of measure_writer_memory
+    args = parser.parse_args(argv)
+    if args.child_write:
+        manifest_url, out_dir, workers = args.child_write
+        row = child_write(manifest_url, out_dir, int(workers))
+        print(json.dumps(row))
+        return row
+    sizes = TOY if args.toy else FULL
+    if args.pairs:
+        sizes = Sizes(**{**sizes.__dict__, "pairs": args.pairs})
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="srdiff-bench-shards-"))
+    if workdir.exists() and any(workdir.iterdir()):
+        raise SystemExit(f"--workdir {workdir} is not empty: pass a new folder (the benchmark deletes what it writes)")
+    try:
+        results = run(sizes, workdir)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    out = Path(args.out or Path(__file__).parent / "out" / "shards.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
