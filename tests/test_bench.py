@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
 def test_gpu_bench_toy_run_writes_json_and_checks_pass(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses resolve their module through sys.modules
     spec.loader.exec_module(bench)
     results = bench.main(["--toy", "--out", str(tmp_path / "gpu.json")])
     saved = json.loads((tmp_path / "gpu.json").read_text())
