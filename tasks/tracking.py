@@ -110,6 +110,8 @@ def start_stage_run(cfg: Config, parent_run_id: str, stage: str, *, flow_run_id:
     if flow_run_id:
         all_tags[FLOW_RUN_TAG] = flow_run_id
     run = client.create_run(experiment_id(client, cfg), run_name=stage, tags=all_tags)
+    # The resolved config with every run, so a stage run read alone still says how it was made.
+    client.log_text(run.info.run_id, cfg.model_dump_json(indent=2), "config.json")
     return run.info.run_id
 
 

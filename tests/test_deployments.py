@@ -80,3 +80,21 @@ def _wait_for_deployment(env: dict, name: str, log: Path, timeout: float = 120) 
             return
         time.sleep(2)
     raise TimeoutError(f"deployment {name} never appeared; serve log:\n{log.read_text()[-3000:]}")
+
+
+def test_prefect_yaml_matches_the_served_deployments():
+    """prefect.yaml (work pools) declares the same deployments and parameters as `srdiff serve`."""
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
+    declared = {d["name"]: d for d in spec["deployments"]}
+    served = {d.name: d for d in deployments("configs/default.yaml")}
+    assert set(declared) == set(served)
+    for name, dep in declared.items():
+        assert dep["entrypoint"] == "flows/pipeline.py:srdiff"
+        assert dep["parameters"] == {k: v for k, v in served[name].parameters.items() if v != []}
+        pool = dep["work_pool"]["name"]
+        assert pool == ("srdiff-cpu" if name in ("download", "shard") else "srdiff-gpu")
+        if pool == "srdiff-gpu":
+            assert dep["concurrency_limit"] == 1
+    assert (Path(__file__).parents[1] / "configs" / "default.yaml").exists()

@@ -28,8 +28,11 @@ def pipeline(tmp_path_factory, prefect_harness):
     first = srdiff(config_path=TINY, overrides=overrides)
     second = srdiff(config_path=TINY, overrides=overrides)
     changed = srdiff(config_path=TINY, overrides=overrides + ["train.steps=6"])
+    reshard = srdiff(config_path=TINY, overrides=overrides + ["shard.maxcount=1"])
+    refreshed = srdiff(config_path=TINY, overrides=overrides, stages=["shard"], refresh=["shard"])
     cfg = load_config(TINY, overrides)
     return {"root": root, "cfg": cfg, "first": first, "second": second, "changed": changed,
+            "reshard": reshard, "refreshed": refreshed,
             "client": MlflowClient(tracking_uri(cfg)), "overrides": overrides}
 
 
@@ -99,6 +102,27 @@ def test_changing_a_training_setting_reruns_train_and_evaluate_only(pipeline):
     changed = pipeline["changed"]["stages"]
     assert [s for s, r in changed.items() if r["reused"]] == ["download", "shard", "embed"]
     assert changed["train"]["metrics"]["train/final_step"] == 6.0
+
+
+def test_changing_the_shard_size_reruns_shard_onward(pipeline):
+    stages = pipeline["reshard"]["stages"]
+    assert [s for s, r in stages.items() if r["reused"]] == ["download"]
+    assert stages["shard"]["metrics"]["shards/count"] == 16.0  # one pair per shard
+
+
+def test_refresh_forces_one_stage_and_runs_only_up_to_it(pipeline):
+    stages = pipeline["refreshed"]["stages"]
+    assert list(stages) == ["download", "shard"]
+    assert stages["download"]["reused"] and not stages["shard"]["reused"]
+    # same inputs, deterministic writer: the recomputed shards are the cached ones, byte for byte
+    assert stages["shard"]["outputs"] == pipeline["first"]["stages"]["shard"]["outputs"]
+
+
+def test_every_run_records_config_and_environment(pipeline):
+    client, first = pipeline["client"], pipeline["first"]
+    for run in [client.get_run(first["parent_run_id"]), *runs_of(client, first["parent_run_id"]).values()]:
+        assert "config.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert run.data.tags["env.torch"] and run.data.tags["env.device"] == "cpu"
 
 
 def test_cli_run_prints_the_results_table(pipeline, capsys):
