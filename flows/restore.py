@@ -49,7 +49,7 @@ def load_rgb(path: Path) -> tuple[np.ndarray | None, str]:
     try:
         with Image.open(path) as im:
             note = "" if im.mode == "RGB" else f"{path.name}: {im.mode} image converted to RGB"
-            return np.asarray(im.convert("RGB")), note
+            return np.array(im.convert("RGB")), note  # a writable copy: torch wraps it
     except (UnidentifiedImageError, OSError) as e:
         return None, f"skipped {path.name}: cannot be read as an image ({e})"
 

@@ -12,6 +12,19 @@ os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="srdiff-torch-home-")
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny tensors: OpenMP threads spin-wait, and on a loaded
+    2-core machine two of them made a tiny training step up to 80x slower than one. The previous
+    count is restored after the test."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect test server for the whole session (it takes seconds to start)."""

@@ -190,3 +190,15 @@ def test_a_real_mlflow_server_serves_the_runs(pipeline, tmp_path):
     assert set(stages) == set(STAGES)
     names = {m["key"] for m in stages["evaluate"]["data"]["metrics"]}
     assert {f"eval/{d}/{m}" for d in DEGRADATIONS for m in ("psnr", "ssim", "psnr_y", "lq_psnr")} <= names
+
+
+def test_prefect_flow_run_links_to_its_mlflow_run(pipeline):
+    """The MLflow parent run carries the Prefect flow-run id, and that flow run has a link artifact
+    pointing at the MLflow run."""
+    from prefect.client.orchestration import get_client
+
+    client, first = pipeline["client"], pipeline["first"]
+    flow_run_id = client.get_run(first["parent_run_id"]).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        artifacts = [a for a in prefect.read_artifacts() if str(a.flow_run_id) == flow_run_id]
+    assert any(first["parent_run_id"] in str(a.data) for a in artifacts)

@@ -22,14 +22,7 @@ from srdiff_core.unet import ConditionalUNet
 CONTEXT_DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Every tensor here is tiny: intra-op threads only add hand-off cost, which on a busy shared
-    machine made these tests 10-40x slower. The caller's setting is restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,7 @@ from srdiff_core.srm import (
 DIM = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These MLPs are tiny: intra-op threads only add OpenMP hand-offs, which cost 3-10x on a
-    loaded 2-core machine. One thread for this module, the previous count restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def known_mapping_pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,13 +35,7 @@ CONFIG = {"unet": {"nf": 8, "ch_mult": [1, 2]}, "sde": {"max_sigma": 10.0}}
 COMPATIBLE_KEYS = ("unet.nf", "unet.ch_mult", "sde.max_sigma")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Intra-op threads spin-wait: on a shared 2-core box 2 threads ran a step 80x slower than 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def tiny_unet(seed: int = 0) -> ConditionalUNet:
