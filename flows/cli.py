@@ -49,7 +49,7 @@ def results_table(summary: dict) -> str:
 
 
 def stage_lines(summary: dict) -> str:
-    return "\n".join(f"  {stage:<9} {'reused (cache)' if s['reused'] else 'ran'}  mlflow run {s['run_id']}"
+    return "\n".join(f"  {stage:<9} {'reused (cache) from' if s['reused'] else 'ran in':<19} mlflow run {s['run_id']}"
                      for stage, s in summary["stages"].items())
 
 
@@ -101,6 +101,19 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(mlflow_server_command(cfg, args.port))
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from srdiff_core.config import load_config
+    from tasks.compare import CompareError, compare, open_store, parse_metrics
+
+    cfg = load_config(resolve_config(args.config), args.set)
+    try:
+        print(compare(open_store(cfg), args.runs, metrics=parse_metrics(args.metrics), fmt=args.format))
+    except CompareError as e:
+        print(f"srdiff compare: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     from flows.restore import restore_path
     return restore_path(args.input, args.output, checkpoint=args.checkpoint, config_path=resolve_config(args.config),
@@ -130,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui = with_config(sub.add_parser("ui", help="start the MLflow UI on the pipeline's run store"))
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
+    compare = with_config(sub.add_parser("compare", help="per-degradation metrics of MLflow runs side by side"))
+    compare.add_argument("runs", nargs="+", metavar="RUN_ID",
+                         help="two or more pipeline (parent) or evaluate run ids; the first is the reference")
+    compare.add_argument("--metrics", help="comma-separated metrics (default: psnr,ssim,psnr_y and lpips if logged)")
+    compare.add_argument("--format", choices=("text", "markdown"), default="text")
+    compare.set_defaults(func=cmd_compare)
     restore = with_config(sub.add_parser("restore", help="restore an image or a folder of images"))
     restore.add_argument("input")
     restore.add_argument("output")
