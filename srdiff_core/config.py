@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEGRADATIONS = ("hazy", "rainy", "motion-blurry", "low-light")
 STAGES = ("download", "shard", "embed", "train", "evaluate")
@@ -96,6 +96,12 @@ class UNetConfig(_Section):
     attn_heads: int = 4
     # "semantic": cross-attend to RestoreCLS; "null": a learned empty token (the ablation).
     conditioning: Literal["semantic", "null"] = "semantic"
+
+    @field_validator("conditioning", mode="before")
+    @classmethod
+    def _yaml_null_is_the_null_mode(cls, value: object) -> object:
+        # YAML reads a bare `null` (in a file or in `--set unet.conditioning=null`) as None.
+        return "null" if value is None else value
 
 
 class TrainConfig(_Section):

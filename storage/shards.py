@@ -335,14 +335,15 @@ _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty
 
 
 class _ShardStream:
-    """Appends bytes to a shard file, counting them, with hashing and writing on a side thread.
+    """Appends bytes to a shard file, counting them; hashing and writing run on a side thread.
 
     Small pieces (headers, padding, small PNGs) are gathered into blocks of about
     ``COPY_BUFSIZE``; a single background thread sha256-hashes and writes each block in order.
     Both release the GIL for the whole block, so the calling thread reads and checks the next
     source files meanwhile (threads working on separate shards hardly overlap: their GIL-free
     stretches, one 15 kB read or hash each, are too short). At most ``MAX_PENDING_BLOCKS``
-    blocks wait, which bounds memory whatever the shard size.
+    blocks wait, which bounds memory whatever the shard size. (Source files are hashed on the
+    calling thread: handing each 15 kB file to a thread costs more than hashing it.)
 
     For a local file (``fd`` given) each block's writeback to disk is started at once with
     sync_file_range(SYNC_FILE_RANGE_WRITE), as PostgreSQL does for its checkpoints

@@ -200,7 +200,7 @@ def test_runs_scored_on_different_images_are_flagged():
 
 
 # YAML reads a bare `null` as None, which `unet.conditioning` refuses: quote the word.
-NULL_CONDITIONING = "unet.conditioning='null'"
+NULL_CONDITIONING = "unet.conditioning=null"
 
 
 @pytest.mark.slow

@@ -64,3 +64,10 @@ def test_section_digest_tracks_only_named_sections():
     a, b = Config(), load_config(None, ["train.steps=5"])
     assert a.section_digest("shard") == b.section_digest("shard")
     assert a.section_digest("train") != b.section_digest("train")
+
+
+def test_null_conditioning_from_yaml_and_overrides(tmp_path):
+    assert load_config(None, ["unet.conditioning=null"]).unet.conditioning == "null"
+    assert load_config(None, ["unet.conditioning='null'"]).unet.conditioning == "null"
+    (tmp_path / "ablation.yaml").write_text("unet:\n  conditioning: null\n")
+    assert load_config(tmp_path / "ablation.yaml").unet.conditioning == "null"

@@ -127,6 +127,30 @@ def test_sample_keys_have_no_dots_or_slashes():
         b'{"dataset":"d","degradation":"hazy","height":2,"id":"x","split":"val","width":3}'
 
 
+def test_tar_header_is_tarfiles_own_bytes():
+    # The template fast path must give tarfile's PAX-format header byte for byte, at the ustar
+    # limits too (100-byte names, 8**11 - 1 bytes); past them tarfile itself adds PAX records.
+    names = ["", "k.json", "hazy-000001.lq.png", "x" * 100, "x" * 101, "caf\u00e9.png", LONG_ID]
+    sizes = [0, 1, 511, 512, 15_500, 8 ** 11 - 1, 8 ** 11]
+    for name in names:
+        for size in sizes:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "", ""
+            assert shards.tar_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8",
+                                                               "surrogateescape"), (name, size)
+    assert len(shards.tar_header("x" * 100, 1)) == 512 and len(shards.tar_header("x" * 101, 1)) == 1536
+
+
+def test_local_os_path_takes_only_local_urls(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert shards.local_os_path("/data/a.png") == "/data/a.png"
+    assert shards.local_os_path("file:///data/a.png") == "/data/a.png"
+    assert shards.local_os_path("rel/a.png") == f"{os.getcwd()}/rel/a.png"
+    assert shards.local_os_path("~/a.png") == os.path.expanduser("~/a.png")
+    for url in ("memory://x/a.png", "s3://bucket/a.png", "simplecache::file:///data/a.png"):
+        assert shards.local_os_path(url) is None, url
+
+
 def test_manifest_problems_are_named(source):
     with pytest.raises(ValueError, match="has no pairs: rerun the download stage"):
         shards.plan_shards(source.slice(0, 0))
@@ -185,6 +209,15 @@ def test_tar_members_have_fixed_metadata(written):
 def test_rerun_into_fresh_folder_is_byte_identical(source, written, tmp_path):
     again = str(tmp_path / "again")
     shards.write_shards(source, again, maxcount=3, workers=1)
+    assert snapshot(again) == snapshot(written)
+
+
+def test_small_copy_blocks_give_the_same_bytes(source, written, tmp_path, monkeypatch):
+    # 100-byte blocks: every source is read in several chunks and every shard is written in
+    # many blocks, more than the writer thread may hold at once.
+    monkeypatch.setattr(shards, "COPY_BUFSIZE", 100)
+    again = str(tmp_path / "again")
+    shards.write_shards(source, again, maxcount=3, workers=2)
     assert snapshot(again) == snapshot(written)
 
 
