@@ -1,4 +1,4 @@
-"""`srdiff` command line: demo, run, serve, restore, ui. Thin: parsing and printing only."""
+"""`srdiff` command line: demo, run, serve, restore, ui, compare. Thin: parsing and printing only."""
 
 from __future__ import annotations
 

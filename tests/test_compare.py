@@ -199,7 +199,7 @@ def test_runs_scored_on_different_images_are_flagged():
                         "differs): those differences are not the model's alone")
 
 
-# YAML reads a bare `null` as None, which `unet.conditioning` refuses: quote the word.
+# A bare YAML `null` selects the null-token mode (UNetConfig maps None to "null").
 NULL_CONDITIONING = "unet.conditioning=null"
 
 
