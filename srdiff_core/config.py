@@ -136,6 +136,7 @@ class EvalConfig(_Section):
     crop_border: int = Field(default=4, ge=0)
     samples_per_image: int = Field(default=1, ge=1)
     max_images: int = Field(default=0, ge=0)  # per degradation, 0 = all
+    batch_size: int = Field(default=8, ge=1)  # val images of the same size restored together
     tile_size: int = Field(default=0, ge=0)  # 0 = never tile
     tile_overlap: int = Field(default=32, ge=0)
     precision: Precision = "bf16"

@@ -68,8 +68,14 @@ class Restorer:
     @torch.no_grad()
     def restore(self, lq: torch.Tensor, context: torch.Tensor, *, steps: int | None, seed: int,
                 tile_size: int = 0, tile_overlap: int = 32, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One seeded sample per image: float [N,3,H,W] in [0,1] -> restored, same shape."""
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        """One seeded sample per image: float [N,3,H,W] in [0,1] -> restored, same shape.
+
+        Each image's noise comes from its own CPU generator seeded with ``seed``, so an image
+        restores the same alone or in a batch, and on any device."""
+        jumps = len(samplers.sampling_timesteps(self.sde.T, steps)) - 1
+        per_image = [samplers.posterior_noise((1, *lq.shape[1:]), jumps, generator=torch.Generator().manual_seed(seed),
+                                              device=self.device) for _ in range(lq.shape[0])]
+        noise = [torch.cat(step) for step in zip(*per_image)]
         return samplers.restore(self.unet, lq.to(self.device), self.sde, context.to(self.device), steps=steps,
-                                generator=generator, tile_size=tile_size, tile_overlap=tile_overlap,
+                                noise=noise, tile_size=tile_size, tile_overlap=tile_overlap,
                                 autocast_dtype=autocast_dtype)

@@ -102,9 +102,11 @@ def posterior_jump(model: NoiseModel, x: Tensor, mu: Tensor, sde: IRSDE, context
 
 def restore(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor | None, *, steps: int | None = None,
             generator: torch.Generator | None = None, tile_size: int = 0, tile_overlap: int = 32,
-            autocast_dtype: torch.dtype | None = None, tiles_per_batch: int = 8) -> Tensor:
+            autocast_dtype: torch.dtype | None = None, tiles_per_batch: int = 8,
+            noise: list[Tensor] | None = None) -> Tensor:
     """Restore ``lq``, evaluating the network in overlapping tiles when the image is larger than
-    ``tile_size`` (0: never tile); see :func:`tiled_model`.
+    ``tile_size`` (0: never tile); see :func:`tiled_model`. ``noise``: pre-drawn, as for
+    :func:`posterior_sample` (then ``generator`` is not used).
 
     The sampler state stays one full image: at every jump the tiles' noise predictions are blended
     with a raised-cosine window (normalised by the summed weights) into one prediction, and the jump
@@ -116,7 +118,7 @@ def restore(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor | None, *
     _, _, height, width = lq.shape
     if tile_size > 0 and (height > tile_size or width > tile_size):
         model = tiled_model(model, tile_size=tile_size, tile_overlap=tile_overlap, tiles_per_batch=tiles_per_batch)
-    return posterior_sample(model, lq, sde, context, steps=steps, generator=generator,
+    return posterior_sample(model, lq, sde, context, steps=steps, generator=generator, noise=noise,
                             autocast_dtype=autocast_dtype)
 
 

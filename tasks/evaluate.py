@@ -52,50 +52,69 @@ def score(pred: torch.Tensor, target: torch.Tensor, border: int, lpips) -> dict[
     return {k: float(v[0]) for k, v in values.items()}
 
 
+def selected(dataset, max_images: int):
+    """The val examples to score: all, or the first ``max_images`` of each degradation."""
+    taken: dict[str, int] = defaultdict(int)
+    for ex in dataset:
+        if max_images and taken[ex["degradation"]] >= max_images:
+            continue
+        taken[ex["degradation"]] += 1
+        yield ex
+
+
+def same_size_batches(examples, batch_size: int):
+    """Consecutive examples of one image size, at most ``batch_size`` at a time."""
+    batch: list[dict] = []
+    for ex in examples:
+        if batch and (len(batch) == batch_size or batch[0]["lq"].shape != ex["lq"].shape):
+            yield batch
+            batch = []
+        batch.append(ex)
+    if batch:
+        yield batch
+
+
 def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], context: dict[str, np.ndarray],
                      lpips, log) -> tuple[list[dict], dict[str, list]]:
     """Per-image rows (restored and LQ metrics) and, per degradation, images for the grids."""
+    e = cfg.evaluate
     dataset = shards.PairDataset(val_urls, embeddings=context)
-    taken: dict[str, int] = defaultdict(int)
     rows, examples = [], defaultdict(list)
-    autocast = torch.bfloat16 if (cfg.evaluate.precision == "bf16" and restorer.device.type == "cuda") else None
+    autocast = torch.bfloat16 if (e.precision == "bf16" and restorer.device.type == "cuda") else None
     progress = RateLogger(log, "evaluate", None, "images")
-    for ex in dataset:
-        deg = ex["degradation"]
-        if cfg.evaluate.max_images and taken[deg] >= cfg.evaluate.max_images:
-            continue
-        taken[deg] += 1
-        lq, gt = ex["lq"][None], ex["gt"][None]
+    for batch in same_size_batches(selected(dataset, e.max_images), e.batch_size):
+        lq = torch.stack([ex["lq"] for ex in batch])
+        gt = torch.stack([ex["gt"] for ex in batch])
+        ctx = torch.stack([ex["context"] for ex in batch])
         sample = lambda seed: restorer.restore(  # noqa: E731
-            lq, ex["context"][None], steps=cfg.evaluate.steps, seed=seed, tile_size=cfg.evaluate.tile_size,
-            tile_overlap=cfg.evaluate.tile_overlap, autocast_dtype=autocast).float().cpu()
-        out = sample(cfg.evaluate.seed)
-        restored = score(metrics.quantize_uint8(out), gt, cfg.evaluate.crop_border, lpips)
-        baseline = score(lq, gt, cfg.evaluate.crop_border, lpips)
-        row = {"id": ex["id"], "degradation": deg, **restored, **{f"lq_{k}": v for k, v in baseline.items()}}
-        if cfg.evaluate.samples_per_image > 1:
-            row |= best_of_n(sample, out, gt, cfg.evaluate.seed, cfg.evaluate.samples_per_image,
-                             cfg.evaluate.crop_border)
-        rows.append(row)
-        examples[deg].append((restored["psnr"], images.to_uint8(ex["lq"]), images.to_uint8(out[0]),
-                              images.to_uint8(ex["gt"])))
-        progress.update()
+            lq, ctx, steps=e.steps, seed=seed, tile_size=e.tile_size, tile_overlap=e.tile_overlap,
+            autocast_dtype=autocast).float().cpu()
+        outs = [sample(e.seed + k) for k in range(e.samples_per_image)]  # outs[0]: the headline sample
+        for i, ex in enumerate(batch):
+            restored = score(metrics.quantize_uint8(outs[0][i:i + 1]), gt[i:i + 1], e.crop_border, lpips)
+            baseline = score(lq[i:i + 1], gt[i:i + 1], e.crop_border, lpips)
+            row = {"id": ex["id"], "degradation": ex["degradation"], **restored,
+                   **{f"lq_{k}": v for k, v in baseline.items()}}
+            if e.samples_per_image > 1:
+                row |= best_of_n([out[i:i + 1] for out in outs], gt[i:i + 1], e.crop_border)
+            rows.append(row)
+            examples[ex["degradation"]].append((restored["psnr"], images.to_uint8(ex["lq"]),
+                                                images.to_uint8(outs[0][i]), images.to_uint8(ex["gt"])))
+        progress.update(len(batch))
     if not rows:
         raise ValueError("the val split has no samples: check download.demo.val_per_degradation or the val "
                          "folders of your datasets, then rerun from the shard stage")
     return rows, examples
 
 
-def best_of_n(sample, first: torch.Tensor, gt: torch.Tensor, seed: int, n: int, border: int) -> dict[str, float]:
-    """PSNR of the best of ``n`` samples (seeds seed..seed+n-1), chosen against the ground truth.
+def best_of_n(samples: list[torch.Tensor], gt: torch.Tensor, border: int) -> dict[str, float]:
+    """PSNR of the best of the samples (seeds seed..seed+n-1), chosen against the ground truth.
 
     An oracle choice, not a restoration a user could get: it is reported only when asked for
     (evaluate.samples_per_image > 1) and only under its own name, never as `psnr`. (The released
     SR-Diff code reported the best of 10 as its headline number.)"""
-    psnrs = [float(metrics.psnr(metrics.quantize_uint8(first), gt, border=border)[0])]
-    for k in range(1, n):
-        psnrs.append(float(metrics.psnr(metrics.quantize_uint8(sample(seed + k)), gt, border=border)[0]))
-    return {f"psnr_best_of_{n}": max(psnrs)}
+    psnrs = [float(metrics.psnr(metrics.quantize_uint8(out), gt, border=border)[0]) for out in samples]
+    return {f"psnr_best_of_{len(samples)}": max(psnrs)}
 
 
 def aggregate(rows: list[dict]) -> dict[str, float]:

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from tasks.evaluate import aggregate, best_of_n
+from tasks.evaluate import aggregate, best_of_n, same_size_batches, selected
 
 
 def test_aggregate_means_per_degradation_and_all():
@@ -20,9 +20,8 @@ def test_aggregate_means_per_degradation_and_all():
 
 def test_best_of_n_is_its_own_oracle_figure():
     gt = torch.full((1, 3, 12, 12), 0.5)
-    offsets = {0: 0.2, 1: 0.05, 2: 0.1}  # seed -> error of that sample
-    sample = lambda seed: gt + offsets[seed]  # noqa: E731
-    out = best_of_n(sample, sample(0), gt, seed=0, n=3, border=0)
+    samples = [gt + 0.2, gt + 0.05, gt + 0.1]  # seeds 0, 1, 2
+    out = best_of_n(samples, gt, border=0)
     assert list(out) == ["psnr_best_of_3"]
     best_error = round(0.55 * 255) / 255 - 0.5  # the seed-1 sample, rounded to 8 bits before scoring
     assert math.isclose(out["psnr_best_of_3"], -20 * math.log10(best_error), rel_tol=1e-6)
@@ -30,3 +29,12 @@ def test_best_of_n_is_its_own_oracle_figure():
     agg = aggregate(rows)
     assert agg["eval/hazy/psnr"] == 13.98  # the headline stays the first sample
     assert agg["eval/hazy/psnr_best_of_3"] == out["psnr_best_of_3"]
+
+
+def test_batches_hold_one_image_size_and_max_images_caps_each_degradation():
+    ex = lambda i, deg, h: {"id": str(i), "degradation": deg, "lq": torch.zeros(3, h, 8)}  # noqa: E731
+    items = [ex(0, "hazy", 8), ex(1, "hazy", 8), ex(2, "hazy", 8), ex(3, "rainy", 8), ex(4, "rainy", 6),
+             ex(5, "rainy", 6)]
+    batches = [[e["id"] for e in b] for b in same_size_batches(items, batch_size=3)]
+    assert batches == [["0", "1", "2"], ["3"], ["4", "5"]]
+    assert [e["id"] for e in selected(items, max_images=2)] == ["0", "1", "3", "4"]

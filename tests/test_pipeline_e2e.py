@@ -202,3 +202,19 @@ def test_prefect_flow_run_links_to_its_mlflow_run(pipeline):
     with get_client(sync_client=True) as prefect:
         artifacts = [a for a in prefect.read_artifacts() if str(a.flow_run_id) == flow_run_id]
     assert any(first["parent_run_id"] in str(a.data) for a in artifacts)
+
+
+def test_an_image_restores_the_same_alone_or_in_a_batch(pipeline):
+    import torch
+
+    from srdiff_core.restorer import Restorer
+
+    restorer = Restorer.from_file(pipeline["first"]["stages"]["train"]["outputs"]["model"])
+    gen = torch.Generator().manual_seed(0)
+    lq = torch.rand(3, 3, 24, 20, generator=gen)
+    ctx = torch.nn.functional.normalize(torch.randn(3, restorer.srm.dim, generator=gen), dim=-1)
+    together = restorer.restore(lq, ctx, steps=3, seed=5)
+    for i in range(3):
+        alone = restorer.restore(lq[i:i + 1], ctx[i:i + 1], steps=3, seed=5)
+        torch.testing.assert_close(alone, together[i:i + 1], rtol=0, atol=1e-5)
+    assert not torch.equal(together[0], together[1])  # different inputs, different outputs
