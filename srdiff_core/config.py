@@ -141,6 +141,7 @@ class EvalConfig(_Section):
     tile_overlap: int = Field(default=32, ge=0)
     precision: Precision = "bf16"
     lpips: bool = True
+    fid: bool = True  # per degradation, when pytorch-fid's Inception weights are in the torch hub cache
     grid_images: int = Field(default=4, ge=1)
 
 

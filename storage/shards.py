@@ -118,10 +118,14 @@ def sample_key(sample_id: str) -> str:
     return quote(sample_id, safe="-_").replace(".", "%2E").replace("~", "%7E")
 
 
+# What json.dumps(meta, sort_keys=True, separators=(",", ":")) builds on every call.
+_META_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def sample_json(row: dict) -> bytes:
     meta = {k: row[k] for k in ("id", "dataset", "degradation", "split")}
     meta.update(width=int(row["width"]), height=int(row["height"]))
-    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    return _META_ENCODER.encode(meta).encode()
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -344,15 +348,14 @@ _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty
 
 
 class _ShardStream:
-    """Appends bytes to a shard file, counting them; hashing and writing run on side threads.
+    """Appends bytes to a shard file, counting them; hashing and writing run on a side thread.
 
     Small pieces (headers, padding, small PNGs) are gathered into blocks of about
-    ``COPY_BUFSIZE``. Per block, one side thread sha256-hashes the shard bytes and writes
-    them, in order, and another hashes the block's source files to check them against the
-    manifest. Hashing and writing release the GIL for their whole call, so the calling
-    thread reads the next files meanwhile; work is handed over once per block because
-    handing over each 15 kB file would cost more than hashing it. At most
-    ``MAX_PENDING_BLOCKS`` blocks wait, which bounds memory whatever the shard size.
+    ``COPY_BUFSIZE``; a single background thread sha256-hashes and writes each block in order.
+    Both release the GIL for the whole block, so the calling thread reads and checks the next
+    source files meanwhile. At most ``MAX_PENDING_BLOCKS`` blocks wait, which bounds memory
+    whatever the shard size. Source files are hashed on the calling thread: a third thread
+    (per file or per block) measured slower, as the threads then mostly wait for the GIL.
 
     For a local file (``fd`` given) each block's writeback to disk is started at once with
     sync_file_range(SYNC_FILE_RANGE_WRITE), as PostgreSQL does for its checkpoints
@@ -365,12 +368,10 @@ class _ShardStream:
     def __init__(self, target: IO[bytes], fd: int | None = None):
         self.target, self.sha = target, hashlib.sha256()
         self.fd = fd if _SYNC_FILE_RANGE is not None else None
-        self.count = 0  # bytes handed to the writer thread
+        self.count = 0  # bytes handed to the side thread
         self.pending: list[bytes] = []
         self.pending_bytes = 0
-        self.pending_sources: list[tuple[Any, bytes, Member | None]] = []
-        self.writer = ThreadPoolExecutor(max_workers=1)
-        self.checker = ThreadPoolExecutor(max_workers=1)
+        self.side = ThreadPoolExecutor(max_workers=1)
         self.in_flight: deque[Future] = deque()
 
     def __enter__(self) -> _ShardStream:
@@ -378,8 +379,7 @@ class _ShardStream:
 
     def __exit__(self, *exc: object) -> None:
         # Whatever happened, no write may reach the file after the caller closes it.
-        self.writer.shutdown(wait=True, cancel_futures=True)
-        self.checker.shutdown(wait=True, cancel_futures=True)
+        self.side.shutdown(wait=True, cancel_futures=True)
 
     def write(self, data: bytes) -> None:
         self.pending.append(data)
@@ -387,23 +387,16 @@ class _ShardStream:
         if self.pending_bytes >= COPY_BUFSIZE:
             self.flush()
 
-    def hash_source(self, digest: Any, chunk: bytes, member: Member | None) -> None:
-        """digest.update(chunk) with the block; then, if ``member`` is given, check its sha256."""
-        self.pending_sources.append((digest, chunk, member))
-
     def flush(self) -> None:
         block = b"".join(self.pending)
         self.pending, self.pending_bytes = [], 0
-        while len(self.in_flight) >= 2 * self.MAX_PENDING_BLOCKS:
+        while len(self.in_flight) >= self.MAX_PENDING_BLOCKS:
             self.in_flight.popleft().result()
-        self.in_flight.append(self.writer.submit(self._write_block, block, self.count))
-        if self.pending_sources:
-            self.in_flight.append(self.checker.submit(_check_sources, self.pending_sources))
-            self.pending_sources = []
+        self.in_flight.append(self.side.submit(self._write_block, block, self.count))
         self.count += len(block)
 
     def finish(self) -> str:
-        """Write what is left and check every source; the sha256 of everything written."""
+        """Write what is left; the sha256 of everything written."""
         self.flush()
         while self.in_flight:
             self.in_flight.popleft().result()
@@ -416,13 +409,6 @@ class _ShardStream:
             self.target.flush()  # the buffered writer may hold the block's last few kB
             # Only a hint: a failed writeback is fsync's to report.
             _SYNC_FILE_RANGE(self.fd, offset, len(block), _SYNC_FILE_RANGE_WRITE)
-
-
-def _check_sources(chunks: list[tuple[Any, bytes, Member | None]]) -> None:
-    for digest, chunk, finished in chunks:
-        digest.update(chunk)
-        if finished is not None and digest.hexdigest() != finished.sha256:
-            raise _changed_source(finished, "does not match its manifest sha256")
 
 
 _PADDING = tuple(bytes(n) for n in range(tarfile.BLOCKSIZE))  # zero fill after member data
@@ -439,8 +425,7 @@ def _copy_member(out: _ShardStream, member: Member) -> None:
 
 
 def _copy_source(out: _ShardStream, member: Member) -> None:
-    """Copy a source file's bytes, refusing one whose size (now) or sha256 (by the end of the
-    shard, from the checker thread) differs from the plan."""
+    """Copy a source file's bytes, refusing one whose size or sha256 differs from the plan."""
     digest = hashlib.sha256() if member.sha256 else None
     path = local_os_path(member.source)
     if path is None:
@@ -454,10 +439,12 @@ def _copy_source(out: _ShardStream, member: Member) -> None:
             _copy_exact(lambda n: os.read(fd, n), out, member, digest)
         finally:
             os.close(fd)
+    if digest is not None and digest.hexdigest() != member.sha256:
+        raise _changed_source(member, "does not match its manifest sha256")
 
 
 def _copy_exact(read: Callable[[int], bytes], out: _ShardStream, member: Member, digest: Any) -> None:
-    """Copy exactly ``member.size`` bytes from ``read``; ``digest`` (if given) gets them too.
+    """Copy exactly ``member.size`` bytes from ``read``, hashing them if ``digest`` is given.
 
     The last read asks for one byte more than is left: getting exactly the rest means the
     file ends where the plan says (a read returns less than asked only at end of file, or
@@ -471,12 +458,11 @@ def _copy_exact(read: Callable[[int], bytes], out: _ShardStream, member: Member,
             raise _changed_source(member, f"is longer than {member.size} bytes")
         if not chunk and left:
             raise _changed_source(member, f"is shorter than {member.size} bytes")
+        if digest is not None:
+            digest.update(chunk)
         out.write(chunk)
         left -= len(chunk)
-        done = last and left == 0
-        if digest is not None:
-            out.hash_source(digest, chunk, member if done else None)
-        if done:
+        if last and left == 0:
             return
 
 
@@ -595,12 +581,19 @@ def write_shards(manifest: pa.Table, out_url: str, *, maxcount: int = 1000, maxs
 
     Resumable: shards whose sidecar matches the plan are kept, the rest are written, stale
     shards and temporaries are removed, and index.parquet is written last. ``progress`` is
-    called as progress(shards_done, shards_total).
+    called as progress(shards_done, shards_total). ``workers`` threads (0: one per core)
+    write ``workers`` remote shards at once, or ``workers // 2`` local ones.
     """
     out_url = os.fspath(out_url)
     groups = _plan_groups(manifest, maxcount=maxcount, maxsize=maxsize)
     listed = _list_sizes(out_url)
     workers = workers or os.cpu_count() or 1
+    if local_os_path(out_url) is not None:
+        # A shard writer keeps two threads busy (reading and checking sources; hashing and
+        # writing blocks), and for small local files much of that holds the GIL: on 2 cores,
+        # two shards at once took ~1.5x longer than one after the other. Remote writes wait
+        # on the network instead, so they keep one shard per worker.
+        workers = workers // 2
     if workers > 1:
         plans, records = _write_pipelined(groups, out_url, listed, workers, progress)
     else:

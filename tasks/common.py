@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -44,8 +45,12 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@functools.cache
 def code_digest(*modules: ModuleType) -> str:
-    """Digest of the source of the modules a stage runs: a code change invalidates its cache."""
+    """Digest of the source of the modules a stage runs: a code change invalidates its cache.
+
+    Cached per process, so it describes the code this process loaded, even if the files change
+    on disk while a pipeline runs."""
     h = hashlib.sha256()
     for module in modules:
         h.update(inspect.getsource(module).encode())

@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 from prefect import task
 
+from srdiff_core import fid as fid_metric
 from srdiff_core import images, metrics
 from srdiff_core.config import Config
+from srdiff_core.metrics import MetricAvailability
 from srdiff_core.restorer import Restorer
 from storage import fs, shards, tables
 from tasks import tracking
@@ -25,10 +27,13 @@ from tasks.embed import read_embeddings
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips")
 
 
-def protocol(cfg: Config, lpips_reason: str | None) -> dict[str, str]:
+def protocol(cfg: Config, lpips_reason: str | None, fid_reason: str | None = None) -> dict[str, str]:
     """The evaluation protocol (metric definitions + sampling), logged with every evaluation run."""
     e = cfg.evaluate
     return {**metrics.protocol_description(e.crop_border, lpips_reason is None, lpips_reason or ""),
+            "eval.protocol.fid": (f"pytorch-fid Inception-v3 ({fid_metric.FID_WEIGHTS}), 2048-d pool features, "
+                                  f"restored vs GT over each degradation's val images (few images: a noisy figure)"
+                                  if fid_reason is None else f"unavailable: {fid_reason}"),
             "eval.seed": str(e.seed), "eval.sampler": "posterior", "eval.steps": str(e.steps),
             "eval.samples_per_image": str(e.samples_per_image), "eval.max_sigma": str(cfg.sde.max_sigma),
             "eval.headline_sample": f"the first sample (seed {e.seed}); " + (
@@ -42,9 +47,35 @@ def load_lpips(cfg: Config, device: torch.device):
     if not cfg.evaluate.lpips:
         return None, "disabled in config (evaluate.lpips: false)"
     loaded = metrics.LPIPSMetric.load(device=device)
-    if isinstance(loaded, metrics.MetricAvailability):
+    if isinstance(loaded, MetricAvailability):
         return None, loaded.reason
     return loaded, None
+
+
+def load_fid(cfg: Config, device: torch.device):
+    """(metric, None) when pytorch-fid's Inception weights are present, else (None, reason)."""
+    if not cfg.evaluate.fid:
+        return None, "disabled in config (evaluate.fid: false)"
+    loaded = fid_metric.FIDMetric.load(device=device)
+    if isinstance(loaded, MetricAvailability):
+        return None, loaded.reason.removeprefix("FID unavailable: ")
+    return loaded, None
+
+
+def fid_by_degradation(features: dict[str, dict[str, list]], fid) -> dict[str, float]:
+    """eval/<degradation>/fid (restored vs GT) and .../lq_fid (the input vs GT), and over all images."""
+    out = {}
+    pooled = defaultdict(list)
+    for deg, sets in features.items():
+        for name, feats in sets.items():
+            pooled[name] += feats
+    for deg, sets in {**features, "all": pooled}.items():
+        gt = np.concatenate(sets["gt"])
+        if len(gt) < 2:
+            continue  # a covariance needs two images
+        out[f"eval/{deg}/fid"] = fid(np.concatenate(sets["restored"]), gt)
+        out[f"eval/{deg}/lq_fid"] = fid(np.concatenate(sets["lq"]), gt)
+    return out
 
 
 def score(pred: torch.Tensor, target: torch.Tensor, border: int, lpips) -> dict[str, float]:
@@ -75,11 +106,13 @@ def same_size_batches(examples, batch_size: int):
 
 
 def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], context: dict[str, np.ndarray],
-                     lpips, log) -> tuple[list[dict], dict[str, list]]:
-    """Per-image rows (restored and LQ metrics) and, per degradation, images for the grids."""
+                     lpips, log, fid=None) -> tuple[list[dict], dict[str, list], dict[str, dict[str, list]]]:
+    """Per-image rows (restored and LQ metrics), per degradation images for the grids and (with
+    ``fid``) Inception features of the restored, LQ and GT images."""
     e = cfg.evaluate
     dataset = shards.PairDataset(val_urls, embeddings=context)
     rows, examples = [], defaultdict(list)
+    features: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     autocast = torch.bfloat16 if (e.precision == "bf16" and restorer.device.type == "cuda") else None
     progress = RateLogger(log, "evaluate", None, "images")
     for batch in same_size_batches(selected(dataset, e.max_images), e.batch_size):
@@ -100,11 +133,16 @@ def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], conte
             rows.append(row)
             examples[ex["degradation"]].append((restored["psnr"], images.to_uint8(ex["lq"]),
                                                 images.to_uint8(outs[0][i]), images.to_uint8(ex["gt"])))
+        if fid is not None:
+            degs = [ex["degradation"] for ex in batch]
+            for name, imgs in (("restored", metrics.quantize_uint8(outs[0])), ("lq", lq), ("gt", gt)):
+                for deg, feat in zip(degs, fid.features_of(imgs)):
+                    features[deg][name].append(feat[None])
         progress.update(len(batch))
     if not rows:
         raise ValueError("the val split has no samples: check download.demo.val_per_degradation or the val "
                          "folders of your datasets, then rerun from the shard stage")
-    return rows, examples
+    return rows, examples, features
 
 
 def best_of_n(samples: list[torch.Tensor], gt: torch.Tensor, border: int) -> dict[str, float]:
@@ -179,10 +217,13 @@ def evaluate(cfg: Config, key: str, shards_url: str, restorecls_url: str, model_
     lpips, lpips_reason = load_lpips(cfg, device)
     if lpips_reason:
         log.warning(lpips_reason if lpips_reason.startswith("LPIPS") else f"LPIPS unavailable: {lpips_reason}")
-    proto = protocol(cfg, lpips_reason)
-    rows, examples = evaluate_samples(restorer, cfg, shards.shard_urls(shards_url, split="val"),
-                                      read_embeddings(restorecls_url), lpips, log)
-    means = aggregate(rows)
+    fid, fid_reason = load_fid(cfg, device)
+    if fid_reason:
+        log.warning(f"FID unavailable: {fid_reason}")
+    proto = protocol(cfg, lpips_reason, fid_reason)
+    rows, examples, features = evaluate_samples(restorer, cfg, shards.shard_urls(shards_url, split="val"),
+                                                read_embeddings(restorecls_url), lpips, log, fid)
+    means = aggregate(rows) | (fid_by_degradation(features, fid) if fid is not None else {})
 
     out_dir = stage_dir(cfg, "runs/evaluate", key)
     tables.write_table(f"{out_dir}/per_image.parquet", pa.Table.from_pylist(rows))
@@ -199,8 +240,9 @@ def evaluate(cfg: Config, key: str, shards_url: str, restorecls_url: str, model_
         if run_id:
             tracking.log_artifact(cfg, run_id, folder, "report")
             tracking.log_params(cfg, run_id, proto)
-            if lpips_reason:
-                tracking.set_tags(cfg, run_id, {"eval.lpips": proto["eval.protocol.lpips"]})
+            unavailable = {"eval.lpips": lpips_reason and proto["eval.protocol.lpips"],
+                           "eval.fid": fid_reason and proto["eval.protocol.fid"]}
+            tracking.set_tags(cfg, run_id, {k: v for k, v in unavailable.items() if v})
     seconds = time.perf_counter() - start
     log.info(f"evaluate: {len(rows)} images in {seconds:.1f} s -> {out_dir}")
     return StageResult(stage="evaluate", key=key, digest=tables.table_digest(pa.Table.from_pylist(rows)),

@@ -4,7 +4,10 @@ import math
 
 import torch
 
-from tasks.evaluate import aggregate, best_of_n, same_size_batches, selected
+import numpy as np
+
+from srdiff_core.fid import frechet_distance
+from tasks.evaluate import aggregate, best_of_n, fid_by_degradation, same_size_batches, selected
 
 
 def test_aggregate_means_per_degradation_and_all():
@@ -38,3 +41,15 @@ def test_batches_hold_one_image_size_and_max_images_caps_each_degradation():
     batches = [[e["id"] for e in b] for b in same_size_batches(items, batch_size=3)]
     assert batches == [["0", "1", "2"], ["3"], ["4", "5"]]
     assert [e["id"] for e in selected(items, max_images=2)] == ["0", "1", "3", "4"]
+
+
+def test_fid_per_degradation_and_over_all_images():
+    rng = np.random.default_rng(0)
+    f = lambda n, loc: [row[None] for row in rng.normal(loc, 1.0, size=(n, 4))]  # noqa: E731
+    features = {"hazy": {"restored": f(5, 0.0), "lq": f(5, 2.0), "gt": f(5, 0.1)},
+                "rainy": {"restored": f(1, 0.0), "lq": f(1, 0.0), "gt": f(1, 0.0)}}  # one image: no FID
+    out = fid_by_degradation(features, frechet_distance)
+    hazy = features["hazy"]
+    assert out["eval/hazy/fid"] == frechet_distance(np.concatenate(hazy["restored"]), np.concatenate(hazy["gt"]))
+    assert out["eval/hazy/lq_fid"] > out["eval/hazy/fid"]
+    assert "eval/rainy/fid" not in out and "eval/all/fid" in out

@@ -214,10 +214,11 @@ def test_rerun_into_fresh_folder_is_byte_identical(source, written, tmp_path):
 
 def test_small_copy_blocks_give_the_same_bytes(source, written, tmp_path, monkeypatch):
     # 100-byte blocks: every source is read in several chunks and every shard is written in
-    # many blocks, more than the writer thread may hold at once.
+    # many blocks, more than the writer thread may hold at once. 4 workers: two local shards
+    # at once, each started as soon as its group is planned.
     monkeypatch.setattr(shards, "COPY_BUFSIZE", 100)
     again = str(tmp_path / "again")
-    shards.write_shards(source, again, maxcount=3, workers=2)
+    shards.write_shards(source, again, maxcount=3, workers=4)
     assert snapshot(again) == snapshot(written)
 
 
