@@ -150,18 +150,6 @@ def end_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
     client_for(cfg).set_terminated(run_id, status=status)
 
 
-def record_reused_stage(cfg: Config, parent_run_id: str, stage: str, original_run_id: str | None,
-                        metrics: dict[str, float], params: dict[str, Any], flow_run_id: str | None) -> str:
-    """A cached stage still gets a nested run under the new parent, pointing at the run that
-    produced its outputs and carrying the same metrics, so every pipeline run compares whole."""
-    run_id = start_stage_run(cfg, parent_run_id, stage, flow_run_id=flow_run_id,
-                             tags={REUSED_TAG: original_run_id or "unknown", "srdiff.cached": "true"})
-    log_params(cfg, run_id, params)
-    log_metrics(cfg, run_id, metrics)
-    end_run(cfg, run_id)
-    return run_id
-
-
 def run_url(cfg: Config, run_id: str) -> str:
     """A link to the run in the MLflow UI (the server ``srdiff ui`` starts, by default)."""
     base = cfg.tracking.mlflow_uri if (cfg.tracking.mlflow_uri or "").startswith("http") else "http://127.0.0.1:5000"
