@@ -20,8 +20,8 @@ import tasks.embed
 import tasks.evaluate
 import tasks.shard
 import tasks.train
-from srdiff_core import checkpoint, clip_embed, demo_data, degradations, metrics, restorer, samplers, sde
-from srdiff_core import srm, training, unet
+from srdiff_core import checkpoint, clip_embed, demo_data, degradations, distributed, fid, metrics, restorer
+from srdiff_core import samplers, sde, srm, training, unet
 from srdiff_core.config import STAGES, Config, load_config
 from storage import fs, shards
 from storage import tables as storage_tables
@@ -41,8 +41,8 @@ STAGE_CODE = {
     "download": (tasks.download, demo_data, degradations, storage_tables),
     "shard": (tasks.shard, shards),
     "embed": (tasks.embed, clip_embed, srm),
-    "train": (tasks.train, training, checkpoint, sde, unet, samplers),
-    "evaluate": (tasks.evaluate, metrics, restorer, samplers),
+    "train": (tasks.train, training, checkpoint, distributed, sde, unet, samplers),
+    "evaluate": (tasks.evaluate, metrics, fid, restorer, samplers),
 }
 
 

@@ -7,8 +7,9 @@ latest full-state checkpoint (model, EMA, optimizer, scheduler, step, every RNG,
 Distributed training: wrap the model in ``DistributedDataParallel`` before calling
 :func:`train` (after moving it to its device and memory format), give each rank its own
 ``batch_source`` split, and pass ``is_main_process=(rank == 0)`` so only one rank writes
-checkpoints, logs and samples. State dicts are always taken from :func:`unwrap` (model), so
-checkpoints load into a plain module.
+checkpoints, logs and samples, and ``rank``/``world_size`` so each rank draws its own noise
+(see :mod:`srdiff_core.distributed` for what a DDP resume guarantees). State dicts are always
+taken from :func:`unwrap` (model), so checkpoints load into a plain module.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from srdiff_core.checkpoint import (
     save_checkpoint,
 )
 from srdiff_core.config import TrainConfig
+from srdiff_core.distributed import rank_seed, require_same_step
 from srdiff_core.ema import ema_decay_at, ema_update, make_ema
 from srdiff_core.sde import matching_loss
 
@@ -259,7 +261,8 @@ def train(model: nn.Module, sde, batch_source: Callable[[int], Iterator[Batch]],
           checkpoint_dir: str | Path, config_dict: dict, device: str | torch.device = "cpu",
           log_fn: Callable[[int, dict], None] | None = None,
           sample_fn: Callable[[int, nn.Module], None] | None = None,
-          compatible_keys: Iterable[str] = (), is_main_process: bool = True) -> TrainState:
+          compatible_keys: Iterable[str] = (), is_main_process: bool = True,
+          rank: int = 0, world_size: int = 1) -> TrainState:
     """Train ``model`` to ``cfg.steps``, resuming from ``checkpoint_dir`` when ``cfg.resume == "auto"``.
 
     ``batch_source(start_step)`` must yield batches ``{"lq", "gt", "context"}`` forever, starting
@@ -268,6 +271,10 @@ def train(model: nn.Module, sde, batch_source: Callable[[int], Iterator[Batch]],
     steps, ``sample_fn(step, ema)`` every ``cfg.sample_every``; checkpoints every
     ``cfg.checkpoint_every`` steps and at the end. Returns the final state (``model`` is the
     module that ran, possibly compiled: use :func:`unwrap` for its plain weights).
+
+    Under DDP, ``rank`` seeds this rank's noise generator with (seed, rank) so the ranks do not
+    draw identical noise; on resume every rank reseeds from (seed, rank, step), since the
+    checkpoint holds rank 0's generator only (world_size 1 restores it: bit-exact resume).
     """
     device = torch.device(device)
     checkpoint_dir = Path(checkpoint_dir)
@@ -275,9 +282,13 @@ def train(model: nn.Module, sde, batch_source: Callable[[int], Iterator[Batch]],
     unwrap(model).to(device, memory_format=memory_format)
     optimizer, scheduler = build_optimizer(model, cfg)
     state = TrainState(model=model, ema=make_ema(unwrap(model)), optimizer=optimizer, scheduler=scheduler,
-                       generator=torch.Generator(device=device).manual_seed(cfg.seed))
+                       generator=torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, rank)))
     if cfg.resume == "auto":
         _resume(state, checkpoint_dir, config_dict, compatible_keys)
+        if world_size > 1:
+            require_same_step(state.step)
+            if state.step > 0:
+                state.generator.manual_seed(rank_seed(cfg.seed, rank, state.step))
     elif is_main_process:
         _archive_previous_run(checkpoint_dir)
     if state.step >= cfg.steps:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
+from PIL import Image
 from prefect import task
 
 from srdiff_core import clip_embed, srm
@@ -20,8 +22,41 @@ from tasks.common import RateLogger, StageResult, pick_device, stage_dir, stage_
 SPLITS = ("train", "val")
 
 
+# What a sample's bytes can raise when they are not a readable image: PIL's "cannot identify",
+# "image file is truncated" and "broken data stream" are OSErrors; a bad chunk can give
+# SyntaxError/ValueError; a huge header gives DecompressionBombError.
+UNDECODABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("degradation", pa.string()),
+                               ("reason", pa.string())])
+
+
+def _decode_error(which: str, error: Exception) -> str:
+    # PIL puts the BytesIO's repr (a memory address) in its message: drop it so the reason is stable.
+    message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
+    return f"{which} PNG does not decode ({type(error).__name__}: {message})"
+
+
+def decode_sample(sample: dict) -> dict:
+    """A shard sample -> {"id", "degradation", "split", "lq", "gt"} (uint8 [3,H,W] tensors), or,
+    when LQ or GT does not decode, a quarantine row {"id", "split", "degradation", "reason"}."""
+    meta = sample["meta"]
+    row = {"id": sample["id"], "degradation": meta["degradation"], "split": meta["split"]}
+    for which in ("lq", "gt"):
+        try:
+            row[which] = torch.from_numpy(shards.decode_png(sample[f"{which}_png"])).permute(2, 0, 1)
+        except UNDECODABLE as e:
+            return {"id": row["id"], "split": row["split"], "degradation": row["degradation"],
+                    "reason": _decode_error(which.upper(), e)}
+    return row
+
+
+def is_quarantined(item: dict) -> bool:
+    return "reason" in item
+
+
 class DecodedShardImages(torch.utils.data.IterableDataset):
-    """Decoded LQ and GT of every sample in the shards, split across DataLoader workers by shard."""
+    """Decoded LQ and GT of every sample in the shards, split across DataLoader workers by shard.
+    A sample that does not decode comes out as a quarantine row (see ``decode_sample``)."""
 
     def __init__(self, urls: list[str]):
         self.urls = urls
@@ -30,10 +65,7 @@ class DecodedShardImages(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         urls = self.urls if info is None else self.urls[info.id::info.num_workers]
         for sample in shards.iter_samples(urls):
-            meta = sample["meta"]
-            yield {"id": sample["id"], "degradation": meta["degradation"], "split": meta["split"],
-                   "lq": torch.from_numpy(shards.decode_png(sample["lq_png"])).permute(2, 0, 1),
-                   "gt": torch.from_numpy(shards.decode_png(sample["gt_png"])).permute(2, 0, 1)}
+            yield decode_sample(sample)
 
 
 def _collate(items: list[dict]) -> list[dict]:
@@ -47,16 +79,24 @@ class Embeddings:
     degradations: list[str]
     lq: torch.Tensor  # [N, D] float32, L2-normalised
     gt: torch.Tensor
+    quarantine: list[dict] = field(default_factory=list)  # samples skipped: id, split, degradation, reason
 
 
 def embed_shards(encoder: clip_embed.ClipEncoder, urls: list[str], *, batch_size: int, num_workers: int,
                  log) -> Embeddings:
-    """Embed LQ and GT of every sample; one model call per batch for both."""
+    """Embed LQ and GT of every sample; one model call per batch for both. Samples whose LQ or
+    GT does not decode are skipped, logged, and listed in ``Embeddings.quarantine``."""
     loader = torch.utils.data.DataLoader(DecodedShardImages(urls), batch_size=batch_size,
                                          num_workers=min(num_workers, len(urls)), collate_fn=_collate)
-    ids, splits, degradations, lq_out, gt_out = [], [], [], [], []
+    ids, splits, degradations, lq_out, gt_out, quarantine = [], [], [], [], [], []
     progress = RateLogger(log, "embed", None, "images")
-    for batch in loader:
+    for items in loader:
+        batch = [b for b in items if not is_quarantined(b)]
+        for bad in (b for b in items if is_quarantined(b)):
+            log.warning(f"embed: skipping sample {bad['id']!r}: {bad['reason']}")
+            quarantine.append(bad)
+        if not batch:
+            continue
         images = [b["lq"] for b in batch] + [b["gt"] for b in batch]
         emb = clip_embed.embed_batch(encoder, images).float().cpu()
         lq_out.append(emb[:len(batch)])
@@ -66,8 +106,15 @@ def embed_shards(encoder: clip_embed.ClipEncoder, urls: list[str], *, batch_size
         degradations += [b["degradation"] for b in batch]
         progress.update(2 * len(batch))
     if not ids:
-        raise ValueError(f"no samples in the shards {urls[:3]}...: rerun the shard stage (srdiff run --stages shard)")
-    return Embeddings(ids, splits, degradations, torch.cat(lq_out), torch.cat(gt_out))
+        skipped = f" ({len(quarantine)} quarantined: none decodes)" if quarantine else ""
+        raise ValueError(f"no samples in the shards {urls[:3]}...{skipped}: rerun the shard stage "
+                         f"(srdiff run --stages shard)")
+    return Embeddings(ids, splits, degradations, torch.cat(lq_out), torch.cat(gt_out), quarantine)
+
+
+def quarantine_table(rows: list[dict]) -> pa.Table:
+    """The skipped samples, sorted by id (an empty table when none were skipped)."""
+    return pa.Table.from_pylist(sorted(rows, key=lambda r: r["id"]), schema=QUARANTINE_SCHEMA)
 
 
 def embedding_table(emb: Embeddings, values: torch.Tensor, metadata: dict[str, str]) -> pa.Table:
@@ -113,6 +160,62 @@ def export_pt_layout(out_url: str, folder: str, ids: list[str], values: torch.Te
         fs.atomic_write_bytes(fs.join(out_url, folder, f"{sample_id}.pt"), buf.getvalue())
 
 
+def _load_pt_vector(url: str) -> torch.Tensor:
+    """One ``<id>.pt`` of the seed's layout as a float32 [D] vector ([1, D] and [D] both accepted)."""
+    try:
+        value = torch.load(io.BytesIO(fs.read_bytes(url)), map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses pickled code; a non-torch file fails to unpickle
+        raise ValueError(f"{url} is not a tensor file torch.load(weights_only=True) can read "
+                         f"({type(e).__name__}: {e}); remove it or re-export it with torch.save(tensor)") from e
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{url} holds a {type(value).__name__}, not a tensor; the per-image layout wants one "
+                         f"[1, D] or [D] tensor per file: re-export it with torch.save(tensor)")
+    if not (value.ndim == 1 or (value.ndim == 2 and value.shape[0] == 1)) or not value.is_floating_point():
+        raise ValueError(f"{url} holds a {value.dtype} tensor of shape {tuple(value.shape)}; expected a "
+                         f"floating [1, D] or [D] embedding")
+    return value.reshape(-1).float()
+
+
+def _sample_columns(ids: list[str], samples: pa.Table | None) -> tuple[list, list]:
+    """split and degradation of each id from ``samples`` (None columns when no table is given)."""
+    if samples is None:
+        return [None] * len(ids), [None] * len(ids)
+    known = {r["id"]: r for r in samples.select(["id", "split", "degradation"]).to_pylist()}
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise ValueError(f"{len(missing)} imported id(s) are not in the samples table, e.g. {missing[:3]}; "
+                         f"pass the pairs manifest these embeddings were made from")
+    return [known[i]["split"] for i in ids], [known[i]["degradation"] for i in ids]
+
+
+def import_pt_layout(folder: str, *, samples: pa.Table | None = None,
+                     metadata: dict[str, str] | None = None) -> pa.Table:
+    """The seed's per-image layout (``<folder>/<id>.pt``, as ``export_pt_layout`` writes it) as an
+    embedding table (id, split, degradation, embedding), sorted by id.
+
+    The id is the file's path under ``folder`` without ``.pt`` (ids with "/" live in subfolders).
+    ``samples`` (any table with id, split, degradation, e.g. the pairs manifest) fills split and
+    degradation; without it they are null. Files are read with torch.load(weights_only=True).
+    """
+    filesystem, root = fs.resolve(folder)
+    root = root.rstrip("/")
+    paths = filesystem.glob(f"{root}/**/*.pt")
+    if not paths:
+        raise FileNotFoundError(f"no .pt files under {folder}; point at the LQCLS/ or RestoreCLS/ folder "
+                                f"of an export (embed.export_pt: true)")
+    ids = sorted({p[len(root) + 1:-len(".pt")] for p in paths})
+    vectors = [_load_pt_vector(fs.join(folder, f"{i}.pt")) for i in ids]
+    dims = sorted({v.numel() for v in vectors})
+    if len(dims) > 1:
+        raise ValueError(f"the .pt files under {folder} mix embedding sizes {dims}; import one model's export")
+    splits, degradations = _sample_columns(ids, samples)
+    flat = pa.array(torch.stack(vectors).numpy().astype(np.float32).ravel())
+    table = pa.table({"id": pa.array(ids, pa.string()), "split": pa.array(splits, pa.string()),
+                      "degradation": pa.array(degradations, pa.string()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(flat, dims[0])})
+    return table.replace_schema_metadata({k: str(v) for k, v in (metadata or {}).items()})
+
+
 def save_srm(url: str, model: torch.nn.Module, cfg: Config, dim: int) -> None:
     buf = io.BytesIO()
     torch.save({"state_dict": model.state_dict(), "dim": dim, "srm": cfg.embed.srm.model_dump(mode="json"),
@@ -144,6 +247,7 @@ def embed(cfg: Config, key: str, shards_url: str, run_id: str | None = None) -> 
     for name, table in (("lqcls", lq_table), ("gtcls", embedding_table(emb, emb.gt, meta)),
                         ("restorecls", restore_table)):
         tables.write_table(f"{out_url}/{name}.parquet", table)
+    tables.write_table(f"{out_url}/embed_quarantine.parquet", quarantine_table(emb.quarantine))
     save_srm(f"{out_url}/srm.pt", result.model, cfg, emb.lq.shape[1])
     if cfg.embed.export_pt:
         export_pt_layout(out_url, "LQCLS", emb.ids, emb.lq)
@@ -154,7 +258,8 @@ def embed(cfg: Config, key: str, shards_url: str, run_id: str | None = None) -> 
     metrics = {f"srm/{deg}/val_cos_before": v for deg, v in before.items()}
     metrics |= {f"srm/{deg}/val_cos_after": v for deg, v in after.items()}
     metrics |= {"srm/val_cos_before": result.val_cos_before, "srm/val_cos_after": result.val_cos_after,
-                "srm/best_epoch": float(result.best_epoch), "embed/images": float(2 * len(emb.ids))}
+                "srm/best_epoch": float(result.best_epoch), "embed/images": float(2 * len(emb.ids)),
+                "embed/quarantined": float(len(emb.quarantine))}
     if run_id:
         tracking.set_tags(cfg, run_id, {"clip.weights": encoder.weights, "clip.arch": encoder.arch,
                                         "clip.random_weights": str(encoder.random_weights).lower()})
@@ -163,7 +268,8 @@ def embed(cfg: Config, key: str, shards_url: str, run_id: str | None = None) -> 
     return StageResult(stage="embed", key=key, digest=tables.table_digest(restore_table),
                        outputs={"embeddings": out_url, "lqcls": f"{out_url}/lqcls.parquet",
                                 "gtcls": f"{out_url}/gtcls.parquet", "restorecls": f"{out_url}/restorecls.parquet",
-                                "srm": f"{out_url}/srm.pt"},
+                                "srm": f"{out_url}/srm.pt",
+                                "quarantine": f"{out_url}/embed_quarantine.parquet"},
                        metrics=metrics,
                        params={"clip.arch": encoder.arch, "clip.weights": encoder.weights,
                                "clip.weights_digest": encoder.weights_digest},

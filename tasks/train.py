@@ -16,6 +16,7 @@ from prefect import task
 from srdiff_core import images, samplers, training
 from srdiff_core.checkpoint import latest_checkpoint
 from srdiff_core.config import Config
+from srdiff_core.distributed import DistInfo, device_for, is_main, wrap_ddp
 from srdiff_core.sde import IRSDE
 from srdiff_core.unet import ConditionalUNet
 from storage import fs, shards
@@ -36,18 +37,28 @@ def model_file_state(ema: torch.nn.Module, cfg: Config, srm_url: str) -> dict:
             "embed": {"arch": cfg.embed.arch, "pretrained": cfg.embed.pretrained}, "srm": srm_state}
 
 
-def batch_source(cfg: Config, urls: list[str], context: dict[str, np.ndarray]):
-    """batch_source(start_step) -> infinite iterator of training batches.
+def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
+    """Rank ``rank``'s own shards: every ``world_size``-th, so ranks never read the same samples."""
+    shards.check_feed(len(urls), world_size, 0)
+    return urls[rank::world_size]
+
+
+def batch_source(cfg: Config, urls: list[str], context: dict[str, np.ndarray], *, rank: int = 0,
+                 world_size: int = 1):
+    """batch_source(start_step) -> infinite iterator of training batches {"lq", "gt", "context", "id"}.
 
     The shard sampler is seeded with (seed, start_step) so a resumed run continues with a
-    well-defined stream rather than replaying the first batches again."""
+    well-defined stream rather than replaying the first batches again. Under DDP each rank
+    resamples only its own shards (:func:`rank_shards`), so the ranks' data are disjoint."""
+    own_urls = rank_shards(urls, rank, world_size)
+
     def make(start_step: int):
-        dataset = shards.PairDataset(urls, patch_size=cfg.train.patch_size, augment=True, resampled=True,
+        dataset = shards.PairDataset(own_urls, patch_size=cfg.train.patch_size, augment=True, resampled=True,
                                      embeddings=context, seed=cfg.train.seed * 1_000_003 + start_step,
-                                     shuffle_buffer=cfg.train.shuffle_buffer)
+                                     rank=rank, world_size=world_size, shuffle_buffer=cfg.train.shuffle_buffer)
         loader = shards.make_loader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers)
         for batch in loader:
-            yield {"lq": batch["lq"], "gt": batch["gt"], "context": batch["context"]}
+            yield {"lq": batch["lq"], "gt": batch["gt"], "context": batch["context"], "id": batch["id"]}
     return make
 
 
@@ -81,40 +92,59 @@ def mlflow_log_fn(cfg: Config, run_id: str | None, log):
     return log_fn
 
 
+def fit(cfg: Config, out_dir: Path, shards_url: str, restorecls_url: str, run_id: str | None, log,
+        info: DistInfo = DistInfo()) -> training.TrainState:
+    """The train stage's training on this rank: model (in DDP when ``info`` has several ranks),
+    this rank's shards, checkpoints under ``out_dir``. Only rank 0 logs, samples and checkpoints."""
+    device = device_for(info, pick_device(cfg))
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    context = read_embeddings(restorecls_url)
+    train_urls = shards.shard_urls(shards_url, split="train")
+    sde = IRSDE.from_config(cfg.sde)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    plain = ConditionalUNet.from_config(cfg.unet).to(device, memory_format=memory_format)
+    model = wrap_ddp(plain, info, device)
+    main = is_main(info)
+    if main and latest_checkpoint(out_dir / "checkpoints") is not None:
+        log.info(f"resuming from {latest_checkpoint(out_dir / 'checkpoints')}")
+    if main:
+        log.info(f"UNet nf {cfg.unet.nf} ch_mult {cfg.unet.ch_mult}, conditioning {cfg.unet.conditioning}, "
+                 f"{sum(p.numel() for p in plain.parameters()) / 1e6:.2f} M parameters, {cfg.train.steps} steps "
+                 f"of batch {cfg.train.batch_size} x {cfg.train.patch_size} px on {device} "
+                 f"x {info.world_size} rank(s)")
+    return training.train(
+        model, sde, batch_source(cfg, train_urls, context, rank=info.rank, world_size=info.world_size),
+        cfg.train, checkpoint_dir=out_dir / "checkpoints", config_dict=cfg.model_dump(mode="json"), device=device,
+        log_fn=mlflow_log_fn(cfg, run_id, log) if main else None,
+        sample_fn=preview_fn(cfg, sde, shards.shard_urls(shards_url, split="val"), context, run_id, device)
+        if main else None,
+        compatible_keys=ARCHITECTURE_KEYS, is_main_process=main, rank=info.rank, world_size=info.world_size)
+
+
+def write_model(ema: torch.nn.Module, cfg: Config, srm_url: str, out_dir: Path, run_id: str | None) -> bytes:
+    """Write ``out_dir/model.pt`` (atomically) and log it to MLflow; returns its bytes."""
+    model_path = out_dir / "model.pt"
+    buf = io.BytesIO()
+    torch.save(model_file_state(ema, cfg, srm_url), buf)
+    fs.atomic_write_bytes(str(model_path), buf.getvalue())
+    if run_id:
+        tracking.log_artifact(cfg, run_id, model_path, "model")
+    return buf.getvalue()
+
+
 @task(name="train", persist_result=True)
 def train(cfg: Config, key: str, shards_url: str, restorecls_url: str, srm_url: str,
           run_id: str | None = None) -> StageResult:
     """Train the conditional UNet with the matching loss; write full-state checkpoints and model.pt."""
     log = stage_logger()
     start = time.perf_counter()
-    device = pick_device(cfg)
-    torch.manual_seed(cfg.train.seed)
     out_dir = Path(fs.local_path(stage_dir(cfg, "runs/train", key)))
-    context = read_embeddings(restorecls_url)
-    train_urls = shards.shard_urls(shards_url, split="train")
-    sde = IRSDE.from_config(cfg.sde)
-    model = ConditionalUNet.from_config(cfg.unet).to(device)
-    if latest_checkpoint(out_dir / "checkpoints") is not None:
-        log.info(f"resuming from {latest_checkpoint(out_dir / 'checkpoints')}")
-    log.info(f"UNet nf {cfg.unet.nf} ch_mult {cfg.unet.ch_mult}, conditioning {cfg.unet.conditioning}, "
-             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {cfg.train.steps} steps "
-             f"of batch {cfg.train.batch_size} x {cfg.train.patch_size} px on {device}")
-    state = training.train(
-        model, sde, batch_source(cfg, train_urls, context), cfg.train,
-        checkpoint_dir=out_dir / "checkpoints", config_dict=cfg.model_dump(mode="json"), device=device,
-        log_fn=mlflow_log_fn(cfg, run_id, log),
-        sample_fn=preview_fn(cfg, sde, shards.shard_urls(shards_url, split="val"), context, run_id, device),
-        compatible_keys=ARCHITECTURE_KEYS)
-
+    state = fit(cfg, out_dir, shards_url, restorecls_url, run_id, log)
+    model_bytes = write_model(state.ema, cfg, srm_url, out_dir, run_id)
     model_path = out_dir / "model.pt"
-    buf = io.BytesIO()
-    torch.save(model_file_state(state.ema, cfg, srm_url), buf)
-    fs.atomic_write_bytes(str(model_path), buf.getvalue())
-    if run_id:
-        tracking.log_artifact(cfg, run_id, model_path, "model")
     seconds = time.perf_counter() - start
     log.info(f"train: {state.step} steps in {seconds:.1f} s -> {model_path}")
-    return StageResult(stage="train", key=key, digest=fs.sha256_bytes(buf.getvalue()),
+    return StageResult(stage="train", key=key, digest=fs.sha256_bytes(model_bytes),
                        outputs={"model": str(model_path), "checkpoints": str(out_dir / "checkpoints")},
                        metrics={"train/final_step": float(state.step), "train/seconds": seconds},
                        params={"unet.conditioning": cfg.unet.conditioning, "train.steps": cfg.train.steps,

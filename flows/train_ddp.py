@@ -1,0 +1,58 @@
+"""The train stage alone on several GPUs/machines: ``torchrun --nproc_per_node=N -m flows.train_ddp ...``.
+
+Runs the same :func:`tasks.train.fit` as the pipeline's train stage, one process per GPU, on
+outputs the shard and embed stages already wrote (their URLs are in the pipeline's summary and
+in the MLflow runs of those stages). No Prefect; rank 0 logs to MLflow when ``--run-id`` is
+given, writes the checkpoints and, at the end, ``model.pt`` under ``data_root/runs/train/<key>``.
+Rerunning the same command resumes from the latest checkpoint (``train.resume: auto``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from srdiff_core.config import load_config
+from srdiff_core.distributed import barrier, cleanup, default_backend, init_from_env, is_main
+from storage import fs
+from tasks.common import stage_dir
+from tasks.train import fit, write_model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="torchrun ... -m flows.train_ddp", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--shards", required=True, help="the shard stage's output folder (holds index.parquet)")
+    p.add_argument("--restorecls", required=True, help="the embed stage's RestoreCLS table")
+    p.add_argument("--srm", required=True, help="the embed stage's SRM weights (bundled into model.pt)")
+    p.add_argument("--key", default="ddp", help="output folder name under data_root/runs/train (default: %(default)s)")
+    p.add_argument("--run-id", default=None, help="an MLflow run to log metrics, samples and model.pt to")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    # force: importing Prefect (via tasks/) installed its own root handler at WARNING level.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    log = logging.getLogger("srdiff")
+    backend = "gloo" if cfg.device == "cpu" else default_backend()
+    info = init_from_env(backend)
+    try:
+        start = time.perf_counter()
+        out_dir = Path(fs.local_path(stage_dir(cfg, "runs/train", args.key)))
+        state = fit(cfg, out_dir, args.shards, args.restorecls, args.run_id, log, info)
+        if is_main(info):
+            write_model(state.ema, cfg, args.srm, out_dir, args.run_id)
+            log.info(f"train: {state.step} steps on {info.world_size} rank(s) in "
+                     f"{time.perf_counter() - start:.1f} s -> {out_dir / 'model.pt'}")
+        barrier(info)  # no rank leaves (and tears down the group) before model.pt is written
+    finally:
+        cleanup(info)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Data-parallel training: two CPU ranks (gloo) over real tiny shards, through the train stage's code."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from srdiff_core import training
+from srdiff_core.checkpoint import list_checkpoints
+from srdiff_core.config import Config
+from srdiff_core.distributed import (
+    DistInfo,
+    cleanup,
+    info_from_env,
+    init_from_env,
+    is_main,
+    rank_seed,
+    wrap_ddp,
+)
+from srdiff_core.sde import IRSDE
+from srdiff_core.unet import ConditionalUNet
+from storage import fs, shards, tables
+from tasks.train import batch_source, rank_shards
+
+CONTEXT_DIM = 8
+TRAIN_IDS = [f"train/noisy/img.{i}" for i in range(8)]  # maxcount 2 -> 4 shards, 2 per rank
+
+
+def tiny_config(steps: int = 3) -> Config:
+    return Config.model_validate({
+        "device": "cpu",
+        "unet": {"nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "context_dim": CONTEXT_DIM, "attn_heads": 1},
+        "train": {"steps": steps, "batch_size": 2, "patch_size": 8, "lr": 1e-3, "warmup_steps": 1,
+                  "precision": "fp32", "channels_last": False, "checkpoint_every": 2, "log_every": 1,
+                  "sample_every": 1000, "ema_decay": 0.9, "resume": "auto", "seed": 0, "num_workers": 0,
+                  "shuffle_buffer": 0, "compile": False},
+    })
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tiny_shards(root: Path) -> list[str]:
+    """8 real 12x12 PNG pairs -> a manifest -> 4 train shards of 2 samples (storage.shards.write_shards)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, sample_id in enumerate(TRAIN_IDS):
+        lq = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+        lq_png, gt_png = _png(lq), _png(255 - lq)
+        lq_url, gt_url = str(root / "LQ" / f"{i}.png"), str(root / "GT" / f"{i}.png")
+        fs.atomic_write_bytes(lq_url, lq_png)
+        fs.atomic_write_bytes(gt_url, gt_png)
+        rows.append({"id": sample_id, "dataset": "tiny", "degradation": "noisy", "split": "train",
+                     "lq_path": lq_url, "gt_path": gt_url, "width": 12, "height": 12,
+                     "lq_sha256": fs.sha256_bytes(lq_png), "gt_sha256": fs.sha256_bytes(gt_png)})
+    out = str(root / "shards")
+    shards.write_shards(pa.Table.from_pylist(rows, schema=tables.PAIRS_SCHEMA), out, maxcount=2, workers=1)
+    return shards.shard_urls(out, split="train")
+
+
+def embeddings() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {i: rng.standard_normal(CONTEXT_DIM).astype(np.float32) for i in TRAIN_IDS}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def recording(source, seen: list[str]):
+    """batch_source wrapper that records the sample ids each batch carries."""
+    def make(start_step: int):
+        for batch in source(start_step):
+            seen.extend(batch["id"])
+            yield batch
+    return make
+
+
+def train_rank(info: DistInfo, urls: list[str], checkpoint_dir: Path, steps: int) -> dict:
+    """Train this rank through the train stage's batch_source; what the test compares afterwards."""
+    cfg = tiny_config(steps)
+    torch.manual_seed(100 + info.rank)  # different initial weights: DDP must broadcast rank 0's
+    initial = {k: v.clone() for k, v in ConditionalUNet.from_config(cfg.unet).state_dict().items()}
+    torch.manual_seed(100 + info.rank)
+    model = wrap_ddp(ConditionalUNet.from_config(cfg.unet), info, torch.device("cpu"))
+    seen: list[str] = []
+    logged: list[int] = []
+    source = recording(batch_source(cfg, urls, embeddings(), rank=info.rank, world_size=info.world_size), seen)
+    state = training.train(model, IRSDE.from_config(cfg.sde), source, cfg.train, checkpoint_dir=checkpoint_dir,
+                           config_dict=cfg.model_dump(mode="json"), log_fn=lambda step, m: logged.append(step),
+                           is_main_process=is_main(info), rank=info.rank, world_size=info.world_size)
+    return {"initial": initial, "model": training.unwrap(state.model).state_dict(), "ema": state.ema.state_dict(),
+            "ids": seen, "logged": logged, "generator": state.generator.get_state(), "step": state.step}
+
+
+def ddp_worker(rank: int, world_size: int, port: int, urls: list[str], out: str) -> None:
+    """One rank, set up as torchrun would (env vars); three runs in one process group (one start-up):
+
+    fresh: 3 steps, checkpoints in ``out/ckpt-<rank>`` (only rank 0 should write);
+    resumed: to step 5, every rank resuming from rank 0's ``out/ckpt-0`` (shared storage);
+    refused: to step 6 from per-rank folders, where rank 1 finds none (unshared storage).
+    Results go to ``out/rank<rank>.pt``.
+    """
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = init_from_env("gloo")
+    root = Path(out)
+    try:
+        results = {"fresh": train_rank(info, urls, root / f"ckpt-{rank}", 3)}
+        results["fresh_checkpoints"] = [p.name for p in list_checkpoints(root / f"ckpt-{rank}")]
+        results["resumed"] = train_rank(info, urls, root / "ckpt-0", 5)
+        try:
+            train_rank(info, urls, root / f"ckpt-{rank}", 6)
+            results["refused"] = ""
+        except RuntimeError as e:
+            results["refused"] = str(e)
+        torch.save(results, root / f"rank{rank}.pt")
+    finally:
+        cleanup(info)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[list[str], list[dict]]:
+    root = tmp_path_factory.mktemp("ddp")
+    urls = write_tiny_shards(root)
+    mp.spawn(ddp_worker, args=(2, free_port(), urls, str(root)), nprocs=2, join=True)
+    return urls, [torch.load(root / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_ranks_read_disjoint_shards(two_ranks):
+    urls, results = two_ranks
+    assert len(urls) == 4
+    fresh = [r["fresh"] for r in results]
+    assert len(fresh[0]["ids"]) == len(fresh[1]["ids"]) == 3 * 2  # 3 steps x batch 2 each
+    ids = [set(r["ids"]) for r in fresh]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    for rank, seen in enumerate(ids):
+        own = {s["id"] for s in shards.iter_samples(rank_shards(urls, rank, 2))}
+        assert seen <= own
+
+
+def test_ranks_end_with_identical_weights(two_ranks):
+    r0, r1 = (r["fresh"] for r in two_ranks[1])
+    assert any(not torch.equal(r0["initial"][k], r1["initial"][k]) for k in r0["initial"])
+    for key in r0["model"]:
+        assert torch.equal(r0["model"][key], r1["model"][key]), key
+        assert torch.equal(r0["ema"][key], r1["ema"][key]), key
+    assert any(not torch.equal(r0["model"][k], r0["initial"][k]) for k in r0["model"])
+
+
+def test_ranks_draw_their_own_noise_and_only_rank0_logs_and_checkpoints(two_ranks):
+    (a, b) = two_ranks[1]
+    r0, r1 = a["fresh"], b["fresh"]
+    assert not torch.equal(r0["generator"], r1["generator"])
+    assert r0["logged"] == [1, 2, 3] and r1["logged"] == []
+    assert a["fresh_checkpoints"] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    assert b["fresh_checkpoints"] == []
+
+
+def test_resume_with_shared_checkpoints_continues_in_step(two_ranks):
+    r0, r1 = (r["resumed"] for r in two_ranks[1])
+    assert r0["step"] == r1["step"] == 5
+    assert len(r0["ids"]) == len(r1["ids"]) == 2 * 2  # steps 4 and 5 only: both resumed at step 3
+    assert r0["logged"] == [4, 5] and r1["logged"] == []
+    for key in r0["model"]:
+        assert torch.equal(r0["model"][key], r1["model"][key]), key
+
+
+def test_ranks_that_resume_at_different_steps_are_refused(two_ranks):
+    for result in two_ranks[1]:  # rank 0 finds its step-5 checkpoint, rank 1 an empty folder
+        assert "ranks resumed at different steps [5, 0]" in result["refused"]
+
+
+def test_rank_seed_keeps_the_single_process_seed_and_splits_the_rest():
+    assert rank_seed(7, 0) == 7
+    seeds = {rank_seed(7, rank, step) for rank in range(4) for step in (0, 10)}
+    assert len(seeds) == 8
+    assert rank_seed(7, 1, 10) == rank_seed(7, 1, 10)
+    assert rank_seed(7, 1) == int(np.random.SeedSequence([7, 1, 0]).generate_state(1, np.uint64)[0])
+
+
+def test_rank_shards_splits_round_robin_and_needs_a_shard_per_rank():
+    assert rank_shards(list("abcde"), 1, 2) == ["b", "d"]
+    with pytest.raises(ValueError, match="cannot feed 3 ranks"):
+        rank_shards(["a", "b"], 0, 3)
+
+
+def test_single_process_env_has_no_process_group(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    info = init_from_env("gloo")
+    assert info == DistInfo(0, 1, 0) and is_main(info)
+    assert not torch.distributed.is_initialized()
+    model = torch.nn.Linear(2, 2)
+    assert wrap_ddp(model, info, torch.device("cpu")) is model
+
+
+def test_env_is_validated(monkeypatch):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="outside WORLD_SIZE 2"):
+        info_from_env()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ValueError, match="RANK='x' is not an integer"):
+        info_from_env()
