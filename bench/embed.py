@@ -39,6 +39,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import finish  # noqa: E402
 from srdiff_core import clip_embed  # noqa: E402
 from storage import fs, shards, tables  # noqa: E402
 from tasks import embed  # noqa: E402
@@ -218,11 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.toy:
             register_toy_arch(Path(root))
         results = run(sizes, device, os.path.join(root, "data")) | {"device": device_name(device)}
-    out = Path(args.out or Path(__file__).resolve().parent / "out" / f"embed-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(table(results), flush=True)
-    return results
+    return finish(results, args.out, f"embed-{device.type}.json", table)
 
 
 if __name__ == "__main__":

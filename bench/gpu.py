@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import finish  # noqa: E402
 from srdiff_core import metrics, samplers, training  # noqa: E402
 from srdiff_core.config import TrainConfig, UNetConfig  # noqa: E402
 from srdiff_core.sde import IRSDE  # noqa: E402
@@ -233,11 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.benchmark = True
     sizes = TOY if args.toy or device.type == "cpu" else FULL
     results = run(sizes, device, compile=not args.no_compile and not args.toy)
-    out = Path(args.out or Path(__file__).parent / "out" / "gpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(table(results))
-    return results
+    return finish(results, args.out, "gpu.json", table)
 
 
 if __name__ == "__main__":

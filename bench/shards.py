@@ -46,6 +46,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import finish  # noqa: E402
 from srdiff_core.config import ShardConfig  # noqa: E402
 from storage import shards, tables  # noqa: E402
 
@@ -448,11 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    out = Path(args.out or Path(__file__).parent / "out" / "shards.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(table(results))
-    return results
+    return finish(results, args.out, "shards.json", table)
 
 
 if __name__ == "__main__":

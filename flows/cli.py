@@ -1,4 +1,4 @@
-"""`srdiff` command line: demo, run, serve, restore, ui, compare. Thin: parsing and printing only."""
+"""`srdiff` command line: demo, run, serve, restore, ui, compare, verify-shards. Thin: parsing and printing only."""
 
 from __future__ import annotations
 
@@ -121,6 +121,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
                         device=args.device)
 
 
+def cmd_verify_shards(args: argparse.Namespace) -> int:
+    from storage.shards import ShardVerificationError, verify_shards
+
+    try:
+        verify_shards(args.shards)
+    except (ShardVerificationError, FileNotFoundError) as e:
+        print(f"srdiff verify-shards: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.shards}: every shard matches index.parquet")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="srdiff", description="SR-Diff: semantic-guided diffusion restoration")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--tile-size", type=int, default=None, help="tile large images (default: evaluate.tile_size)")
     restore.add_argument("--device", default="auto")
     restore.set_defaults(func=cmd_restore)
+    verify = sub.add_parser("verify-shards", help="re-read every shard and check it against its index")
+    verify.add_argument("shards", help="a shard folder, e.g. data/shards/<key>")
+    verify.set_defaults(func=cmd_verify_shards)
     return parser
 
 

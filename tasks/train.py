@@ -105,8 +105,9 @@ def fit(cfg: Config, out_dir: Path, shards_url: str, restorecls_url: str, run_id
     plain = ConditionalUNet.from_config(cfg.unet).to(device, memory_format=memory_format)
     model = wrap_ddp(plain, info, device)
     main = is_main(info)
-    if main and latest_checkpoint(out_dir / "checkpoints") is not None:
-        log.info(f"resuming from {latest_checkpoint(out_dir / 'checkpoints')}")
+    resume_from = latest_checkpoint(out_dir / "checkpoints") if main else None
+    if resume_from is not None:
+        log.info(f"resuming from {resume_from}")
     if main:
         log.info(f"UNet nf {cfg.unet.nf} ch_mult {cfg.unet.ch_mult}, conditioning {cfg.unet.conditioning}, "
                  f"{sum(p.numel() for p in plain.parameters()) / 1e6:.2f} M parameters, {cfg.train.steps} steps "

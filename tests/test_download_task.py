@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srdiff_core.config import DEGRADATIONS, load_config
+from srdiff_core.config import load_config
 from storage import tables
 from tasks.download import download
 
