@@ -15,15 +15,18 @@ from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 
+import tasks.acquire
+import tasks.datasets
 import tasks.download
 import tasks.embed
 import tasks.evaluate
 import tasks.shard
+import tasks.normalise
 import tasks.train
 from srdiff_core import checkpoint, clip_embed, demo_data, degradations, distributed, fid, metrics, restorer
 from srdiff_core import samplers, sde, srm, training, unet
 from srdiff_core.config import STAGES, Config, load_config
-from storage import fs, shards
+from storage import archives, embed_cache, fetch, fs, shards
 from storage import tables as storage_tables
 from tasks import tracking
 from tasks.common import StageResult, code_digest, data_root, stage_key
@@ -38,9 +41,10 @@ STAGE_SECTIONS = {
     "evaluate": ("sde", "evaluate"),
 }
 STAGE_CODE = {
-    "download": (tasks.download, demo_data, degradations, storage_tables),
+    "download": (tasks.download, tasks.acquire, tasks.datasets, tasks.normalise, archives, fetch, demo_data,
+                 degradations, storage_tables),
     "shard": (tasks.shard, shards),
-    "embed": (tasks.embed, clip_embed, srm),
+    "embed": (tasks.embed, clip_embed, srm, distributed, embed_cache),
     "train": (tasks.train, training, checkpoint, distributed, sde, unet, samplers),
     "evaluate": (tasks.evaluate, metrics, fid, restorer, samplers),
 }
@@ -100,7 +104,14 @@ def run_stage(stage_task, stage: str, cfg: Config, parent_run_id: str, upstream:
 
 @flow(name="srdiff-download", flow_run_name="download")
 def download_flow(cfg: Config, parent_run_id: str, refresh: bool = False) -> tuple[StageResult, bool]:
-    return run_stage(tasks.download.download, "download", cfg, parent_run_id, {}, refresh)
+    # The dataset catalog is a file of its own: editing a source or an expected count reruns the stage.
+    upstream = {"catalog": catalog_digest(cfg)} if cfg.download.source == "real" else {}
+    return run_stage(tasks.download.download, "download", cfg, parent_run_id, upstream, refresh)
+
+
+def catalog_digest(cfg: Config) -> str:
+    catalog = Path(tasks.download.resolve_catalog(cfg.download.datasets_file))
+    return fs.sha256_file(catalog) if catalog.exists() else "missing"
 
 
 @flow(name="srdiff-shard", flow_run_name="shard")

@@ -36,13 +36,33 @@ class DemoSetConfig(_Section):
 
 
 class DownloadConfig(_Section):
-    source: Literal["demo", "real"] = "real"
+    # demo: the embedded sample set; real: fetch, verify, extract and normalise the benchmark
+    # datasets; seed: index a datasets/ folder already in the seed layout (e.g. from SR-Diff).
+    source: Literal["demo", "real", "seed"] = "real"
     demo: DemoSetConfig = DemoSetConfig()
     # Which real datasets to fetch (names from configs/datasets.yaml).
     datasets: list[str] = ["gopro", "reside6k", "rain100h", "lol"]
     datasets_file: str = "configs/datasets.yaml"
+    # Archives or extracted folders the user already has, per dataset (`--from DATASET=PATH`);
+    # these replace the network sources of that dataset.
+    from_paths: dict[str, list[str]] = {}
+    # Downloads and extraction need a local disk: <data_root>/downloads when data_root is
+    # local, else this folder.
+    work_dir: str | None = None
+    # GoPro's LQ side: "blur" (the usual benchmark) or "blur_gamma".
+    gopro_lq_folder: Literal["blur", "blur_gamma"] = "blur"
     # A shortfall against the expected pair counts is an error unless this is true.
     allow_partial: bool = False
+    # Zip-bomb caps for extraction (raise them for a trusted archive that needs more).
+    max_extract_bytes: int = Field(default=64 << 30, gt=0)
+    max_extract_files: int = Field(default=500_000, gt=0)
+    # HTTP: bounded retries with exponential backoff (backoff_s, 2x, 4x, ...).
+    retries: int = Field(default=4, ge=0)
+    backoff_s: float = Field(default=2.0, ge=0)
+    # Keep the extracted archives after normalisation (they are redone from the archive otherwise).
+    keep_extracted: bool = False
+    # Threads decoding and checking images (0: one per core).
+    workers: int = Field(default=0, ge=0)
 
 
 class ShardConfig(_Section):

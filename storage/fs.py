@@ -14,6 +14,7 @@ is complete, so a killed writer never leaves a half file under the final name.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import uuid
@@ -214,3 +215,12 @@ def sha256_file(url: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def write_json(url: str | os.PathLike, obj) -> None:
+    """Atomic JSON (sorted keys, so equal content gives equal bytes)."""
+    atomic_write_bytes(url, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def read_json(url: str | os.PathLike):
+    return json.loads(read_bytes(url))

@@ -79,6 +79,12 @@ def path(cfg: Config, *parts: str) -> str:
     return fs.join(data_root(cfg), *parts)
 
 
+def pair_urls(cfg: Config, split: str, degradation: str, sample_id: str) -> tuple[str, str]:
+    """Where a pair lives in the seed layout: datasets/<split>/<degradation>/{LQ,GT}/<id>.png."""
+    base = path(cfg, "datasets", split, degradation)
+    return fs.join(base, "LQ", f"{sample_id}.png"), fs.join(base, "GT", f"{sample_id}.png")
+
+
 def stage_dir(cfg: Config, stage: str, key: str) -> str:
     """Outputs of a stage live in a folder named by its key, so a changed setting never
     overwrites what an earlier cached run still points at."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import time
 from collections import Counter
+from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 from PIL import Image
 from prefect import task
@@ -14,30 +14,20 @@ from prefect import task
 from srdiff_core import demo_data
 from srdiff_core.config import DEGRADATIONS, Config
 from storage import fs, tables
-from tasks import common
+from tasks import acquire, common, datasets, normalise
 from tasks.common import RateLogger, StageResult, stage_logger
 
 MANIFEST = "manifests/pairs.parquet"
 QUARANTINE = "manifests/quarantine.parquet"
+NOTES = "manifests/notes.parquet"  # what normalisation changed (JPEG -> PNG, GT centre crop)
+NOTES_SCHEMA = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("note", pa.string())])
 SPLITS = ("train", "val")
-
-
-def encode_png(img: np.ndarray) -> bytes:
-    """Deterministic PNG bytes (fixed compression level, no metadata chunks)."""
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
-def pair_urls(cfg: Config, split: str, degradation: str, sample_id: str) -> tuple[str, str]:
-    base = common.path(cfg, "datasets", split, degradation)
-    return fs.join(base, "LQ", f"{sample_id}.png"), fs.join(base, "GT", f"{sample_id}.png")
 
 
 def write_pair(cfg: Config, pair: demo_data.DemoPair) -> dict:
     """Write one LQ/GT pair atomically and return its manifest row."""
-    lq_url, gt_url = pair_urls(cfg, pair.split, pair.degradation, pair.id)
-    lq_png, gt_png = encode_png(pair.lq), encode_png(pair.gt)
+    lq_url, gt_url = common.pair_urls(cfg, pair.split, pair.degradation, pair.id)
+    lq_png, gt_png = normalise.encode_png(Image.fromarray(pair.lq)), normalise.encode_png(Image.fromarray(pair.gt))
     fs.atomic_write_bytes(lq_url, lq_png)
     fs.atomic_write_bytes(gt_url, gt_png)
     height, width = pair.gt.shape[:2]
@@ -69,13 +59,13 @@ def scan_seed_layout(cfg: Config, log) -> tuple[list[dict], list[dict]]:
             for sample_id in sorted(lq.keys() | gt.keys()):
                 if sample_id not in gt or sample_id not in lq:
                     missing = "GT" if sample_id not in gt else "LQ"
-                    quarantine.append({"id": sample_id, "split": split, "degradation": degradation,
+                    quarantine.append({"id": sample_id, "dataset": "local", "split": split, "degradation": degradation,
                                        "path": lq.get(sample_id) or gt.get(sample_id),
                                        "reason": f"missing {missing} partner"})
                     continue
                 row = _pair_row(sample_id, split, degradation, lq[sample_id], gt[sample_id])
                 if isinstance(row, str):
-                    quarantine.append({"id": sample_id, "split": split, "degradation": degradation,
+                    quarantine.append({"id": sample_id, "dataset": "local", "split": split, "degradation": degradation,
                                        "path": lq[sample_id], "reason": row})
                 else:
                     rows.append(row)
@@ -111,7 +101,7 @@ def drop_duplicate_ids(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     for r in sorted(rows, key=lambda r: (r["split"], r["degradation"], r["id"])):
         if r["id"] in seen:
             first = seen[r["id"]]
-            rejected.append({"id": r["id"], "split": r["split"], "degradation": r["degradation"],
+            rejected.append({"id": r["id"], "dataset": r["dataset"], "split": r["split"], "degradation": r["degradation"],
                              "path": r["lq_path"], "reason": f"duplicate id (already used by "
                                                               f"{first['split']}/{first['degradation']})"})
         else:
@@ -125,33 +115,92 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     return {f"pairs/{split}/{deg}": float(n) for (split, deg), n in sorted(counts.items())}
 
 
+def write_quarantine(cfg: Config, rows: list[dict]) -> str:
+    url = common.path(cfg, QUARANTINE)
+    tables.write_table(url, rows, schema=acquire.QUARANTINE_SCHEMA)
+    return url
+
+
+def real_datasets(cfg: Config, log) -> tuple[list[dict], list[dict], dict[str, float], dict[str, str]]:
+    """Prepare every configured dataset; one that fails does not stop the others (their work is
+    kept, and a rerun reuses it). Raises at the end with every problem listed."""
+    catalog = datasets.load_catalog(resolve_catalog(cfg.download.datasets_file))
+    unknown = [n for n in [*cfg.download.datasets, *cfg.download.from_paths] if n not in catalog]
+    if unknown:
+        raise datasets.CatalogError(f"unknown dataset(s) {unknown}: the catalog has {sorted(catalog)}")
+    rows, quarantine, metrics, params, problems = [], [], {}, {}, []
+    for name in cfg.download.datasets:
+        spec = catalog[name]
+        try:
+            prepared = acquire.prepare_dataset(cfg, name, spec, log)
+        except (acquire.DatasetError, datasets.CatalogError) as e:
+            log.error(str(e))
+            problems.append(str(e))
+            continue
+        rows += prepared.rows
+        quarantine += prepared.quarantine
+        metrics.update(dataset_metrics(prepared))
+        params.update({f"download.{name}.{k}": v for k, v in prepared.origin.items()})
+        shortfall = acquire.count_problems(prepared, spec, log)
+        if shortfall and not cfg.download.allow_partial:
+            problems.append("pair count shortfall: " + "; ".join(shortfall) +
+                            " (set download.allow_partial=true to go on with what there is)")
+    if problems:
+        raise DownloadError("download stage failed for:\n" + "\n".join(f"* {p}" for p in problems) +
+                            "\nDatasets that succeeded are kept and are reused by the rerun.")
+    return rows, quarantine, metrics, params
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def resolve_catalog(path: str) -> str:
+    """A relative catalog path is looked up in the working directory, then in the project."""
+    if Path(path).is_absolute() or Path(path).exists():
+        return path
+    packaged = Path(__file__).resolve().parents[1] / path
+    return str(packaged) if packaged.exists() else path
+
+
+def dataset_metrics(prepared: acquire.Prepared) -> dict[str, float]:
+    out = {f"dataset/{prepared.name}/{split}": float(sum(r["split"] == split for r in prepared.rows))
+           for split in SPLITS}
+    out[f"dataset/{prepared.name}/quarantined"] = float(len(prepared.quarantine))
+    out[f"dataset/{prepared.name}/converted"] = float(sum(bool(r.get("note")) for r in prepared.rows))
+    return out
+
+
 @task(name="download", persist_result=True)
 def download(cfg: Config, key: str, run_id: str | None = None) -> StageResult:
     """Materialise the dataset in the seed layout and write the pairs manifest."""
     log = stage_logger()
     start = time.perf_counter()
     quarantine: list[dict] = []
+    metrics: dict[str, float] = {}
+    params = {"download.source": cfg.download.source}
     if cfg.download.source == "demo":
         rows = materialize_demo_set(cfg, log)
-    else:
+    elif cfg.download.source == "seed":
         rows, quarantine = scan_seed_layout(cfg, log)
         if not rows:
             raise FileNotFoundError(
                 f"no image pairs under {common.path(cfg, 'datasets')}: put the datasets there in the layout "
-                f"datasets/{{train,val}}/<degradation>/{{LQ,GT}}/<id>.png, or run the demo with "
-                f"`srdiff demo` (download.source: demo)")
+                f"datasets/{{train,val}}/<degradation>/{{LQ,GT}}/<id>.png, use download.source: real to "
+                f"fetch them, or run the demo with `srdiff demo` (download.source: demo)")
+    else:
+        rows, quarantine, metrics, params = real_datasets(cfg, log)
+        params["download.source"] = "real"
+        notes = [{"id": r["id"], "dataset": r["dataset"], "note": r["note"]} for r in rows if r.get("note")]
+        tables.write_table(common.path(cfg, NOTES), notes, schema=NOTES_SCHEMA)
     rows, duplicates = drop_duplicate_ids(rows)
     quarantine += duplicates
-    manifest = pa.Table.from_pylist(rows, schema=tables.PAIRS_SCHEMA)
+    manifest = tables.as_table([{k: r[k] for k in tables.PAIRS_SCHEMA.names} for r in rows], tables.PAIRS_SCHEMA)
     manifest_url = common.path(cfg, MANIFEST)
     tables.write_table(manifest_url, manifest)
-    quarantine_url = common.path(cfg, QUARANTINE)
-    tables.write_table(quarantine_url, pa.Table.from_pylist(
-        quarantine, schema=pa.schema([("id", pa.string()), ("split", pa.string()), ("degradation", pa.string()),
-                                      ("path", pa.string()), ("reason", pa.string())])))
-    metrics = {**summarize(rows), "pairs/total": float(len(rows)), "quarantined": float(len(quarantine))}
-    log.info(f"manifest: {len(rows)} pairs -> {manifest_url}")
+    quarantine_url = write_quarantine(cfg, quarantine)
+    metrics.update({**summarize(rows), "pairs/total": float(len(rows)), "quarantined": float(len(quarantine))})
+    log.info(f"manifest: {len(rows)} pairs -> {manifest_url} ({len(quarantine)} quarantined -> {quarantine_url})")
     return StageResult(stage="download", key=key, digest=tables.table_digest(manifest),
                        outputs={"manifest": manifest_url, "quarantine": quarantine_url},
-                       metrics=metrics, params={"download.source": cfg.download.source},
-                       run_id=run_id, seconds=time.perf_counter() - start)
+                       metrics=metrics, params=params, run_id=run_id, seconds=time.perf_counter() - start)

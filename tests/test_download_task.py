@@ -49,7 +49,7 @@ def test_seed_layout_scan_joins_by_id_and_quarantines_bad_pairs(tmp_path):
     _png(base / "train/hazy/GT/broken.png")
     _png(base / "val/rainy/LQ/img0.png")                          # same id as a train pair
     _png(base / "val/rainy/GT/img0.png")
-    cfg = load_config(None, [f"data_root={tmp_path}", "download.source=real"])
+    cfg = load_config(None, [f"data_root={tmp_path}", "download.source=seed"])
     result = download.fn(cfg, key="k")
     manifest = tables.read_table(result.outputs["manifest"]).to_pylist()
     assert [r["id"] for r in manifest] == ["img0", "img1", "img2"]
@@ -64,6 +64,6 @@ def test_seed_layout_scan_joins_by_id_and_quarantines_bad_pairs(tmp_path):
 
 
 def test_empty_real_layout_says_what_to_do(tmp_path):
-    cfg = load_config(None, [f"data_root={tmp_path}", "download.source=real"])
+    cfg = load_config(None, [f"data_root={tmp_path}", "download.source=seed"])
     with pytest.raises(FileNotFoundError, match="srdiff demo"):
         download.fn(cfg, key="k")

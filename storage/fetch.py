@@ -1,0 +1,254 @@
+"""Fetch dataset files over the network: plain HTTP(S) through fsspec (resumable, bounded retries
+with backoff), Google Drive files and folders through gdown, Hugging Face Hub datasets through
+huggingface_hub; and sha256 verification that keeps a mismatching file aside.
+
+Every fetcher raises :class:`FetchError` with a message a user can act on; callers try the next
+source on it. Nothing here knows about datasets or layouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import fsspec
+from tqdm.auto import tqdm
+
+HTTP_CHUNK = 16 << 20  # one Range request per chunk: a dropped connection costs at most this much
+
+
+class FetchError(RuntimeError):
+    """This source cannot deliver the file now; try the next one."""
+
+
+class ChecksumError(FetchError):
+    """The file arrived but its sha256 differs from the expected one."""
+
+
+def sha256_path(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str | None) -> str:
+    """The file's sha256. On a mismatch the file is moved aside (never used, never deleted) and
+    :class:`ChecksumError` names both digests."""
+    actual = sha256_path(path)
+    if expected and actual != expected.lower():
+        aside = path.with_name(path.name + ".sha256-mismatch")
+        os.replace(path, aside)
+        raise ChecksumError(f"{path.name}: sha256 is {actual} but {expected} was expected; the file is kept "
+                            f"aside at {aside} and not used (a changed mirror or a corrupt download)")
+    return actual
+
+
+class ByteProgress:
+    """A tqdm bar with bytes and rate, plus a log line every ``every_s`` seconds for the Prefect UI."""
+
+    def __init__(self, name: str, total: int | None, initial: int, log: logging.Logger | None,
+                 every_s: float = 10.0):
+        self.name, self.total, self.log, self.every_s = name, total, log, every_s
+        self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc=name, leave=False, mininterval=1.0)
+        self.done, self.start_done = initial, initial
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        now = time.perf_counter()
+        if self.log and now - self.last >= self.every_s:
+            self.last = now
+            self.log.info(self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((now or time.perf_counter()) - self.start, 1e-9)
+        rate = (self.done - self.start_done) / elapsed / 2**20
+        of = f" of {self.total / 2**20:.1f}" if self.total else ""
+        return f"{self.name}: {self.done / 2**20:.1f}{of} MiB ({rate:.1f} MiB/s)"
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log:
+            self.log.info(self.line())
+
+
+def _http_filesystem():
+    # A fresh instance per fetch: fsspec caches filesystems (and their aiohttp sessions) per
+    # argument set, and a session bound to a dead event loop would break the retry.
+    return fsspec.filesystem("http", skip_instance_cache=True)
+
+
+def _http_fetch_once(url: str, part: Path, chunk: int, log) -> None:
+    """Append the missing bytes of ``url`` to ``part`` (resuming from its size when the server
+    supports ranges; starting over when it does not)."""
+    http = _http_filesystem()
+    size = http.info(url).get("size")
+    offset = part.stat().st_size if part.exists() else 0
+    if size is not None and offset > size:
+        offset = 0  # the file on the server changed: start over
+    ranged = size is not None
+    progress = ByteProgress(part.name.removesuffix(".part"), size, offset if ranged else 0, log)
+    try:
+        if ranged:
+            with http.open(url, "rb", block_size=chunk, cache_type="none") as src, open(part, "ab") as out:
+                out.truncate(offset)
+                src.seek(offset)
+                while offset < size and (data := src.read(min(chunk, size - offset))):
+                    out.write(data)  # whole chunks only: the file on disk is always a prefix
+                    out.flush()
+                    offset += len(data)
+                    progress.update(len(data))
+            if offset != size:
+                raise OSError(f"server sent {offset} of {size} bytes")
+        else:  # no size, no ranges: stream from the start
+            with http.open(url, "rb", block_size=0) as src, open(part, "wb") as out:
+                while data := src.read(chunk):
+                    out.write(data)
+                    progress.update(len(data))
+    finally:
+        progress.close()
+
+
+def fetch_http(url: str, dest: Path, *, retries: int = 4, backoff_s: float = 2.0, chunk: int | None = None,
+               log: logging.Logger | None = None, sleep: Callable[[float], None] = time.sleep) -> Path:
+    """Download ``url`` to ``dest`` through ``dest.part``; a killed or dropped download resumes
+    from the bytes already on disk. Retries transient errors ``retries`` times with exponential
+    backoff; a 404 is not retried."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            _http_fetch_once(url, part, chunk or HTTP_CHUNK, log)
+            os.replace(part, dest)
+            return dest
+        except FileNotFoundError as e:
+            status = getattr(e.__cause__, "status", None)
+            if status is not None:  # the server answered: retrying will not help
+                raise FetchError(f"{url}: HTTP {status} {getattr(e.__cause__, 'message', '')}".rstrip()) from e
+            reason = e.__cause__ or e  # fsspec reports an unreachable host as FileNotFoundError too
+            if attempt == retries:
+                raise FetchError(f"{url}: unreachable ({type(reason).__name__}: {reason}) after "
+                                 f"{retries + 1} attempts") from e
+            _wait(log, url, reason, part, attempt, retries, backoff_s, sleep)
+        except Exception as e:  # aiohttp/fsspec raise many types for resets, timeouts and refusals
+            have = part.stat().st_size if part.exists() else 0
+            if attempt == retries:
+                raise FetchError(f"{url}: {type(e).__name__}: {e} (after {retries + 1} attempts; "
+                                 f"{have} bytes kept in {part}, a rerun resumes from there)") from e
+            _wait(log, url, e, part, attempt, retries, backoff_s, sleep)
+    raise AssertionError("unreachable")
+
+
+def _wait(log, url: str, error: BaseException, part: Path, attempt: int, retries: int, backoff_s: float,
+          sleep: Callable[[float], None]) -> None:
+    """Exponential backoff between attempts, with a visible line saying why."""
+    wait = backoff_s * 2 ** attempt
+    have = part.stat().st_size if part.exists() else 0
+    if log:
+        log.warning(f"{url}: {type(error).__name__}: {error}; retrying in {wait:.1f} s "
+                    f"({have} bytes on disk, attempt {attempt + 2} of {retries + 1})")
+    sleep(wait)
+
+
+GDRIVE = "https://drive.google.com"
+
+
+def fetch_gdrive(file_id: str, dest: Path, *, endpoint: str | None = None, retries: int = 4) -> Path:
+    """A Google Drive file through gdown (resumable). Quota and permission pages become a
+    :class:`FetchError` that says what to do."""
+    import gdown
+    import requests
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    url = f"{(endpoint or GDRIVE).rstrip('/')}/uc?id={file_id}"
+    try:
+        out = gdown.download(url=url, output=str(dest), quiet=False, resume=True, retries=retries)
+    except gdown.exceptions.FileURLRetrievalError as e:
+        raise FetchError(f"Google Drive refused file {file_id} (download quota exceeded or not public): "
+                         f"{_first_line(e)}. Wait a day, or download it in a browser and pass --from") from e
+    except (gdown.exceptions.DownloadError, requests.RequestException, OSError) as e:
+        raise FetchError(f"Google Drive file {file_id}: {type(e).__name__}: {_first_line(e)}") from e
+    if out is None or not dest.exists():
+        raise FetchError(f"Google Drive file {file_id}: gdown returned without a file")
+    _reject_web_page(dest, f"Google Drive file {file_id}")
+    return dest
+
+
+def _reject_web_page(path: Path, what: str) -> None:
+    """Drive answers a quota or permission problem with an HTML page, which must not be taken
+    for the archive: remove it and report the page's own message."""
+    with open(path, "rb") as f:
+        head = f.read(64 << 10)
+    if not head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+        return
+    text = head.decode("utf-8", "replace")
+    match = re.search(r'class="uc-error-subcaption">(.*?)<', text, re.S) or re.search(r"<title>(.*?)</title>", text, re.S)
+    reason = " ".join(match.group(1).split()) if match else "an HTML page"
+    path.unlink()
+    raise FetchError(f"{what}: Google Drive sent a web page instead of the file ({reason}); the download "
+                     "quota may be exceeded or the file not public. Wait a day, or download it in a browser "
+                     "and pass --from")
+
+
+def fetch_gdrive_folder(folder_id: str, dest_dir: Path, *, endpoint: str | None = None, retries: int = 4) -> Path:
+    """A Google Drive folder through gdown (files already complete are kept on a rerun)."""
+    import gdown
+    import requests
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = {"url": f"{endpoint.rstrip('/')}/drive/folders/{folder_id}"} if endpoint else {"id": folder_id}
+    try:
+        files = gdown.download_folder(**kwargs, output=str(dest_dir), quiet=False, resume=True, retries=retries)
+    except gdown.exceptions.FileURLRetrievalError as e:
+        raise FetchError(f"Google Drive refused folder {folder_id} (quota exceeded or not public): "
+                         f"{_first_line(e)}. Download it in a browser and pass --from") from e
+    except (gdown.exceptions.DownloadError, requests.RequestException, OSError) as e:
+        raise FetchError(f"Google Drive folder {folder_id}: {type(e).__name__}: {_first_line(e)}") from e
+    if not files:
+        raise FetchError(f"Google Drive folder {folder_id}: no files downloaded")
+    return dest_dir
+
+
+def fetch_hf_file(repo: str, filename: str, dest_dir: Path, *, endpoint: str | None = None,
+                  revision: str | None = None) -> Path:
+    """One file of a Hugging Face Hub dataset repo (the hub client resumes partial files)."""
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(repo, filename, repo_type="dataset", revision=revision,
+                                    local_dir=dest_dir, endpoint=endpoint))
+    except Exception as e:  # offline mode, 404, gated repo, connection errors: all mean "next source"
+        raise FetchError(f"Hugging Face dataset {repo} file {filename}: {_hf_reason(e)}") from e
+
+
+def fetch_hf_dataset(repo: str, dest_dir: Path, *, endpoint: str | None = None,
+                     revision: str | None = None) -> Path:
+    """A whole Hugging Face Hub dataset repo as a folder."""
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", revision=revision, local_dir=dest_dir,
+                                      endpoint=endpoint))
+    except Exception as e:
+        raise FetchError(f"Hugging Face dataset {repo}: {_hf_reason(e)}") from e
+
+
+def _hf_reason(e: Exception) -> str:
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set, so the hub is not contacted (unset it, or pass --from)"
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

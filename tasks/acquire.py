@@ -1,0 +1,247 @@
+"""One real dataset from its sources (or the user's ``--from`` paths) to the seed layout:
+fetch -> verify sha256 -> extract safely -> pair by id -> decode, check, write -> per-dataset table.
+
+Each finished dataset leaves ``manifests/datasets/<name>.parquet`` (its rows), a quarantine
+table and, written last, ``<name>.json`` with the fingerprint of what produced it; a rerun with
+the same fingerprint reads the table and touches nothing else. Downloads resume from their
+``.part`` file, extraction restarts from the archive, so a kill at any point loses little.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from srdiff_core.config import Config, DownloadConfig
+from storage import archives, fetch, fs, tables
+from tasks import common, datasets, normalise
+from tasks.common import RateLogger
+
+QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
+                               ("degradation", pa.string()), ("path", pa.string()), ("reason", pa.string())])
+ROWS_SCHEMA = tables.PAIRS_SCHEMA.append(pa.field("note", pa.string()))
+
+
+class DatasetError(RuntimeError):
+    """This dataset cannot be prepared; the message says what to do."""
+
+
+@dataclass
+class Prepared:
+    name: str
+    rows: list[dict]                 # PAIRS_SCHEMA + note
+    quarantine: list[dict]
+    origin: dict[str, str] = field(default_factory=dict)  # file -> where it came from (+ sha256)
+    reused: bool = False
+
+
+# --- where things go ---------------------------------------------------------------------------
+
+def work_dir(cfg: Config) -> Path:
+    if cfg.download.work_dir:
+        return Path(cfg.download.work_dir)
+    root = common.path(cfg, "downloads")
+    if not fs.is_local(root):
+        raise DatasetError(f"data_root {cfg.data_root} is not a local disk, but downloads and extraction need "
+                           "one: set download.work_dir to a local folder")
+    return fs.local_path(root)
+
+
+def _table_url(cfg: Config, name: str, suffix: str) -> str:
+    return common.path(cfg, "manifests", "datasets", f"{name}{suffix}")
+
+
+def fingerprint(cfg: Config, name: str, spec: datasets.DatasetSpec) -> str:
+    """What determines a dataset's normalised output (allow_partial does not: it only decides
+    whether a shortfall is an error)."""
+    dl = cfg.download
+    return common.sha256_json({
+        "spec": spec.model_dump(mode="json"), "from": dl.from_paths.get(name, []),
+        "gopro_lq_folder": dl.gopro_lq_folder, "data_root": cfg.data_root,
+        "code": common.code_digest(sys.modules[__name__], datasets, normalise, archives)})
+
+
+# --- fetching ------------------------------------------------------------------------------------
+
+def _source_slug(source: datasets.Source) -> str:
+    """Each source gets its own folder: two mirrors' partial files must never be mixed."""
+    return f"{source.kind}-{common.sha256_json(source.model_dump(mode='json'))[:12]}"
+
+
+def fetch_from_source(source: datasets.Source, name: str, dest_dir: Path, dl: DownloadConfig, log) -> Path:
+    dest_dir = dest_dir / _source_slug(source)
+    if source.kind == "http":
+        return fetch.fetch_http(source.url, dest_dir / name, retries=dl.retries, backoff_s=dl.backoff_s, log=log)
+    if source.kind == "gdrive":
+        return fetch.fetch_gdrive(source.id, dest_dir / name, endpoint=source.endpoint, retries=dl.retries)
+    if source.kind == "gdrive-folder":
+        return fetch.fetch_gdrive_folder(source.id, dest_dir / name, endpoint=source.endpoint, retries=dl.retries)
+    if source.kind == "hf-file":
+        return fetch.fetch_hf_file(source.repo, source.filename, dest_dir, endpoint=source.endpoint,
+                                   revision=source.revision)
+    return fetch.fetch_hf_dataset(source.repo, dest_dir / name, endpoint=source.endpoint, revision=source.revision)
+
+
+def fetch_file(dataset: str, item: datasets.DatasetFile, dest_dir: Path, dl: DownloadConfig, log) -> tuple[Path, str]:
+    """Try the sources in order; return the local path and where it came from."""
+    failures = []
+    for source in item.sources:
+        try:
+            path = fetch_from_source(source, item.name, dest_dir, dl, log)
+            digest = fetch.verify_sha256(path, source.sha256) if path.is_file() else "folder"
+            return path, f"{source.describe()} (sha256 {digest})"
+        except fetch.FetchError as e:
+            log.warning(f"{dataset}/{item.name}: source failed: {e}")
+            failures.append(f"  - {e}")
+    tried = "\n".join(failures) if failures else "  (no sources configured)"
+    raise DatasetError(f"{dataset}: could not fetch {item.name} from any source:\n{tried}\n"
+                       f"Download it yourself and run with --from {dataset}=PATH (an archive or an "
+                       f"extracted folder), or add a mirror to {dl.datasets_file}")
+
+
+def local_inputs(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> tuple[list[Path], dict[str, str], set[Path]]:
+    """The archives/folders to read: the user's --from paths, else fetched files. Also returns
+    which of them we own (downloaded), since only those may be moved aside when bad."""
+    given = cfg.download.from_paths.get(name)
+    if given:
+        paths = [Path(p).expanduser() for p in given]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise DatasetError(f"{name}: --from path(s) {missing} do not exist")
+        return paths, {str(p): "--from" for p in paths}, set()
+    dest = work_dir(cfg) / name
+    paths, origin = [], {}
+    for item in spec.files:
+        path, where = fetch_file(name, item, dest, cfg.download, log)
+        paths.append(path)
+        origin[item.name] = where
+    return paths, origin, set(paths)
+
+
+# --- extraction ----------------------------------------------------------------------------------
+
+def _extract_once(archive: Path, base: Path, limits: archives.Limits, owned: bool, log) -> Path:
+    """Extract to ``base/<name>-<sha prefix>`` unless already complete there."""
+    target = base / f"{archive.name}-{fetch.sha256_path(archive)[:16]}"
+    if target.is_dir():
+        return target
+    log.info(f"extracting {archive.name} -> {target}")
+    try:
+        return archives.safe_extract(archive, target, limits)
+    except archives.ArchiveError as e:
+        if owned:  # our download is bad: keep it aside so the rerun fetches a fresh copy
+            aside = archive.with_name(archive.name + ".rejected")
+            os.replace(archive, aside)
+            raise DatasetError(f"{e}. The download was moved to {aside}; rerun to fetch it again, or pass "
+                               "--from with a good copy") from e
+        raise DatasetError(f"{e}. Check the file, or fetch a fresh copy") from e
+
+
+def extraction_roots(paths: list[Path], base: Path, limits: archives.Limits, owned: set[Path], log) -> list[Path]:
+    """Folders to scan: each folder as is plus any archive inside it, and each archive extracted."""
+    roots = []
+    for path in paths:
+        if path.is_dir():
+            roots.append(path)
+            for inner in archives.content_files(path):
+                if archives.archive_kind(inner):
+                    roots.append(_extract_once(inner, base, limits, path in owned, log))
+        elif archives.archive_kind(path):
+            roots.append(_extract_once(path, base, limits, path in owned, log))
+        elif archives.looks_like_archive(path):
+            roots.append(_extract_once(path, base, limits, path in owned, log))  # raises: truncated/corrupt
+        else:
+            raise DatasetError(f"{path} is neither a folder nor a zip/tar archive")
+    return roots
+
+
+def scan(roots: list[Path]):
+    """(path, parts) of every content file; parts start at the root's own name so that folder
+    names such as RainTrainH take part in the layout rules."""
+    for root in roots:
+        for path in archives.content_files(root):
+            yield path, path.relative_to(root.parent).parts
+
+
+# --- normalisation -------------------------------------------------------------------------------
+
+def normalise_all(cfg: Config, name: str, spec: datasets.DatasetSpec, pairs: list[datasets.RawPair],
+                  log) -> tuple[list[dict], list[dict]]:
+    """Decode, check and write every pair (threads: PIL releases the GIL while decoding). A bad
+    pair becomes a quarantine row; its neighbours are unaffected."""
+    progress = RateLogger(log, f"{name}: normalised", len(pairs), "pairs")
+
+    def one(pair: datasets.RawPair) -> tuple[dict | None, dict | None]:
+        sample_id = datasets.sample_id(name, pair.split, pair.native_id)
+        lq_url, gt_url = common.pair_urls(cfg, pair.split, spec.degradation, sample_id)
+        target = normalise.Target(sample_id, name, spec.degradation, pair.split, lq_url, gt_url)
+        try:
+            row, note = normalise.normalise_pair(pair.lq, pair.gt, target, crop_gt_to_lq=spec.layout == "reside6k")
+            return {**row, "note": note}, None
+        except normalise.Reject as e:
+            return None, quarantine_row(name, spec, pair.split, pair.native_id, pair.lq, str(e))
+        finally:
+            progress.update()
+
+    workers = cfg.download.workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, pairs))
+    rows = [r for r, _ in results if r is not None]
+    rejected = [q for _, q in results if q is not None]
+    return rows, rejected
+
+
+def quarantine_row(name: str, spec: datasets.DatasetSpec, split: str, native_id: str, path, reason: str) -> dict:
+    return {"id": datasets.sample_id(name, split, native_id), "dataset": name, "split": split,
+            "degradation": spec.degradation, "path": str(path), "reason": reason}
+
+
+# --- one dataset, end to end ---------------------------------------------------------------------
+
+def prepare_dataset(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> Prepared:
+    marker_url = _table_url(cfg, name, ".json")
+    stamp = fingerprint(cfg, name, spec)
+    if fs.exists(marker_url) and fs.read_json(marker_url).get("fingerprint") == stamp:
+        log.info(f"{name}: already normalised ({marker_url}); nothing to do")
+        marker = fs.read_json(marker_url)
+        return Prepared(name, tables.read_table(_table_url(cfg, name, ".parquet")).to_pylist(),
+                        tables.read_table(_table_url(cfg, name, ".quarantine.parquet")).to_pylist(),
+                        marker.get("origin", {}), reused=True)
+    paths, origin, owned = local_inputs(cfg, name, spec, log)
+    extracted = work_dir(cfg) / name / "extracted"
+    limits = archives.Limits(cfg.download.max_extract_bytes, cfg.download.max_extract_files)
+    roots = extraction_roots(paths, extracted, limits, owned, log)
+    options = {"lq_folder": cfg.download.gopro_lq_folder} if spec.layout == "gopro" else {}
+    pairs, rejected = datasets.find_pairs(spec.layout, scan(roots), **options)
+    log.info(f"{name}: found {len(pairs)} candidate pairs, {len(rejected)} unpartnered or duplicate files")
+    rows, bad = normalise_all(cfg, name, spec, pairs, log)
+    quarantine = [quarantine_row(name, spec, r.split, r.native_id, r.path, r.reason) for r in rejected] + bad
+    tables.write_table(_table_url(cfg, name, ".parquet"), rows, schema=ROWS_SCHEMA)
+    tables.write_table(_table_url(cfg, name, ".quarantine.parquet"), quarantine, schema=QUARANTINE_SCHEMA)
+    fs.write_json(marker_url, {"fingerprint": stamp, "origin": origin, "pairs": len(rows),
+                               "quarantined": len(quarantine)})  # last: the table above is complete
+    if not cfg.download.keep_extracted and extracted.exists():
+        shutil.rmtree(extracted)
+    return Prepared(name, rows, quarantine, origin)
+
+
+def count_problems(prepared: Prepared, spec: datasets.DatasetSpec, log) -> list[str]:
+    """Compare pair counts with the catalog: a visible line always, a problem on a shortfall."""
+    problems = []
+    for split, expected in spec.expected.items():
+        got = sum(r["split"] == split for r in prepared.rows)
+        line = f"{prepared.name}: {split} {got} pairs of {expected} expected"
+        if got < expected:
+            log.warning(f"{line} (SHORTFALL of {expected - got}; see manifests/quarantine.parquet)")
+            problems.append(f"{prepared.name}/{split}: {got} pairs, {expected} expected")
+        elif got > expected:
+            log.warning(f"{line} (more than expected: a different version of the dataset?)")
+        else:
+            log.info(line)
+    return problems

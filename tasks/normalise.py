@@ -1,0 +1,102 @@
+"""Turn one found LQ/GT pair into the seed layout: decode both images once to check them, convert
+to RGB PNG only where needed, and write them atomically; or say why the pair is rejected.
+
+PNG files that are already 8-bit RGB are copied byte for byte (no re-encode, so the sha256 in
+the manifest is the source file's); JPEGs and palette images are re-encoded deterministically.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from storage import fs
+
+# Decompression-bomb guard: no benchmark image is near this (GoPro frames are 1280x720).
+Image.MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """Deterministic PNG bytes (fixed compression level, no metadata chunks)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+class Reject(Exception):
+    """The pair cannot be used; the message is the quarantine reason."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    image: Image.Image
+    raw: bytes
+    copyable: bool  # the raw bytes are already an 8-bit RGB PNG
+
+
+def decode(path: Path, side: str) -> Decoded:
+    raw = path.read_bytes()
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()  # decode fully: a truncated file fails here, not in training
+    except Exception as e:  # PIL raises many types for truncated/corrupt data
+        raise Reject(f"unreadable {side} image {path.name}: {type(e).__name__}: {e}") from e
+    fmt, mode = img.format, img.mode
+    if img.mode in ("L", "LA", "I", "I;16", "F", "1"):
+        raise Reject(f"{side} image {path.name} is greyscale ({img.mode}) where RGB is expected")
+    if img.mode == "RGBA":
+        if img.getchannel("A").getextrema() != (255, 255):
+            raise Reject(f"{side} image {path.name} has transparency (RGBA); expected opaque RGB")
+        img = img.convert("RGB")
+    elif img.mode != "RGB":
+        img = img.convert("RGB")  # palette, CMYK, YCbCr: colour, just stored differently
+    return Decoded(img, raw, copyable=fmt == "PNG" and mode == "RGB")
+
+
+def centre_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    width, height = size
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+@dataclass(frozen=True)
+class Target:
+    sample_id: str
+    dataset: str
+    degradation: str
+    split: str
+    lq_url: str
+    gt_url: str
+
+
+def normalise_pair(lq_path: Path, gt_path: Path, target: Target, crop_gt_to_lq: bool) -> tuple[dict, str | None]:
+    """Write the pair into the seed layout; return (manifest row, note of what was changed).
+    Raises :class:`Reject` with the quarantine reason."""
+    lq, gt = decode(lq_path, "LQ"), decode(gt_path, "GT")
+    notes = []
+    gt_image, gt_copyable = gt.image, gt.copyable
+    if lq.image.size != gt.image.size:
+        bigger = gt.image.width >= lq.image.width and gt.image.height >= lq.image.height
+        if not (crop_gt_to_lq and bigger):
+            raise Reject(f"size mismatch: LQ {lq.image.size} vs GT {gt.image.size}")
+        # RESIDE-6k: some GT images are larger than their hazy version (the hazy one was cropped
+        # when synthesised); the centre crop restores the alignment, and it is recorded.
+        gt_image, gt_copyable = centre_crop(gt.image, lq.image.size), False
+        notes.append(f"GT centre-cropped {gt.image.size[0]}x{gt.image.size[1]} -> "
+                     f"{lq.image.size[0]}x{lq.image.size[1]}")
+    for side, src, copyable in (("LQ", lq_path, lq.copyable), ("GT", gt_path, gt_copyable)):
+        if not copyable and src.suffix.lower() != ".png":
+            notes.append(f"{side} {src.suffix.lstrip('.').upper()} -> PNG")
+    lq_png = lq.raw if lq.copyable else encode_png(lq.image)
+    gt_png = gt.raw if gt_copyable else encode_png(gt_image)
+    fs.atomic_write_bytes(target.lq_url, lq_png)
+    fs.atomic_write_bytes(target.gt_url, gt_png)
+    width, height = lq.image.size
+    row = {"id": target.sample_id, "dataset": target.dataset, "degradation": target.degradation,
+           "split": target.split, "lq_path": target.lq_url, "gt_path": target.gt_url,
+           "width": width, "height": height,
+           "lq_sha256": fs.sha256_bytes(lq_png), "gt_sha256": fs.sha256_bytes(gt_png)}
+    return row, "; ".join(notes) or None
