@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -53,12 +54,32 @@ def stage_lines(summary: dict) -> str:
                      for stage, s in summary["stages"].items())
 
 
+def from_overrides(config_path: str, overrides: list[str], given: list[str]) -> list[str]:
+    """`--from [DATASET=]PATH` (repeatable) as one download.from_paths override; a bare PATH is
+    recognised by the file names inside it."""
+    if not given:
+        return overrides
+    from srdiff_core.config import ConfigError, load_config
+    from tasks import acquire
+    cfg = load_config(config_path, overrides)
+    paths: dict[str, list[str]] = {k: list(v) for k, v in cfg.download.from_paths.items()}
+    for item in given:
+        name, _, path = item.rpartition("=") if "=" in item and not Path(item).exists() else ("", "", item)
+        try:
+            name = name or acquire.detect_dataset(cfg, Path(path))
+        except acquire.DatasetError as e:
+            raise ConfigError(str(e)) from e
+        paths.setdefault(name, []).append(str(Path(path).expanduser().resolve()))
+    return [*overrides, f"download.from_paths={json.dumps(paths)}"]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import srdiff
     from srdiff_core.config import load_config
     from tasks.tracking import tracking_uri
 
     config_path = resolve_config(args.config)
+    args.set = from_overrides(config_path, args.set, getattr(args, "from_paths", None) or [])
     cfg = load_config(config_path, args.set)  # fail fast on a bad config, before Prefect starts
     summary = srdiff(config_path=config_path, overrides=args.set, stages=_split_list(args.stages),
                      refresh=_split_list(args.refresh) or [])
@@ -149,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", help="comma-separated stages to run (upstream ones come from cache): "
                                       "download,shard,embed,train,evaluate")
     run.add_argument("--refresh", help="comma-separated stages to recompute even when cached")
+    run.add_argument("--from", dest="from_paths", action="append", default=[], metavar="[DATASET=]PATH",
+                     help="use an archive or extracted folder you already have for a real dataset instead "
+                          "of downloading it, e.g. --from lol=~/LOLdataset.zip (repeatable; without "
+                          "DATASET= the dataset is recognised from the file names inside)")
     run.set_defaults(func=cmd_run)
     serve = with_config(sub.add_parser("serve", help="serve the deployments full-pipeline and one per stage"))
     serve.set_defaults(func=cmd_serve)

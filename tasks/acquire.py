@@ -32,6 +32,10 @@ class DatasetError(RuntimeError):
     """This dataset cannot be prepared; the message says what to do."""
 
 
+class DatasetUnavailable(DatasetError):
+    """No source could deliver a file: the network kind of failure, worth retrying later."""
+
+
 @dataclass
 class Prepared:
     name: str
@@ -100,7 +104,7 @@ def fetch_file(dataset: str, item: datasets.DatasetFile, dest_dir: Path, dl: Dow
             log.warning(f"{dataset}/{item.name}: source failed: {e}")
             failures.append(f"  - {e}")
     tried = "\n".join(failures) if failures else "  (no sources configured)"
-    raise DatasetError(f"{dataset}: could not fetch {item.name} from any source:\n{tried}\n"
+    raise DatasetUnavailable(f"{dataset}: could not fetch {item.name} from any source:\n{tried}\n"
                        f"Download it yourself and run with --from {dataset}=PATH (an archive or an "
                        f"extracted folder), or add a mirror to {dl.datasets_file}")
 
@@ -229,6 +233,28 @@ def prepare_dataset(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> 
     if not cfg.download.keep_extracted and extracted.exists():
         shutil.rmtree(extracted)
     return Prepared(name, rows, quarantine, origin)
+
+
+def detect_dataset(cfg: Config, path: Path) -> str:
+    """Which catalog dataset an archive or folder holds, from the names of the files inside."""
+    from tasks.download import resolve_catalog
+    if not path.exists():
+        raise DatasetError(f"--from {path}: no such file or folder")
+    if path.is_dir():
+        names = [str(p.relative_to(path)) for p in archives.content_files(path)]
+        names += [n for p in archives.content_files(path) if archives.archive_kind(p) for n in archives.member_names(p)]
+    elif archives.archive_kind(path):
+        names = archives.member_names(path)
+    else:
+        raise DatasetError(f"--from {path}: not a folder or a readable zip/tar archive")
+    catalog = datasets.load_catalog(resolve_catalog(cfg.download.datasets_file))
+    found = [name for layout in datasets.matching_layouts(names) for name, spec in catalog.items()
+             if spec.layout == layout]
+    if len(found) != 1:
+        what = f"it matches {found}" if found else "no dataset layout matches the files inside"
+        raise DatasetError(f"--from {path}: cannot tell which dataset this is ({what}); write "
+                           f"--from DATASET={path} with DATASET one of {sorted(catalog)}")
+    return found[0]
 
 
 def count_problems(prepared: Prepared, spec: datasets.DatasetSpec, log) -> list[str]:

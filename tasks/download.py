@@ -129,6 +129,7 @@ def real_datasets(cfg: Config, log) -> tuple[list[dict], list[dict], dict[str, f
     if unknown:
         raise datasets.CatalogError(f"unknown dataset(s) {unknown}: the catalog has {sorted(catalog)}")
     rows, quarantine, metrics, params, problems = [], [], {}, {}, []
+    network = False
     for name in cfg.download.datasets:
         spec = catalog[name]
         try:
@@ -136,10 +137,11 @@ def real_datasets(cfg: Config, log) -> tuple[list[dict], list[dict], dict[str, f
         except (acquire.DatasetError, datasets.CatalogError) as e:
             log.error(str(e))
             problems.append(str(e))
+            network |= isinstance(e, acquire.DatasetUnavailable)
             continue
         rows += prepared.rows
         quarantine += prepared.quarantine
-        metrics.update(dataset_metrics(prepared))
+        metrics.update(dataset_metrics(prepared, spec))
         params.update({f"download.{name}.{k}": v for k, v in prepared.origin.items()})
         shortfall = acquire.count_problems(prepared, spec, log)
         if shortfall and not cfg.download.allow_partial:
@@ -147,12 +149,20 @@ def real_datasets(cfg: Config, log) -> tuple[list[dict], list[dict], dict[str, f
                             " (set download.allow_partial=true to go on with what there is)")
     if problems:
         raise DownloadError("download stage failed for:\n" + "\n".join(f"* {p}" for p in problems) +
-                            "\nDatasets that succeeded are kept and are reused by the rerun.")
+                            "\nDatasets that succeeded are kept and are reused by the rerun.", network=network)
     return rows, quarantine, metrics, params
 
 
 class DownloadError(RuntimeError):
-    pass
+    def __init__(self, message: str, network: bool = False):
+        super().__init__(message)
+        self.network = network  # a source could not be reached: a later retry may succeed
+
+
+def network_failure(task, task_run, state) -> bool:
+    """Prefect retry condition: retry the stage only when a source was unreachable, never for a
+    checksum, an unsafe archive or a count shortfall (retrying cannot fix those)."""
+    return isinstance(state.data, DownloadError) and state.data.network
 
 
 def resolve_catalog(path: str) -> str:
@@ -163,15 +173,20 @@ def resolve_catalog(path: str) -> str:
     return str(packaged) if packaged.exists() else path
 
 
-def dataset_metrics(prepared: acquire.Prepared) -> dict[str, float]:
-    out = {f"dataset/{prepared.name}/{split}": float(sum(r["split"] == split for r in prepared.rows))
-           for split in SPLITS}
+def dataset_metrics(prepared: acquire.Prepared, spec: datasets.DatasetSpec) -> dict[str, float]:
+    """The per-dataset summary MLflow shows: pairs per split against the expected counts."""
+    out = {}
+    for split in SPLITS:
+        out[f"dataset/{prepared.name}/{split}"] = float(sum(r["split"] == split for r in prepared.rows))
+        out[f"dataset/{prepared.name}/{split}_expected"] = float(spec.expected.get(split, 0))
     out[f"dataset/{prepared.name}/quarantined"] = float(len(prepared.quarantine))
     out[f"dataset/{prepared.name}/converted"] = float(sum(bool(r.get("note")) for r in prepared.rows))
     return out
 
 
-@task(name="download", persist_result=True)
+# Retries with backoff on network failures only (finished datasets are reused by the retry).
+@task(name="download", persist_result=True, retries=2, retry_delay_seconds=[60, 600],
+      retry_condition_fn=network_failure)
 def download(cfg: Config, key: str, run_id: str | None = None) -> StageResult:
     """Materialise the dataset in the seed layout and write the pairs manifest."""
     log = stage_logger()

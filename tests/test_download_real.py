@@ -332,3 +332,30 @@ def test_layout_rules_find_wrapper_folders_and_never_pair_by_sorted_order():
     gamma = datasets.parse_gopro(("test", "GOPR0384_11_00", "blur_gamma", "000001.png"), lq_folder="blur_gamma")
     assert gamma == datasets.Member("val", "GOPR0384_11_00_000001", "LQ")
     assert datasets.parse_gopro(("test", "GOPR0384_11_00", "blur_gamma", "000001.png")) is None
+
+
+def test_cli_from_recognises_the_dataset_or_asks(tmp_path):
+    from flows.cli import from_overrides
+    from srdiff_core.config import ConfigError
+    archive = tmp_path / "LOLdataset.zip"
+    archive.write_bytes(A.zip_bytes(LOL))
+    catalog = write_catalog(tmp_path / "c.yaml", {
+        "lol": entry("lol", "low-light", {"train": 3, "val": 2}, [("lol_dataset.zip", [])]),
+        "rain100h": entry("rain100h", "rainy", {"train": 3, "val": 2}, [("RainTrainH.zip", [])])})
+    base = [f"download.datasets_file={catalog}"]
+    out = from_overrides(None, base, [str(archive), f"rain100h={tmp_path}"])
+    cfg = load_config(None, out)
+    assert cfg.download.from_paths == {"lol": [str(archive)], "rain100h": [str(tmp_path)]}
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "README.txt").write_text("nothing here")
+    with pytest.raises(ConfigError, match="cannot tell which dataset.*--from DATASET="):
+        from_overrides(None, base, [str(junk)])
+
+
+def test_prefect_retries_the_stage_only_for_network_failures():
+    from prefect.states import Failed
+    from tasks.download import network_failure
+    assert network_failure(None, None, Failed(data=DownloadError("no source reachable", network=True)))
+    assert not network_failure(None, None, Failed(data=DownloadError("sha256 mismatch")))
+    assert not network_failure(None, None, Failed(data=ValueError("bug")))
