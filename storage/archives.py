@@ -189,10 +189,12 @@ def _extract_tar(archive: Path, target: Path, limits: Limits) -> None:
 
 
 def content_files(root: str | os.PathLike) -> list[Path]:
-    """Every regular file under ``root``, sorted, without archiver junk (``__MACOSX``, ``._*``)."""
-    files = []
-    for path in Path(root).rglob("*"):
-        if any(p in JUNK_PARTS for p in path.parts) or path.name.startswith("._"):
+    """Every regular file under ``root``, sorted, without archiver junk (``__MACOSX``, ``._*``)
+    or hidden folders (a Hugging Face download keeps its bookkeeping in ``.cache/``)."""
+    files, root = [], Path(root)
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).parts
+        if any(p in JUNK_PARTS or p.startswith(".") for p in rel[:-1]) or path.name.startswith("._"):
             continue
         if path.is_file():
             files.append(path)

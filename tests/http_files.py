@@ -23,6 +23,7 @@ class FileServer:
     files: dict[str, bytes] = field(default_factory=dict)    # URL path -> content
     drop_after: dict[str, int] = field(default_factory=dict)  # URL path -> bytes, then drop (once)
     pages: dict[str, tuple[int, str]] = field(default_factory=dict)  # URL path -> (status, html)
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)  # URL path -> extra headers
     log: list[Served] = field(default_factory=list)
 
     def __enter__(self) -> FileServer:
@@ -72,6 +73,8 @@ def _handler(server: FileServer):
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(len(chunk)))
             self.send_header("Content-Disposition", f'attachment; filename="{path.rsplit("/", 1)[-1].split("?")[0]}"')
+            for name, value in server.headers.get(path.split("?")[0], {}).items():
+                self.send_header(name, value)
             if self.headers.get("Range"):
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
             self.end_headers()
@@ -109,3 +112,22 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int]:
     start = int(m.group(1))
     end = int(m.group(2)) + 1 if m.group(2) else size
     return start, min(end, size)
+
+
+def hub_repo(repo: str, files: dict[str, bytes], commit: str = "c0ffee" * 6 + "c0ff") -> tuple[dict, dict]:
+    """(files, headers) for FileServer that make it answer like the Hugging Face Hub for one
+    dataset repo: the revision and tree APIs and ``resolve`` URLs with the commit and ETag headers
+    huggingface_hub requires."""
+    import hashlib
+    import json
+    served, headers = {}, {}
+    for name, data in files.items():
+        for revision in ("main", commit):
+            path = f"/datasets/{repo}/resolve/{revision}/{name}"
+            served[path] = data
+            headers[path] = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+    served[f"/api/datasets/{repo}/revision/main"] = json.dumps(
+        {"id": repo, "sha": commit, "siblings": [{"rfilename": n} for n in files]}).encode()
+    served[f"/api/datasets/{repo}/tree/{commit}"] = json.dumps(
+        [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()} for n, d in files.items()]).encode()
+    return served, headers

@@ -234,22 +234,36 @@ def test_oversized_archive_is_refused(tmp_path):
                                "download.max_extract_files=5"), key="k")
 
 
-def test_bad_pairs_are_quarantined_and_good_pairs_all_kept(tmp_path):
+def _corrupt(m):
+    m["lol_dataset/our485/low/5.png"] = m["lol_dataset/our485/low/5.png"][:60]  # truncated PNG
+    return "lol-train-5", "unreadable LQ image 5.png: "
+
+
+def _size_mismatch(m):
+    m["lol_dataset/our485/high/5.png"] = A.image_bytes(1, size=(24, 16))
+    return "lol-train-5", "size mismatch: LQ (20, 16) vs GT (24, 16)"
+
+
+def _missing_gt(m):
+    del m["lol_dataset/our485/high/5.png"]
+    return "lol-train-5", "missing GT partner"
+
+
+def _greyscale(m):
+    m["lol_dataset/our485/low/5.png"] = A.image_bytes(2, mode="L")
+    return "lol-train-5", "LQ image 5.png is greyscale (L) where RGB is expected"
+
+
+@pytest.mark.parametrize("damage", [_corrupt, _size_mismatch, _missing_gt, _greyscale],
+                         ids=["corrupt-png", "size-mismatch", "missing-gt", "greyscale"])
+def test_a_bad_pair_is_quarantined_and_every_good_pair_kept(tmp_path, damage):
     members = dict(LOL)
-    members["lol_dataset/our485/low/5.png"] = LOL["lol_dataset/our485/low/5.png"][:60]       # corrupt/truncated PNG
-    members["lol_dataset/our485/high/100.png"] = A.image_bytes(1, size=(24, 16))              # size mismatch
-    del members["lol_dataset/eval15/high/22.png"]                                              # missing GT
-    members["lol_dataset/our485/low/7.png"] = A.image_bytes(2, mode="L")                       # greyscale
-    members["lol_dataset/our485/high/7.png"] = A.image_bytes(3)
+    bad_id, reason = damage(members)
     with FileServer(files={"/lol.zip": A.zip_bytes(members)}) as server:
         cfg = config(tmp_path, _lol_catalog(tmp_path, server), ["lol"], "download.allow_partial=true")
         result = download.fn(cfg, key="k")
-    assert sorted(r["id"] for r in manifest_of(result)) == ["lol-train-2", "lol-val-1"]
-    reasons = quarantine_of(result)
-    assert reasons["lol-train-5"].startswith("unreadable LQ image 5.png")
-    assert reasons["lol-train-100"] == "size mismatch: LQ (20, 16) vs GT (24, 16)"
-    assert reasons["lol-val-22"] == "missing GT partner"
-    assert reasons["lol-train-7"] == "LQ image 7.png is greyscale (L) where RGB is expected"
+    assert sorted(r["id"] for r in manifest_of(result)) == ["lol-train-100", "lol-train-2", "lol-val-1", "lol-val-22"]
+    assert list(quarantine_of(result)) == [bad_id] and quarantine_of(result)[bad_id].startswith(reason)
 
 
 def test_shortfall_is_an_error_unless_partial_data_is_allowed(tmp_path, caplog):
@@ -359,3 +373,30 @@ def test_prefect_retries_the_stage_only_for_network_failures():
     assert network_failure(None, None, Failed(data=DownloadError("no source reachable", network=True)))
     assert not network_failure(None, None, Failed(data=DownloadError("sha256 mismatch")))
     assert not network_failure(None, None, Failed(data=ValueError("bug")))
+
+
+def test_hugging_face_and_drive_sources_deliver(tmp_path, monkeypatch):
+    """The hub client and gdown against loopback servers that answer like the Hub and like a
+    Drive download (offline mode is lifted for this test only; every endpoint is 127.0.0.1)."""
+    import huggingface_hub.constants
+    from http_files import hub_repo
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    lol = A.zip_bytes(LOL)
+    reside_files, reside_headers = hub_repo("someone/RESIDE-6K", RESIDE)
+    lol_files, lol_headers = hub_repo("someone/LoL", {"lol_dataset.zip": lol})
+    with FileServer(files={**reside_files, **lol_files, "/uc": A.zip_bytes({**RAIN_TRAIN, **RAIN_TEST})},
+                    headers={**reside_headers, **lol_headers}) as server:
+        hub = server.url("")
+        catalog = write_catalog(tmp_path / "c.yaml", {
+            "reside6k": entry("reside6k", "hazy", {"train": 2, "val": 1}, [("RESIDE-6K", [
+                {"kind": "hf-dataset", "repo": "someone/RESIDE-6K", "endpoint": hub}])]),
+            "lol": entry("lol", "low-light", {"train": 3, "val": 2}, [("lol_dataset.zip", [
+                {"kind": "hf-file", "repo": "someone/LoL", "filename": "lol_dataset.zip", "endpoint": hub,
+                 "sha256": sha(lol)}])]),
+            "rain100h": entry("rain100h", "rainy", {"train": 3, "val": 2}, [("rain.zip", [
+                {"kind": "gdrive", "id": "RAINID", "endpoint": hub}])]),
+        })
+        result = download.fn(config(tmp_path, catalog, ["reside6k", "lol", "rain100h"]), key="k")
+    ids = {r["id"] for r in manifest_of(result)}
+    assert len(ids) == 13 and {"reside6k-val-0003_1_0.2", "lol-val-22", "rain100h-val-002"} <= ids
+    assert "sha256 " + sha(lol) in result.params["download.lol.lol_dataset.zip"]
