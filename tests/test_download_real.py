@@ -400,3 +400,27 @@ def test_hugging_face_and_drive_sources_deliver(tmp_path, monkeypatch):
     ids = {r["id"] for r in manifest_of(result)}
     assert len(ids) == 13 and {"reside6k-val-0003_1_0.2", "lol-val-22", "rain100h-val-002"} <= ids
     assert "sha256 " + sha(lol) in result.params["download.lol.lol_dataset.zip"]
+
+
+def test_download_stage_in_the_flow_logs_the_dataset_summary_to_mlflow(tmp_path, prefect_harness):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import srdiff
+    from tasks.tracking import PARENT_TAG, STAGE_TAG, tracking_uri
+    lol = A.zip_bytes(LOL)
+    with FileServer(files={"/lol.zip": lol}) as server:
+        catalog = _lol_catalog(tmp_path, server, sha256=sha(lol))
+        overrides = [f"data_root={tmp_path / 'data'}", "download.source=real", f"download.datasets_file={catalog}",
+                     "download.datasets=[lol]"]
+        default = str(Path(__file__).parents[1] / "configs" / "default.yaml")
+        summary = srdiff(config_path=default, overrides=overrides, stages=["download"])
+        again = srdiff(config_path=default, overrides=overrides, stages=["download"])
+    assert again["stages"]["download"]["reused"]
+    client = MlflowClient(tracking_uri(load_config(default, overrides)))
+    exp = client.get_run(summary["parent_run_id"]).info.experiment_id
+    run = next(r for r in client.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{summary['parent_run_id']}'")
+               if r.data.tags[STAGE_TAG] == "download")
+    m = run.data.metrics
+    assert (m["dataset/lol/train"], m["dataset/lol/train_expected"], m["dataset/lol/val"]) == (3, 3, 2)
+    assert m["dataset/lol/quarantined"] == 0 and m["pairs/total"] == 5
+    assert sha(lol) in run.data.params["download.lol.lol_dataset.zip"]
