@@ -87,35 +87,43 @@ def _http_filesystem():
     return fsspec.filesystem("http", skip_instance_cache=True)
 
 
-def _http_fetch_once(url: str, part: Path, chunk: int, log) -> None:
-    """Append the missing bytes of ``url`` to ``part`` (resuming from its size when the server
-    supports ranges; starting over when it does not)."""
+def _http_fetch_once(url: str, part: Path, chunk: int, log, use_ranges: bool = True) -> None:
+    """Append the missing bytes of ``url`` to ``part``: resuming from its size with Range
+    requests when the server announces a size, else streaming from the start."""
     http = _http_filesystem()
     size = http.info(url).get("size")
     offset = part.stat().st_size if part.exists() else 0
-    if size is not None and offset > size:
-        offset = 0  # the file on the server changed: start over
-    ranged = size is not None
-    progress = ByteProgress(part.name.removesuffix(".part"), size, offset if ranged else 0, log)
+    if size is None or not use_ranges or offset > size:  # no size, no ranges, or the file changed
+        offset = 0
+    progress = ByteProgress(part.name.removesuffix(".part"), size, offset, log)
     try:
-        if ranged:
-            with http.open(url, "rb", block_size=chunk, cache_type="none") as src, open(part, "ab") as out:
-                out.truncate(offset)
-                src.seek(offset)
-                while offset < size and (data := src.read(min(chunk, size - offset))):
-                    out.write(data)  # whole chunks only: the file on disk is always a prefix
-                    out.flush()
-                    offset += len(data)
-                    progress.update(len(data))
-            if offset != size:
-                raise OSError(f"server sent {offset} of {size} bytes")
-        else:  # no size, no ranges: stream from the start
+        if size is not None and use_ranges:
+            _copy_ranges(http, url, part, offset, size, chunk, progress)
+        else:
             with http.open(url, "rb", block_size=0) as src, open(part, "wb") as out:
                 while data := src.read(chunk):
                     out.write(data)
                     progress.update(len(data))
     finally:
         progress.close()
+
+
+def _copy_ranges(http, url: str, part: Path, offset: int, size: int, chunk: int, progress: ByteProgress) -> None:
+    with http.open(url, "rb", block_size=chunk, cache_type="none") as src, open(part, "ab") as out:
+        out.truncate(offset)
+        src.seek(offset)
+        while offset < size and (data := src.read(min(chunk, size - offset))):
+            out.write(data)  # whole chunks only: the file on disk is always a prefix
+            out.flush()
+            offset += len(data)
+            progress.update(len(data))
+    if offset != size:
+        raise OSError(f"server sent {offset} of {size} bytes")
+
+
+def _no_range_support(e: Exception) -> bool:
+    # fsspec's words when a server answers a Range request with the whole file.
+    return isinstance(e, ValueError) and "support range requests" in str(e)
 
 
 def fetch_http(url: str, dest: Path, *, retries: int = 4, backoff_s: float = 2.0, chunk: int | None = None,
@@ -127,9 +135,19 @@ def fetch_http(url: str, dest: Path, *, retries: int = 4, backoff_s: float = 2.0
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    use_ranges = True
     for attempt in range(retries + 1):
         try:
-            _http_fetch_once(url, part, chunk or HTTP_CHUNK, log)
+            try:
+                _http_fetch_once(url, part, chunk or HTTP_CHUNK, log, use_ranges)
+            except Exception as e:
+                if not (use_ranges and _no_range_support(e)):
+                    raise
+                if log:
+                    log.warning(f"{url}: the server ignores Range requests; downloading from the start "
+                                "(an interrupted download cannot resume from this server)")
+                use_ranges = False
+                _http_fetch_once(url, part, chunk or HTTP_CHUNK, log, use_ranges)
             os.replace(part, dest)
             return dest
         except FileNotFoundError as e:

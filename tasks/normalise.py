@@ -15,9 +15,6 @@ from PIL import Image
 
 from storage import fs
 
-# Decompression-bomb guard: no benchmark image is near this (GoPro frames are 1280x720).
-Image.MAX_IMAGE_PIXELS = 8192 * 8192
-
 
 def encode_png(img: Image.Image) -> bytes:
     """Deterministic PNG bytes (fixed compression level, no metadata chunks)."""

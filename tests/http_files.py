@@ -24,6 +24,7 @@ class FileServer:
     drop_after: dict[str, int] = field(default_factory=dict)  # URL path -> bytes, then drop (once)
     pages: dict[str, tuple[int, str]] = field(default_factory=dict)  # URL path -> (status, html)
     headers: dict[str, dict[str, str]] = field(default_factory=dict)  # URL path -> extra headers
+    ranges: bool = True  # False: ignore Range headers and always send the whole file with 200
     log: list[Served] = field(default_factory=list)
 
     def __enter__(self) -> FileServer:
@@ -66,16 +67,18 @@ def _handler(server: FileServer):
             if data is None:
                 self._reply(404, b"not found", "text/plain", body)
                 return
-            start, end = _parse_range(self.headers.get("Range"), len(data))
+            ranged = bool(self.headers.get("Range")) and server.ranges
+            start, end = _parse_range(self.headers.get("Range") if ranged else None, len(data))
             chunk = data[start:end]
-            self.send_response(206 if self.headers.get("Range") else 200)
+            self.send_response(206 if ranged else 200)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Accept-Ranges", "bytes")
+            if server.ranges:
+                self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(len(chunk)))
             self.send_header("Content-Disposition", f'attachment; filename="{path.rsplit("/", 1)[-1].split("?")[0]}"')
             for name, value in server.headers.get(path.split("?")[0], {}).items():
                 self.send_header(name, value)
-            if self.headers.get("Range"):
+            if ranged:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
             self.end_headers()
             if not body:
@@ -89,7 +92,10 @@ def _handler(server: FileServer):
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
-            self.wfile.write(chunk)
+            try:
+                self.wfile.write(chunk)
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
+                return
             server.log.append(Served("GET", path.split("?")[0], start, len(chunk)))
 
         def _reply(self, status: int, payload: bytes, ctype: str, body: bool) -> None:
