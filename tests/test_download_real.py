@@ -340,6 +340,10 @@ def test_layout_rules_find_wrapper_folders_and_never_pair_by_sorted_order():
     pairs, rejected = datasets.find_pairs("lol", [(Path(n), Path(n).parts) for n in names])
     assert [(p.native_id, p.lq.name, p.gt.name) for p in pairs] == [("1", "1.png", "1.png"), ("10", "10.png", "10.png")]
     assert sorted((r.native_id, r.reason) for r in rejected) == [("2", "missing GT partner"), ("3", "missing LQ partner")]
+    # The same id twice (two copies of the folder): rejected, not silently picking one.
+    twice = ["a/lol_dataset/eval15/low/1.png", "a/lol_dataset/eval15/high/1.png", "b/lol_dataset/eval15/low/1.png"]
+    pairs, rejected = datasets.find_pairs("lol", [(Path(n), Path(n).parts) for n in twice])
+    assert pairs == [] and rejected[0].reason.startswith("duplicate id: 2 files")
     assert datasets.matching_layouts(GOPRO) == ["gopro"]
     assert datasets.matching_layouts(list(RAIN_TEST)) == ["rain100h"]
     assert datasets.matching_layouts(["README.txt"]) == []
