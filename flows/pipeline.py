@@ -110,7 +110,7 @@ def download_flow(cfg: Config, parent_run_id: str, refresh: bool = False) -> tup
 
 
 def catalog_digest(cfg: Config) -> str:
-    catalog = Path(tasks.download.resolve_catalog(cfg.download.datasets_file))
+    catalog = Path(tasks.datasets.resolve_catalog(cfg.download.datasets_file))
     return fs.sha256_file(catalog) if catalog.exists() else "missing"
 
 

@@ -237,7 +237,6 @@ def prepare_dataset(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> 
 
 def detect_dataset(cfg: Config, path: Path) -> str:
     """Which catalog dataset an archive or folder holds, from the names of the files inside."""
-    from tasks.download import resolve_catalog
     if not path.exists():
         raise DatasetError(f"--from {path}: no such file or folder")
     if path.is_dir():
@@ -247,7 +246,7 @@ def detect_dataset(cfg: Config, path: Path) -> str:
         names = archives.member_names(path)
     else:
         raise DatasetError(f"--from {path}: not a folder or a readable zip/tar archive")
-    catalog = datasets.load_catalog(resolve_catalog(cfg.download.datasets_file))
+    catalog = datasets.load_catalog(datasets.resolve_catalog(cfg.download.datasets_file))
     found = [name for layout in datasets.matching_layouts(names) for name, spec in catalog.items()
              if spec.layout == layout]
     if len(found) != 1:

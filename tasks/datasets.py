@@ -78,6 +78,14 @@ class CatalogError(ValueError):
     pass
 
 
+def resolve_catalog(path: str) -> str:
+    """A relative catalog path is looked up in the working directory, then in the project."""
+    if Path(path).is_absolute() or Path(path).exists():
+        return path
+    packaged = Path(__file__).resolve().parents[1] / path
+    return str(packaged) if packaged.exists() else path
+
+
 def load_catalog(path: str | Path) -> dict[str, DatasetSpec]:
     path = Path(path)
     if not path.exists():

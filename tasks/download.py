@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import time
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 from PIL import Image
@@ -124,7 +123,7 @@ def write_quarantine(cfg: Config, rows: list[dict]) -> str:
 def real_datasets(cfg: Config, log) -> tuple[list[dict], list[dict], dict[str, float], dict[str, str]]:
     """Prepare every configured dataset; one that fails does not stop the others (their work is
     kept, and a rerun reuses it). Raises at the end with every problem listed."""
-    catalog = datasets.load_catalog(resolve_catalog(cfg.download.datasets_file))
+    catalog = datasets.load_catalog(datasets.resolve_catalog(cfg.download.datasets_file))
     unknown = [n for n in [*cfg.download.datasets, *cfg.download.from_paths] if n not in catalog]
     if unknown:
         raise datasets.CatalogError(f"unknown dataset(s) {unknown}: the catalog has {sorted(catalog)}")
@@ -163,14 +162,6 @@ def network_failure(task, task_run, state) -> bool:
     """Prefect retry condition: retry the stage only when a source was unreachable, never for a
     checksum, an unsafe archive or a count shortfall (retrying cannot fix those)."""
     return isinstance(state.data, DownloadError) and state.data.network
-
-
-def resolve_catalog(path: str) -> str:
-    """A relative catalog path is looked up in the working directory, then in the project."""
-    if Path(path).is_absolute() or Path(path).exists():
-        return path
-    packaged = Path(__file__).resolve().parents[1] / path
-    return str(packaged) if packaged.exists() else path
 
 
 def dataset_metrics(prepared: acquire.Prepared, spec: datasets.DatasetSpec) -> dict[str, float]:
