@@ -51,6 +51,33 @@ class ClipEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def compute(self) -> str:
+        """Where and in what precision embeddings are computed, e.g. "cuda-bf16", "cpu-fp32" (the
+        CPU always runs fp32): the same image gives slightly different vectors in each."""
+        device = self.device.type
+        return f"{device}-{'bf16' if self.precision == 'bf16' and device == 'cuda' else 'fp32'}"
+
+    @property
+    def preprocessing(self) -> str:
+        """The batched preprocessing in words (recorded with every embedding table)."""
+        return (f"resize ({self.resize_mode}, {self.interpolation}, antialias) to {self.image_size}, "
+                f"centre crop, normalise mean {self.mean} std {self.std}")
+
+
+# Bump when the batched preprocessing's output changes (e.g. a fix to _resize_like_pil): cached
+# embeddings made by the older code then stop matching (see cache_descriptor).
+PREPROCESSING_VERSION = 1
+
+
+def cache_descriptor(encoder: ClipEncoder) -> dict[str, str]:
+    """Everything an image's embedding depends on besides the image bytes: the model part of a
+    content-keyed cache key (storage.embed_cache). Two encoders with equal descriptors give the
+    same vector for the same image."""
+    return {"arch": encoder.arch, "weights_digest": encoder.weights_digest,
+            "preprocessing": f"v{PREPROCESSING_VERSION}: {encoder.preprocessing}", "compute": encoder.compute,
+            "embed_dim": str(encoder.embed_dim)}
+
 
 # ---------------------------------------------------------------- weights: where they come from
 

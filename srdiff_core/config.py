@@ -94,6 +94,13 @@ class EmbedConfig(_Section):
     batch_size: int = Field(default=256, ge=1)
     num_workers: int = Field(default=2, ge=0)
     precision: Precision = "bf16"  # used on CUDA only; CPU always runs fp32
+    # Extraction processes: > 1 runs one per GPU under torchrun (gloo processes with device: cpu),
+    # each embedding its share of the shards; rank 0 merges the tables (identical to nproc 1).
+    nproc: int = Field(default=1, ge=1)
+    # Content-keyed embedding cache under data_root/cache/embeddings: an image (by the sha256 of
+    # its PNG bytes) already embedded by the same model, weights, preprocessing and precision is
+    # looked up, not recomputed, whatever the shard layout or the training config.
+    cache: bool = True
     srm: SRMConfig = SRMConfig()
     export_pt: bool = True  # also write the seed's per-image LQCLS/ RestoreCLS/ .pt layout
 

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
 import time
+from collections import deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
+import yaml
 from PIL import Image
 from prefect import task
 
 from srdiff_core import clip_embed, srm
 from srdiff_core.config import Config
+from srdiff_core.distributed import DistInfo, barrier, device_for, is_main
 from storage import fs, shards, tables
-from tasks import tracking
+from storage.embed_cache import EmbeddingCache
+from tasks import common, tracking
 from tasks.common import RateLogger, StageResult, pick_device, stage_dir, stage_logger
 
 SPLITS = ("train", "val")
+QUARANTINE_NAME = "embed_quarantine.parquet"
+COUNTS_NAME = "extraction.json"  # the counts of the extraction (cache hits, computed, ...)
+PARTS_DIR = "parts"  # per-rank parts while several processes extract
 
 
 # What a sample's bytes can raise when they are not a readable image: PIL's "cannot identify",
@@ -36,14 +51,23 @@ def _decode_error(which: str, error: Exception) -> str:
     return f"{which} PNG does not decode ({type(error).__name__}: {message})"
 
 
-def decode_sample(sample: dict) -> dict:
+def decode_sample(sample: dict, known: frozenset[str] | None = None) -> dict:
     """A shard sample -> {"id", "degradation", "split", "lq", "gt"} (uint8 [3,H,W] tensors), or,
-    when LQ or GT does not decode, a quarantine row {"id", "split", "degradation", "reason"}."""
+    when LQ or GT does not decode, a quarantine row {"id", "split", "degradation", "reason"}.
+
+    With ``known`` (the sha256s the embedding cache holds), the row also carries "lq_sha256" and
+    "gt_sha256", and an image whose sha256 is known is not decoded at all ("lq"/"gt" is None)."""
     meta = sample["meta"]
     row = {"id": sample["id"], "degradation": meta["degradation"], "split": meta["split"]}
     for which in ("lq", "gt"):
+        data = sample[f"{which}_png"]
+        if known is not None:
+            row[f"{which}_sha256"] = hashlib.sha256(data).hexdigest()
+            if row[f"{which}_sha256"] in known:
+                row[which] = None
+                continue
         try:
-            row[which] = torch.from_numpy(shards.decode_png(sample[f"{which}_png"])).permute(2, 0, 1)
+            row[which] = torch.from_numpy(shards.decode_png(data)).permute(2, 0, 1)
         except UNDECODABLE as e:
             return {"id": row["id"], "split": row["split"], "degradation": row["degradation"],
                     "reason": _decode_error(which.upper(), e)}
@@ -54,18 +78,38 @@ def is_quarantined(item: dict) -> bool:
     return "reason" in item
 
 
-class DecodedShardImages(torch.utils.data.IterableDataset):
-    """Decoded LQ and GT of every sample in the shards, split across DataLoader workers by shard.
-    A sample that does not decode comes out as a quarantine row (see ``decode_sample``)."""
+def _chunks(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    chunk: list[dict] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
-    def __init__(self, urls: list[str]):
-        self.urls = urls
+
+class DecodedShardImages(torch.utils.data.IterableDataset):
+    """Decoded LQ and GT of every sample in this rank's shards, split across DataLoader workers by
+    shard (storage.shards.split_shards). A sample that does not decode comes out as a quarantine
+    row (see ``decode_sample``); ``known`` skips decoding cached images.
+
+    ``chunk``: yield lists of up to ``chunk`` consecutive samples of one shard instead of single
+    samples. A model batch is then a function of its shard alone, not of how the shards were
+    split across ranks and workers, so every split computes bit-identical embeddings."""
+
+    def __init__(self, urls: list[str], *, known: frozenset[str] | None = None, rank: int = 0,
+                 world_size: int = 1, chunk: int | None = None):
+        self.urls, self.known, self.rank, self.world_size, self.chunk = urls, known, rank, world_size, chunk
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        urls = self.urls if info is None else self.urls[info.id::info.num_workers]
-        for sample in shards.iter_samples(urls):
-            yield decode_sample(sample)
+        worker_id, num_workers = (0, 0) if info is None else (info.id, info.num_workers)
+        own = shards.split_shards(self.urls, rank=self.rank, world_size=self.world_size, worker_id=worker_id,
+                                  num_workers=num_workers)
+        for url in own:
+            samples = (decode_sample(s, self.known) for s in shards.iter_samples([url]))
+            yield from (samples if self.chunk is None else _chunks(samples, self.chunk))
 
 
 def _collate(items: list[dict]) -> list[dict]:
@@ -80,14 +124,86 @@ class Embeddings:
     lq: torch.Tensor  # [N, D] float32, L2-normalised
     gt: torch.Tensor
     quarantine: list[dict] = field(default_factory=list)  # samples skipped: id, split, degradation, reason
+    computed: int = 0  # images that went through the model
+    cache_hits: int = 0  # images whose embedding was already known (the cache, or a duplicate in this run)
+    fresh: dict[str, torch.Tensor] = field(default_factory=dict)  # sha256 -> vector computed here (cache on)
+
+    def sorted_by_id(self) -> "Embeddings":
+        order = sorted(range(len(self.ids)), key=self.ids.__getitem__)
+        index = torch.tensor(order, dtype=torch.long)
+        return Embeddings([self.ids[i] for i in order], [self.splits[i] for i in order],
+                          [self.degradations[i] for i in order], self.lq[index], self.gt[index],
+                          sorted(self.quarantine, key=lambda r: r["id"]), self.computed, self.cache_hits, self.fresh)
 
 
-def embed_shards(encoder: clip_embed.ClipEncoder, urls: list[str], *, batch_size: int, num_workers: int,
-                 log) -> Embeddings:
-    """Embed LQ and GT of every sample; one model call per batch for both. Samples whose LQ or
-    GT does not decode are skipped, logged, and listed in ``Embeddings.quarantine``."""
-    loader = torch.utils.data.DataLoader(DecodedShardImages(urls), batch_size=batch_size,
-                                         num_workers=min(num_workers, len(urls)), collate_fn=_collate)
+class _KnownVectors:
+    """Embeddings by image content: the cache's and those computed in this run, with the counts."""
+
+    def __init__(self, cache: Mapping[str, np.ndarray] | None):
+        self.cache = cache or {}
+        self.fresh: dict[str, torch.Tensor] = {}
+        self.computed = self.hits = 0
+
+    def get(self, sha: str | None) -> torch.Tensor | None:
+        if sha is None:
+            return None
+        if sha in self.fresh:
+            return self.fresh[sha]
+        vector = self.cache.get(sha)
+        return None if vector is None else torch.from_numpy(vector)
+
+    def embed(self, encoder: clip_embed.ClipEncoder, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """LQ and GT embeddings [n, D] of decoded samples: known images looked up, the others
+        (LQs, then GTs, each distinct image once) embedded in one model call."""
+        found, images, position, waiting = self._sort_out(items)
+        if images:
+            emb = clip_embed.embed_batch(encoder, images).float().cpu()
+            self.fresh.update((sha, emb[j]) for sha, j in position.items())
+            found.update((slot, emb[j]) for slot, j in waiting)
+        self.computed += len(images)
+        self.hits += 2 * len(items) - len(images)
+        n = len(items)
+        return (torch.stack([found[(i, "lq")] for i in range(n)]), torch.stack([found[(i, "gt")] for i in range(n)]))
+
+    def _sort_out(self, items: list[dict]) -> tuple[dict, list[torch.Tensor], dict[str, int], list]:
+        """(known vectors by (item, "lq"/"gt") slot, the images to embed, sha256 -> index among them,
+        (slot, index) of every slot waiting for one of them)."""
+        found: dict[tuple[int, str], torch.Tensor] = {}
+        images: list[torch.Tensor] = []
+        position: dict[str, int] = {}
+        waiting: list[tuple[tuple[int, str], int]] = []
+        for slot in ((i, which) for which in ("lq", "gt") for i in range(len(items))):
+            item = items[slot[0]]
+            sha = item.get(f"{slot[1]}_sha256")
+            vector = self.get(sha)
+            if vector is not None:
+                found[slot] = vector
+            elif sha is not None and sha in position:  # the same image twice in this batch
+                waiting.append((slot, position[sha]))
+            else:
+                if sha is not None:
+                    position[sha] = len(images)
+                waiting.append((slot, len(images)))
+                images.append(item[slot[1]])
+        return found, images, position, waiting
+
+
+def loader_workers(num_workers: int, num_shards: int, world_size: int) -> int:
+    """DataLoader workers of one rank: at most one per shard of its share."""
+    return min(num_workers, num_shards // world_size)
+
+
+def embed_rank(encoder: clip_embed.ClipEncoder, urls: list[str], *, batch_size: int, num_workers: int, log,
+               cache: Mapping[str, np.ndarray] | None = None, rank: int = 0, world_size: int = 1) -> Embeddings:
+    """Embed LQ and GT of every sample in rank ``rank``'s share of ``urls``, sorted by id (may be
+    empty). With ``cache`` ({sha256: vector}, the embedding cache's content) only images it lacks
+    are decoded and embedded; ``Embeddings.fresh`` holds those, for the cache. Samples whose LQ
+    or GT does not decode are skipped, logged, and listed in ``Embeddings.quarantine``."""
+    dataset = DecodedShardImages(urls, known=None if cache is None else frozenset(cache), rank=rank,
+                                 world_size=world_size, chunk=batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=_collate,
+                                         num_workers=loader_workers(num_workers, len(urls), world_size))
+    known = _KnownVectors(cache)
     ids, splits, degradations, lq_out, gt_out, quarantine = [], [], [], [], [], []
     progress = RateLogger(log, "embed", None, "images")
     for items in loader:
@@ -97,19 +213,33 @@ def embed_shards(encoder: clip_embed.ClipEncoder, urls: list[str], *, batch_size
             quarantine.append(bad)
         if not batch:
             continue
-        images = [b["lq"] for b in batch] + [b["gt"] for b in batch]
-        emb = clip_embed.embed_batch(encoder, images).float().cpu()
-        lq_out.append(emb[:len(batch)])
-        gt_out.append(emb[len(batch):])
+        lq, gt = known.embed(encoder, batch)
+        lq_out.append(lq)
+        gt_out.append(gt)
         ids += [b["id"] for b in batch]
         splits += [b["split"] for b in batch]
         degradations += [b["degradation"] for b in batch]
         progress.update(2 * len(batch))
-    if not ids:
-        skipped = f" ({len(quarantine)} quarantined: none decodes)" if quarantine else ""
-        raise ValueError(f"no samples in the shards {urls[:3]}...{skipped}: rerun the shard stage "
+    empty = torch.empty(0, encoder.embed_dim)
+    return Embeddings(ids, splits, degradations, torch.cat(lq_out) if lq_out else empty,
+                      torch.cat(gt_out) if gt_out else empty, quarantine, known.computed, known.hits,
+                      known.fresh).sorted_by_id()
+
+
+def require_samples(emb: Embeddings, where: str) -> None:
+    if not emb.ids:
+        skipped = f" ({len(emb.quarantine)} quarantined: none decodes)" if emb.quarantine else ""
+        raise ValueError(f"no samples in the shards {where}{skipped}: rerun the shard stage "
                          f"(srdiff run --stages shard)")
-    return Embeddings(ids, splits, degradations, torch.cat(lq_out), torch.cat(gt_out), quarantine)
+
+
+def embed_shards(encoder: clip_embed.ClipEncoder, urls: list[str], *, batch_size: int, num_workers: int,
+                 log, cache: Mapping[str, np.ndarray] | None = None) -> Embeddings:
+    """Embed LQ and GT of every sample in ``urls`` in this process (see :func:`embed_rank`), sorted
+    by id; an error when no sample decodes."""
+    emb = embed_rank(encoder, urls, batch_size=batch_size, num_workers=num_workers, log=log, cache=cache)
+    require_samples(emb, f"{urls[:3]}...")
+    return emb
 
 
 def quarantine_table(rows: list[dict]) -> pa.Table:
@@ -117,11 +247,21 @@ def quarantine_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(sorted(rows, key=lambda r: r["id"]), schema=QUARANTINE_SCHEMA)
 
 
+def _vector_column(values: torch.Tensor) -> pa.FixedSizeListArray:
+    flat = pa.array(values.numpy().astype(np.float32).ravel(), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+def _column_vectors(table: pa.Table, name: str) -> torch.Tensor:
+    """A fixed-size-list column as float32 [N, D] (a writable copy)."""
+    column = table.column(name).combine_chunks()
+    flat = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    return torch.from_numpy(flat.reshape(table.num_rows, column.type.list_size))
+
+
 def embedding_table(emb: Embeddings, values: torch.Tensor, metadata: dict[str, str]) -> pa.Table:
-    dim = values.shape[1]
-    flat = pa.array(values.numpy().astype(np.float32).ravel())
-    table = pa.table({"id": emb.ids, "split": emb.splits, "degradation": emb.degradations,
-                      "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
+    table = pa.table({"id": pa.array(emb.ids, pa.string()), "split": pa.array(emb.splits, pa.string()),
+                      "degradation": pa.array(emb.degradations, pa.string()), "embedding": _vector_column(values)})
     return table.replace_schema_metadata({k: str(v) for k, v in metadata.items()})
 
 
@@ -130,6 +270,225 @@ def read_embeddings(url: str) -> dict[str, np.ndarray]:
     table = tables.read_table(url, hint="the embed stage writes it: run `srdiff run --stages embed`")
     values = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
     return dict(zip(table.column("id").to_pylist(), values.astype(np.float32)))
+
+
+# ---------------------------------------------------------------- extraction: one process or several
+
+
+def table_metadata(encoder: clip_embed.ClipEncoder) -> dict[str, str]:
+    """What every embedding table records about the model that made it."""
+    return {"arch": encoder.arch, "weights": encoder.weights, "weights_digest": encoder.weights_digest,
+            "preprocessing": encoder.preprocessing, "compute": encoder.compute,
+            "random_weights": str(encoder.random_weights).lower()}
+
+
+def stage_shard_urls(shards_url: str) -> list[str]:
+    """Every shard the stage embeds, train then val, in index order (the order ranks split)."""
+    return [u for split in SPLITS for u in shards.shard_urls(shards_url, split=split)]
+
+
+def embedding_cache(cfg: Config, encoder: clip_embed.ClipEncoder) -> EmbeddingCache | None:
+    """The content-keyed cache of this model's embeddings under the data root (None: embed.cache off)."""
+    if not cfg.embed.cache:
+        return None
+    return EmbeddingCache(common.path(cfg, "cache", "embeddings"), clip_embed.cache_descriptor(encoder))
+
+
+def _part_url(out_url: str, kind: str, rank: int, world_size: int) -> str:
+    # The world size is in the name: parts an interrupted run with another nproc left are never merged.
+    return fs.join(out_url, PARTS_DIR, f"{kind}-{rank:05d}-of-{world_size:05d}.parquet")
+
+
+def write_part(out_url: str, info: DistInfo, emb: Embeddings) -> None:
+    """This rank's embeddings and quarantine rows, for rank 0 to merge (counts in the metadata)."""
+    table = pa.table({"id": pa.array(emb.ids, pa.string()), "split": pa.array(emb.splits, pa.string()),
+                      "degradation": pa.array(emb.degradations, pa.string()),
+                      "lq": _vector_column(emb.lq), "gt": _vector_column(emb.gt)})
+    table = table.replace_schema_metadata({"computed": str(emb.computed), "cache_hits": str(emb.cache_hits)})
+    tables.write_table(_part_url(out_url, "embeddings", info.rank, info.world_size), table)
+    tables.write_table(_part_url(out_url, "quarantine", info.rank, info.world_size), quarantine_table(emb.quarantine))
+
+
+def merge_parts(out_url: str, world_size: int) -> Embeddings:
+    """Every rank's part as one Embeddings, sorted by id (each shard went to one rank, so each id
+    is in one part)."""
+    hint = "each rank of flows.embed_ddp writes its own: did one fail?"
+    parts = [tables.read_table(_part_url(out_url, "embeddings", r, world_size), hint=hint) for r in range(world_size)]
+    quarantine = [row for r in range(world_size)
+                  for row in tables.read_table(_part_url(out_url, "quarantine", r, world_size), hint=hint).to_pylist()]
+    table = pa.concat_tables(p.replace_schema_metadata(None) for p in parts)
+    ids = table.column("id").to_pylist()
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the rank parts under {fs.join(out_url, PARTS_DIR)} share sample ids: the shard index "
+                         f"lists a sample twice; rerun the shard stage (srdiff run --stages shard --refresh shard)")
+    count = lambda key: sum(int(p.schema.metadata[key.encode()]) for p in parts)  # noqa: E731
+    return Embeddings(ids, table.column("split").to_pylist(), table.column("degradation").to_pylist(),
+                      _column_vectors(table, "lq"), _column_vectors(table, "gt"), quarantine,
+                      count("computed"), count("cache_hits")).sorted_by_id()
+
+
+def extraction_counts(emb: Embeddings, processes: int) -> dict[str, float]:
+    return {"embed/images": float(2 * len(emb.ids)), "embed/computed": float(emb.computed),
+            "embed/cache_hits": float(emb.cache_hits), "embed/quarantined": float(len(emb.quarantine)),
+            "embed/processes": float(processes)}
+
+
+def write_extracted(out_url: str, emb: Embeddings, meta: dict[str, str], counts: dict[str, float]) -> None:
+    """lqcls / gtcls / embed_quarantine.parquet (sorted by id) and the counts (extraction.json)."""
+    tables.write_table(f"{out_url}/lqcls.parquet", embedding_table(emb, emb.lq, meta))
+    tables.write_table(f"{out_url}/gtcls.parquet", embedding_table(emb, emb.gt, meta))
+    tables.write_table(f"{out_url}/{QUARANTINE_NAME}", quarantine_table(emb.quarantine))
+    fs.atomic_write_bytes(f"{out_url}/{COUNTS_NAME}", json.dumps(counts, indent=1, sort_keys=True).encode())
+
+
+def read_extracted(out_url: str) -> tuple[Embeddings, dict[str, str], dict[str, float]]:
+    """What :func:`write_extracted` wrote: the embeddings, the model metadata and the counts."""
+    hint = "the embed stage's extraction (tasks.embed.extract)"
+    lq = tables.read_table(f"{out_url}/lqcls.parquet", hint=hint)
+    gt = tables.read_table(f"{out_url}/gtcls.parquet", hint=hint)
+    ids = lq.column("id").to_pylist()
+    if gt.column("id").to_pylist() != ids:
+        raise ValueError(f"{out_url}/lqcls.parquet and gtcls.parquet list different ids: rerun the embed stage "
+                         f"(srdiff run --stages embed --refresh embed)")
+    quarantine = tables.read_table(f"{out_url}/{QUARANTINE_NAME}", hint=hint).to_pylist()
+    counts = json.loads(fs.read_bytes(f"{out_url}/{COUNTS_NAME}"))
+    emb = Embeddings(ids, lq.column("split").to_pylist(), lq.column("degradation").to_pylist(),
+                     _column_vectors(lq, "embedding"), _column_vectors(gt, "embedding"), quarantine,
+                     int(counts["embed/computed"]), int(counts["embed/cache_hits"]))
+    meta = {k.decode(): v.decode() for k, v in (lq.schema.metadata or {}).items()}
+    return emb, meta, counts
+
+
+def _embed_share(cfg: Config, encoder: clip_embed.ClipEncoder, cache: EmbeddingCache | None, shards_url: str,
+                 info: DistInfo, log) -> Embeddings:
+    """This rank's share of the shards embedded, the embedding cache looked up first and then given
+    what was computed."""
+    urls = stage_shard_urls(shards_url)
+    if len(urls) < info.world_size:
+        raise ValueError(f"{len(urls)} shards cannot feed {info.world_size} embedding processes (each takes whole "
+                         f"shards): lower embed.nproc or shard.maxcount")
+    emb = embed_rank(encoder, urls, batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers, log=log,
+                     cache=cache.load() if cache is not None else None, rank=info.rank, world_size=info.world_size)
+    if cache is not None:
+        cache.append({sha: vector.numpy() for sha, vector in emb.fresh.items()})
+    rank = f" (rank {info.rank} of {info.world_size})" if info.distributed else ""
+    log.info(f"embed{rank}: {len(emb.ids)} pairs, {emb.computed} images computed, {emb.cache_hits} already known"
+             + (f" (embedding cache {cache.url})" if cache is not None else " (embed.cache off)"))
+    return emb
+
+
+def extract(cfg: Config, shards_url: str, out_url: str, info: DistInfo, log) -> dict[str, float]:
+    """Embed rank ``info.rank``'s share of the shards (looking up the embedding cache first, adding
+    what it computed), and on rank 0 write lqcls / gtcls / embed_quarantine.parquet sorted by id and
+    extraction.json under ``out_url``; returns the counts (another rank: its own).
+
+    Several ranks (torchrun, flows/embed_ddp.py) each write a part under ``out_url/parts``; after a
+    barrier rank 0 merges them. The batches are per shard (DecodedShardImages ``chunk``), so the
+    tables are identical to a single process's."""
+    device = device_for(info, pick_device(cfg))
+    encoder = clip_embed.load_clip(cfg.embed.arch, cfg.embed.pretrained, device=device,
+                                   precision=cfg.embed.precision)
+    if encoder.random_weights and is_main(info):
+        log.warning(f"embed: {cfg.embed.arch} with random CLIP weights (embed.pretrained: none): "
+                    f"the semantics are meaningless, fine for the demo, not for results")
+    cache = embedding_cache(cfg, encoder)
+    emb = _embed_share(cfg, encoder, cache, shards_url, info, log)
+    if info.distributed:
+        write_part(out_url, info, emb)
+        barrier(info)  # every part is written
+        if is_main(info):
+            emb = merge_parts(out_url, info.world_size)
+    counts = extraction_counts(emb, info.world_size)
+    if is_main(info):
+        require_samples(emb, shards_url)
+        write_extracted(out_url, emb, table_metadata(encoder), counts)
+        if info.distributed:
+            fs.remove(fs.join(out_url, PARTS_DIR), recursive=True)
+        if cache is not None:
+            cache.compact()
+    barrier(info)  # no rank leaves (and tears down the group) before the tables are written
+    return counts
+
+
+def _torchrun_command(cfg_path: str, nproc: int, shards_url: str, out_url: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "flows.embed_ddp", "--config", cfg_path, "--shards", shards_url, "--out", out_url]
+
+
+def _check_nproc(cfg: Config) -> None:
+    if pick_device(cfg).type == "cuda" and cfg.embed.nproc > torch.cuda.device_count():
+        raise ValueError(f"embed.nproc is {cfg.embed.nproc} but only {torch.cuda.device_count()} CUDA device(s) "
+                         f"are visible (one process per GPU): lower embed.nproc, or set device: cpu for CPU processes")
+
+
+def _run_logged(cmd: list[str], env: dict[str, str], log) -> tuple[int, list[str]]:
+    """Run ``cmd``, every output line into ``log`` (a Prefect run's log reaches the UI); returns the
+    exit code and the last lines, for the error message."""
+    tail: deque[str] = deque(maxlen=30)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            (log.warning if "WARNING" in line or "Error" in line else log.info)(f"embed[torchrun] {line}")
+        return proc.wait(), list(tail)
+
+
+def run_ranks(cfg: Config, shards_url: str, out_url: str, log) -> None:
+    """:func:`extract` in ``embed.nproc`` processes on this machine under torchrun (flows/embed_ddp.py),
+    their output streamed into ``log``."""
+    _check_nproc(cfg)
+    data = cfg.model_dump(mode="json")
+    data["data_root"] = common.data_root(cfg)  # absolute: the children agree on the cache folder
+    # The children import tasks/ and flows/ from this checkout, wherever they start.
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+    with tempfile.TemporaryDirectory(prefix="srdiff-embed-") as tmp:
+        cfg_path = str(Path(tmp) / "config.yaml")
+        Path(cfg_path).write_text(yaml.safe_dump(data, sort_keys=True))
+        cmd = _torchrun_command(cfg_path, cfg.embed.nproc, shards_url, out_url)
+        log.info(f"embed: {cfg.embed.nproc} processes: {' '.join(cmd)}")
+        code, tail = _run_logged(cmd, env, log)
+    if code != 0:
+        raise RuntimeError(f"embed: torchrun with {cfg.embed.nproc} processes failed (exit {code}); its last "
+                           "lines:\n" + "\n".join(tail) + "\nrerun with --set embed.nproc=1 to see the error in "
+                           "one process")
+
+
+# ---------------------------------------------------------------- for the stages downstream
+
+
+def quarantine_url_beside(restorecls_url: str) -> str:
+    """The embed stage writes embed_quarantine.parquet in the folder of its RestoreCLS table."""
+    return fs.join(restorecls_url.rstrip("/").rsplit("/", 1)[0], QUARANTINE_NAME)
+
+
+def quarantined_ids(restorecls_url: str, stage: str, log=None) -> frozenset[str]:
+    """Ids the embed stage quarantined (no embedding: an undecodable PNG), from the quarantine table
+    beside ``restorecls_url``; a warning names them. Empty when there is no such table (e.g. a
+    RestoreCLS table imported from the per-image .pt layout)."""
+    url = quarantine_url_beside(restorecls_url)
+    if not fs.exists(url):
+        return frozenset()
+    ids = frozenset(tables.read_table(url, columns=["id"]).column("id").to_pylist())
+    if ids and log is not None:
+        log.warning(f"{stage}: skipping {len(ids)} sample(s) the embed stage quarantined (a PNG that does not "
+                    f"decode, so no embedding), e.g. {sorted(ids)[:3]}; the reasons are in {url}. To use them, "
+                    f"repair those files and rerun from the download stage")
+    return ids
+
+
+class EmbeddedPairDataset(shards.PairDataset):
+    """storage.shards.PairDataset without the samples in ``skip_ids`` (those the embed stage
+    quarantined: they are in the shards but have no embedding)."""
+
+    def __init__(self, urls: list[str], *, skip_ids: frozenset[str] = frozenset(), **kwargs):
+        super().__init__(urls, **kwargs)
+        self.skip_ids = frozenset(skip_ids)
+
+    def raw_samples(self, worker_id: int, num_workers: int, shard_rng: np.random.Generator) -> Iterator[dict]:
+        samples = super().raw_samples(worker_id, num_workers, shard_rng)
+        return (raw for raw in samples if raw["id"] not in self.skip_ids) if self.skip_ids else samples
 
 
 def cosine_by_degradation(emb: Embeddings, pred: torch.Tensor, split: str) -> dict[str, float]:
@@ -228,26 +587,20 @@ def embed(cfg: Config, key: str, shards_url: str, run_id: str | None = None) -> 
     """CLIP-embed LQ and GT, train the SRM, write LQCLS / GTCLS / RestoreCLS tables."""
     log = stage_logger()
     start = time.perf_counter()
+    out_url = stage_dir(cfg, "embeddings", key)
+    if cfg.embed.nproc > 1:
+        run_ranks(cfg, shards_url, out_url, log)
+    else:
+        extract(cfg, shards_url, out_url, DistInfo(), log)
+    emb, meta, counts = read_extracted(out_url)
+    log.info(f"embed: {int(counts['embed/computed'])} images computed, {int(counts['embed/cache_hits'])} "
+             f"from the embedding cache, {len(emb.quarantine)} sample(s) quarantined")
+
     device = pick_device(cfg)
-    encoder = clip_embed.load_clip(cfg.embed.arch, cfg.embed.pretrained, device=device,
-                                   precision=cfg.embed.precision)
-    if encoder.random_weights:
-        log.warning(f"embed: {cfg.embed.arch} with random CLIP weights (embed.pretrained: none): "
-                    f"the semantics are meaningless, fine for the demo, not for results")
-    urls = [u for split in SPLITS for u in shards.shard_urls(shards_url, split=split)]
-    emb = embed_shards(encoder, urls, batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers, log=log)
     result = train_refinement(emb, cfg, device, log)
     restored = srm.refine(result.model, emb.lq.to(device)).float().cpu()
-
-    out_url = stage_dir(cfg, "embeddings", key)
-    meta = {"arch": encoder.arch, "weights": encoder.weights, "weights_digest": encoder.weights_digest,
-            "preprocessing": f"resize ({encoder.resize_mode}, {encoder.interpolation}, antialias) to "
-                             f"{encoder.image_size}, centre crop, normalise mean {encoder.mean} std {encoder.std}"}
-    lq_table, restore_table = embedding_table(emb, emb.lq, meta), embedding_table(emb, restored, meta)
-    for name, table in (("lqcls", lq_table), ("gtcls", embedding_table(emb, emb.gt, meta)),
-                        ("restorecls", restore_table)):
-        tables.write_table(f"{out_url}/{name}.parquet", table)
-    tables.write_table(f"{out_url}/embed_quarantine.parquet", quarantine_table(emb.quarantine))
+    restore_table = embedding_table(emb, restored, meta)
+    tables.write_table(f"{out_url}/restorecls.parquet", restore_table)
     save_srm(f"{out_url}/srm.pt", result.model, cfg, emb.lq.shape[1])
     if cfg.embed.export_pt:
         export_pt_layout(out_url, "LQCLS", emb.ids, emb.lq)
@@ -258,19 +611,18 @@ def embed(cfg: Config, key: str, shards_url: str, run_id: str | None = None) -> 
     metrics = {f"srm/{deg}/val_cos_before": v for deg, v in before.items()}
     metrics |= {f"srm/{deg}/val_cos_after": v for deg, v in after.items()}
     metrics |= {"srm/val_cos_before": result.val_cos_before, "srm/val_cos_after": result.val_cos_after,
-                "srm/best_epoch": float(result.best_epoch), "embed/images": float(2 * len(emb.ids)),
-                "embed/quarantined": float(len(emb.quarantine))}
+                "srm/best_epoch": float(result.best_epoch), **counts}
     if run_id:
-        tracking.set_tags(cfg, run_id, {"clip.weights": encoder.weights, "clip.arch": encoder.arch,
-                                        "clip.random_weights": str(encoder.random_weights).lower()})
+        tracking.set_tags(cfg, run_id, {"clip.weights": meta["weights"], "clip.arch": meta["arch"],
+                                        "clip.random_weights": meta["random_weights"]})
     seconds = time.perf_counter() - start
-    log.info(f"embed: {len(emb.ids)} pairs, {encoder.arch} ({encoder.weights}) in {seconds:.1f} s -> {out_url}")
+    log.info(f"embed: {len(emb.ids)} pairs, {meta['arch']} ({meta['weights']}) in {seconds:.1f} s -> {out_url}")
     return StageResult(stage="embed", key=key, digest=tables.table_digest(restore_table),
                        outputs={"embeddings": out_url, "lqcls": f"{out_url}/lqcls.parquet",
                                 "gtcls": f"{out_url}/gtcls.parquet", "restorecls": f"{out_url}/restorecls.parquet",
                                 "srm": f"{out_url}/srm.pt",
-                                "quarantine": f"{out_url}/embed_quarantine.parquet"},
+                                "quarantine": f"{out_url}/{QUARANTINE_NAME}"},
                        metrics=metrics,
-                       params={"clip.arch": encoder.arch, "clip.weights": encoder.weights,
-                               "clip.weights_digest": encoder.weights_digest},
+                       params={"clip.arch": meta["arch"], "clip.weights": meta["weights"],
+                               "clip.weights_digest": meta["weights_digest"]},
                        run_id=run_id, seconds=seconds)

@@ -22,7 +22,7 @@ from srdiff_core.restorer import Restorer
 from storage import fs, shards, tables
 from tasks import tracking
 from tasks.common import RateLogger, StageResult, pick_device, stage_dir, stage_logger
-from tasks.embed import read_embeddings
+from tasks.embed import EmbeddedPairDataset, quarantined_ids, read_embeddings
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips")
 
@@ -106,11 +106,13 @@ def same_size_batches(examples, batch_size: int):
 
 
 def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], context: dict[str, np.ndarray],
-                     lpips, log, fid=None) -> tuple[list[dict], dict[str, list], dict[str, dict[str, list]]]:
+                     lpips, log, fid=None, skip_ids: frozenset[str] = frozenset()
+                     ) -> tuple[list[dict], dict[str, list], dict[str, dict[str, list]]]:
     """Per-image rows (restored and LQ metrics), per degradation images for the grids and (with
-    ``fid``) Inception features of the restored, LQ and GT images."""
+    ``fid``) Inception features of the restored, LQ and GT images. Samples in ``skip_ids`` (the
+    embed stage quarantined them: no embedding) are not scored."""
     e = cfg.evaluate
-    dataset = shards.PairDataset(val_urls, embeddings=context)
+    dataset = EmbeddedPairDataset(val_urls, skip_ids=skip_ids, embeddings=context)
     rows, examples = [], defaultdict(list)
     features: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     autocast = torch.bfloat16 if (e.precision == "bf16" and restorer.device.type == "cuda") else None
@@ -222,7 +224,8 @@ def evaluate(cfg: Config, key: str, shards_url: str, restorecls_url: str, model_
         log.warning(f"FID unavailable: {fid_reason}")
     proto = protocol(cfg, lpips_reason, fid_reason)
     rows, examples, features = evaluate_samples(restorer, cfg, shards.shard_urls(shards_url, split="val"),
-                                                read_embeddings(restorecls_url), lpips, log, fid)
+                                                read_embeddings(restorecls_url), lpips, log, fid,
+                                                quarantined_ids(restorecls_url, "evaluate", log))
     means = aggregate(rows) | (fid_by_degradation(features, fid) if fid is not None else {})
 
     out_dir = stage_dir(cfg, "runs/evaluate", key)

@@ -22,7 +22,7 @@ from srdiff_core.unet import ConditionalUNet
 from storage import fs, shards
 from tasks import tracking
 from tasks.common import StageResult, pick_device, stage_dir, stage_logger
-from tasks.embed import read_embeddings
+from tasks.embed import EmbeddedPairDataset, quarantined_ids, read_embeddings
 
 # Settings a checkpoint must share with the config to be resumed (anything else, e.g. the step
 # budget or the logging interval, may change between a run and its resume).
@@ -44,18 +44,19 @@ def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
 
 
 def batch_source(cfg: Config, urls: list[str], context: dict[str, np.ndarray], *, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, skip_ids: frozenset[str] = frozenset()):
     """batch_source(start_step) -> infinite iterator of training batches {"lq", "gt", "context", "id"}.
 
     The shard sampler is seeded with (seed, start_step) so a resumed run continues with a
     well-defined stream rather than replaying the first batches again. Under DDP each rank
-    resamples only its own shards (:func:`rank_shards`), so the ranks' data are disjoint."""
+    resamples only its own shards (:func:`rank_shards`), so the ranks' data are disjoint.
+    Samples in ``skip_ids`` (quarantined by the embed stage: no embedding) are left out."""
     own_urls = rank_shards(urls, rank, world_size)
 
     def make(start_step: int):
-        dataset = shards.PairDataset(own_urls, patch_size=cfg.train.patch_size, augment=True, resampled=True,
-                                     embeddings=context, seed=cfg.train.seed * 1_000_003 + start_step,
-                                     rank=rank, world_size=world_size, shuffle_buffer=cfg.train.shuffle_buffer)
+        dataset = EmbeddedPairDataset(own_urls, skip_ids=skip_ids, patch_size=cfg.train.patch_size, augment=True,
+                                      resampled=True, embeddings=context, seed=cfg.train.seed * 1_000_003 + start_step,
+                                      rank=rank, world_size=world_size, shuffle_buffer=cfg.train.shuffle_buffer)
         loader = shards.make_loader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers)
         for batch in loader:
             yield {"lq": batch["lq"], "gt": batch["gt"], "context": batch["context"], "id": batch["id"]}
@@ -63,9 +64,9 @@ def batch_source(cfg: Config, urls: list[str], context: dict[str, np.ndarray], *
 
 
 def preview_fn(cfg: Config, sde: IRSDE, val_urls: list[str], context: dict[str, np.ndarray], run_id: str | None,
-               device: torch.device):
+               device: torch.device, skip_ids: frozenset[str] = frozenset()):
     """sample_fn for training: restore a few val images with the EMA model, log a grid."""
-    dataset = shards.PairDataset(val_urls, embeddings=context)
+    dataset = EmbeddedPairDataset(val_urls, skip_ids=skip_ids, embeddings=context)
     examples = list(itertools.islice(iter(dataset), 4))
 
     def sample(step: int, ema: torch.nn.Module) -> None:
@@ -99,6 +100,7 @@ def fit(cfg: Config, out_dir: Path, shards_url: str, restorecls_url: str, run_id
     device = device_for(info, pick_device(cfg))
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     context = read_embeddings(restorecls_url)
+    skip = quarantined_ids(restorecls_url, "train", log if is_main(info) else None)  # one warning, from rank 0
     train_urls = shards.shard_urls(shards_url, split="train")
     sde = IRSDE.from_config(cfg.sde)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -114,10 +116,10 @@ def fit(cfg: Config, out_dir: Path, shards_url: str, restorecls_url: str, run_id
                  f"of batch {cfg.train.batch_size} x {cfg.train.patch_size} px on {device} "
                  f"x {info.world_size} rank(s)")
     return training.train(
-        model, sde, batch_source(cfg, train_urls, context, rank=info.rank, world_size=info.world_size),
+        model, sde, batch_source(cfg, train_urls, context, rank=info.rank, world_size=info.world_size, skip_ids=skip),
         cfg.train, checkpoint_dir=out_dir / "checkpoints", config_dict=cfg.model_dump(mode="json"), device=device,
         log_fn=mlflow_log_fn(cfg, run_id, log) if main else None,
-        sample_fn=preview_fn(cfg, sde, shards.shard_urls(shards_url, split="val"), context, run_id, device)
+        sample_fn=preview_fn(cfg, sde, shards.shard_urls(shards_url, split="val"), context, run_id, device, skip)
         if main else None,
         compatible_keys=ARCHITECTURE_KEYS, is_main_process=main, rank=info.rank, world_size=info.world_size)
 

@@ -1,4 +1,5 @@
-"""tasks.embed: quarantine of undecodable shard samples, and the seed's per-image .pt layout.
+"""tasks.embed: quarantine of undecodable shard samples (and train/evaluate skipping them), and
+the seed's per-image .pt layout.
 
 Real shards (storage.shards.write_shards over a real manifest of PNG files) and a tiny open_clip
 ViT registered through open_clip.add_model_config, so the whole file runs in a few seconds.
@@ -6,76 +7,30 @@ ViT registered through open_clip.add_model_config, so the whole file runs in a f
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 
 import numpy as np
-import open_clip
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
 
+from embed_data import DAMAGE, TINY_ARCH, embed_config, lq_tensor, register_tiny_arch, write_corrupt_shards
 from srdiff_core import clip_embed
-from storage import fs, shards, tables
+from srdiff_core.config import Config
+from storage import shards, tables
 from tasks import embed
+from tasks.common import StageResult
+from tasks.evaluate import evaluate_samples
+from tasks.train import batch_source, fit
 
-TINY_ARCH = "srdiff-test-embed-task-vit"
-TINY_MODEL_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 1, "layers": 1},
-}
 LOG = logging.getLogger("test_embed_task")
 
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> clip_embed.ClipEncoder:
-    folder = tmp_path_factory.mktemp("open_clip_configs")
-    (folder / f"{TINY_ARCH}.json").write_text(json.dumps(TINY_MODEL_CFG))
-    open_clip.add_model_config(folder / f"{TINY_ARCH}.json")
-    return clip_embed.load_clip(TINY_ARCH, "none", seed=0)
-
-
-def png_bytes(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-# Sample id -> how its bytes are damaged ("" = intact). Truncation gives PIL's "image file is
-# truncated"; bytes that are no image at all give "cannot identify image file".
-DAMAGE = {"train/hazy/0": "", "train/hazy/1": "lq-truncated", "train/hazy/2": "",
-          "val/hazy/0": "", "val/hazy/1": "gt-garbage", "val/hazy/2": ""}
-
-
-def damaged(data: bytes, how: str) -> bytes:
-    return {"truncated": data[:len(data) // 2], "garbage": b"these bytes are not a PNG"}[how]
-
-
-def write_corrupt_shards(root: str) -> tuple[str, dict[str, np.ndarray]]:
-    """Shards of six 20x28 pairs, two of them with a PNG that does not decode. The manifest
-    carries the damaged bytes' sha256, so the shard writer copies them verbatim."""
-    rng = np.random.default_rng(0)
-    rows, lq_images = [], {}
-    for sample_id, how in DAMAGE.items():
-        split, degradation, n = sample_id.split("/")
-        lq = rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)
-        files = {"lq": png_bytes(lq), "gt": png_bytes(255 - lq)}
-        if how:
-            which, kind = how.split("-")
-            files[which] = damaged(files[which], kind)
-        paths = {k: fs.join(root, "src", k.upper(), f"{split}-{n}.png") for k in files}
-        for k, data in files.items():
-            fs.atomic_write_bytes(paths[k], data)
-        rows.append({"id": sample_id, "dataset": "tiny", "degradation": degradation, "split": split,
-                     "lq_path": paths["lq"], "gt_path": paths["gt"], "width": 28, "height": 20,
-                     "lq_sha256": fs.sha256_bytes(files["lq"]), "gt_sha256": fs.sha256_bytes(files["gt"])})
-        lq_images[sample_id] = lq
-    out = fs.join(root, "shards")
-    shards.write_shards(pa.Table.from_pylist(rows, schema=tables.PAIRS_SCHEMA), out, maxcount=2, workers=1)
-    return out, lq_images
+    arch = register_tiny_arch(tmp_path_factory.mktemp("open_clip_configs"))
+    return clip_embed.load_clip(arch, "none", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +54,7 @@ def test_undecodable_samples_are_quarantined_and_the_rest_embedded(encoder, corr
     assert sorted(emb.ids) == good and emb.lq.shape == emb.gt.shape == (4, 16)
     # Each kept sample's vector is that of its own image: the skipped ones did not shift rows.
     for i, sample_id in enumerate(emb.ids):
-        own = clip_embed.embed_batch(encoder, [torch.from_numpy(lq_images[sample_id]).permute(2, 0, 1)])[0]
+        own = clip_embed.embed_batch(encoder, [lq_tensor(lq_images[sample_id])])[0]
         assert torch.allclose(emb.lq[i], own, atol=1e-6)
     assert embed.quarantine_table(emb.quarantine).to_pylist() == [
         {"id": "train/hazy/1", "split": "train", "degradation": "hazy",
@@ -168,3 +123,76 @@ def test_pt_layout_import_takes_flat_vectors_and_names_bad_files(tmp_path):
         embed.import_pt_layout(str(tmp_path), samples=pa.table({"id": ["a"], "split": ["val"], "degradation": ["x"]}))
     with pytest.raises(FileNotFoundError, match="no .pt files under"):
         embed.import_pt_layout(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------- downstream of a quarantine
+
+
+class IdentityRestorer:
+    """A stand-in for srdiff_core.restorer.Restorer: returns the LQ input."""
+
+    device = torch.device("cpu")
+
+    def restore(self, lq, context, **kwargs):
+        return lq
+
+
+def train_config(cfg: Config) -> Config:
+    """``cfg`` with a UNet and a training run small enough for a test (context: the tiny CLIP's 16)."""
+    data = cfg.model_dump(mode="json")
+    data["unet"] = {"nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "context_dim": 16, "attn_heads": 1}
+    data["train"] = {"steps": 2, "batch_size": 2, "patch_size": 8, "precision": "fp32", "checkpoint_every": 100,
+                     "log_every": 1, "sample_every": 1000, "num_workers": 0, "shuffle_buffer": 0}
+    return Config.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def stage_result(encoder, corrupt_shards, tmp_path_factory) -> tuple[Config, StageResult]:
+    """The embed stage in one process over the shards with two undecodable samples."""
+    cfg = embed_config(str(tmp_path_factory.mktemp("root")), "none")
+    return cfg, embed.embed.fn(cfg, key="quarantine-test", shards_url=corrupt_shards[0])
+
+
+def test_stage_writes_the_quarantine_and_counts_its_work(stage_result):
+    _, result = stage_result
+    quarantine = tables.read_table(result.outputs["quarantine"])
+    assert quarantine.column("id").to_pylist() == ["train/hazy/1", "val/hazy/1"]
+    assert tables.read_table(result.outputs["restorecls"]).column("id").to_pylist() == [
+        "train/hazy/0", "train/hazy/2", "val/hazy/0", "val/hazy/2"]
+    assert result.metrics["embed/computed"] == 8 and result.metrics["embed/cache_hits"] == 0
+    assert result.metrics["embed/quarantined"] == 2 and result.metrics["embed/images"] == 8
+
+
+def test_training_skips_quarantined_ids_with_a_warning(stage_result, corrupt_shards, tmp_path, caplog, one_thread):
+    cfg, result = stage_result
+    cfg = train_config(cfg)
+    restorecls = result.outputs["restorecls"]
+    train_urls = shards.shard_urls(corrupt_shards[0], split="train")
+    context = embed.read_embeddings(restorecls)
+    # The bug this guards against: the quarantined sample is still in the shards, without an
+    # embedding ("no embedding for sample id"), and here its LQ does not even decode.
+    with pytest.raises((KeyError, OSError)):
+        for _ in zip(range(20), batch_source(cfg, train_urls, context)(0)):
+            pass
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        skip = embed.quarantined_ids(restorecls, "train", LOG)
+    assert skip == {"train/hazy/1", "val/hazy/1"}
+    assert any("train: skipping 2 sample(s) the embed stage quarantined" in r.message for r in caplog.records)
+    seen = {i for _, batch in zip(range(20), batch_source(cfg, train_urls, context, skip_ids=skip)(0))
+            for i in batch["id"]}
+    assert seen == {"train/hazy/0", "train/hazy/2"}
+    state = fit(cfg, tmp_path / "run", corrupt_shards[0], restorecls, None, LOG)  # the train stage's own path
+    assert state.step == 2
+
+
+def test_evaluation_skips_quarantined_ids(stage_result, corrupt_shards):
+    cfg, result = stage_result
+    restorecls = result.outputs["restorecls"]
+    val_urls = shards.shard_urls(corrupt_shards[0], split="val")
+    rows, _, _ = evaluate_samples(IdentityRestorer(), cfg, val_urls, embed.read_embeddings(restorecls), None, LOG,
+                                  skip_ids=embed.quarantined_ids(restorecls, "evaluate", LOG))
+    assert [r["id"] for r in rows] == ["val/hazy/0", "val/hazy/2"]
+
+
+def test_no_quarantine_table_means_nothing_to_skip(tmp_path):
+    assert embed.quarantined_ids(str(tmp_path / "restorecls.parquet"), "train", LOG) == frozenset()

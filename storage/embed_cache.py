@@ -1,0 +1,129 @@
+"""Content-keyed embedding cache: each image's embedding under one model is stored once.
+
+Layout under the cache root (the pipeline uses ``<data_root>/cache/embeddings``)::
+
+    <model-key>/model.json              the descriptor the key stands for (arch, weights digest, ...)
+    <model-key>/part-<digest>.parquet   rows: sha256 (of the image file's bytes), embedding float32[D]
+
+The model key is a digest of a descriptor of everything besides the image bytes that an
+embedding depends on; the caller builds it (``srdiff_core.clip_embed.cache_descriptor``).
+Appending writes a new part, atomically and named by its content, so concurrent writers (DDP
+ranks, two pipelines on one data root) never write the same file; a reader takes the union of
+the parts. :meth:`EmbeddingCache.compact` folds many parts into one and deletes only parts it
+has read, so a concurrent compaction or append never loses a row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from storage import fs, tables
+
+CACHE_FORMAT = 1  # bump when the part schema changes: older parts then sit under another key
+DESCRIPTOR_NAME = "model.json"
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+COMPACT_ABOVE = 16  # parts: each run appends one per process, compaction keeps reads to a few files
+
+
+def model_key(descriptor: Mapping[str, str]) -> str:
+    """The folder name of a model's cache: a digest of its descriptor (and the cache format)."""
+    doc = json.dumps({"format": CACHE_FORMAT, **descriptor}, sort_keys=True)
+    return fs.sha256_bytes(doc.encode())[:32]
+
+
+def part_schema(dim: int) -> pa.Schema:
+    return pa.schema([pa.field("sha256", pa.string(), nullable=False),
+                      pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False)])
+
+
+class EmbeddingCache:
+    """The cached embeddings of one model (``descriptor``) under ``root_url``."""
+
+    def __init__(self, root_url: str, descriptor: Mapping[str, str]):
+        self.descriptor = {k: str(v) for k, v in descriptor.items()}
+        self.key = model_key(self.descriptor)
+        self.url = fs.join(root_url, self.key)
+
+    def parts(self) -> list[str]:
+        return fs.glob(fs.join(self.url, f"{PART_PREFIX}*{PART_SUFFIX}"))
+
+    def load(self) -> dict[str, np.ndarray]:
+        """{sha256: float32 [D] vector} of every cached image (empty for a new model)."""
+        self._check_descriptor()
+        out: dict[str, np.ndarray] = {}
+        for url in self.parts():
+            out.update(self._read_part(url) or {})
+        return out
+
+    def append(self, vectors: Mapping[str, np.ndarray]) -> str | None:
+        """Add embeddings (sha256 -> [D] vector) as one new part; returns its URL (None if empty)."""
+        if not vectors:
+            return None
+        self._write_descriptor()
+        keys = sorted(vectors)
+        values = np.stack([np.asarray(vectors[k], dtype=np.float32).reshape(-1) for k in keys])
+        digest = hashlib.sha256("\n".join(keys).encode())
+        digest.update(values.tobytes())
+        url = fs.join(self.url, f"{PART_PREFIX}{digest.hexdigest()[:16]}{PART_SUFFIX}")
+        flat = pa.array(values.ravel(), pa.float32())
+        table = pa.table([pa.array(keys, pa.string()), pa.FixedSizeListArray.from_arrays(flat, values.shape[1])],
+                         schema=part_schema(values.shape[1]))
+        tables.write_table(url, table)
+        return url
+
+    def compact(self, above: int = COMPACT_ABOVE) -> bool:
+        """Fold the parts into one when there are more than ``above``; True if it did."""
+        parts = self.parts()
+        if len(parts) <= above:
+            return False
+        merged: dict[str, np.ndarray] = {}
+        read = []
+        for url in parts:
+            rows = self._read_part(url)
+            if rows is not None:
+                merged.update(rows)
+                read.append(url)
+        new = self.append(merged)
+        for url in read:
+            if url != new:  # a part holding everything already gets the same name: keep it
+                try:
+                    fs.remove(url)
+                except FileNotFoundError:  # another compaction got there first; its part has the rows
+                    pass
+        return True
+
+    # ------------------------------------------------------------------ internals
+
+    def _read_part(self, url: str) -> dict[str, np.ndarray] | None:
+        try:
+            table = tables.read_table(url)
+        except FileNotFoundError:
+            return None  # compacted away since the listing: its rows are in the merged part
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"embedding cache part {url} is unreadable ({type(e).__name__}: {e}); delete it "
+                             f"(the cache only saves recomputation) and rerun") from e
+        column = table.column("embedding").combine_chunks()
+        # A copy: the vectors outlive the table and must be writable (torch.from_numpy).
+        values = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+        values = values.reshape(table.num_rows, -1)
+        return dict(zip(table.column("sha256").to_pylist(), values))
+
+    def _check_descriptor(self) -> None:
+        url = fs.join(self.url, DESCRIPTOR_NAME)
+        if not fs.exists(url):
+            return
+        stored = json.loads(fs.read_bytes(url))
+        if stored != self.descriptor:
+            raise ValueError(f"the embedding cache {self.url} holds another model's embeddings ({stored}, "
+                             f"expected {self.descriptor}); delete that folder and rerun")
+
+    def _write_descriptor(self) -> None:
+        url = fs.join(self.url, DESCRIPTOR_NAME)
+        if not fs.exists(url):
+            fs.atomic_write_bytes(url, json.dumps(self.descriptor, indent=1, sort_keys=True).encode())
