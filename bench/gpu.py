@@ -229,9 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        training.configure_cuda_backends()  # the train stage's settings
     sizes = TOY if args.toy or device.type == "cpu" else FULL
     results = run(sizes, device, compile=not args.no_compile and not args.toy)
     return finish(results, args.out, "gpu.json", table)

@@ -49,6 +49,15 @@ Batch = dict[str, torch.Tensor | None]
 
 # -------------------------------------------------------------------------- schedule
 
+def configure_cuda_backends() -> None:
+    """Training patches have one fixed shape, so cuDNN's autotuner (benchmark) pays for itself
+    after the first step; TF32 tensor cores for fp32 convolutions and matmuls. These are the
+    settings bench/gpu.py measures with, so the stage runs at the benchmarked speed."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+
 def cosine_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
               min_lr_ratio: float = 0.0) -> float:
     """Learning rate at ``step`` (0-based): linear warmup, then half-cosine to ``min_lr_ratio * base_lr``.
