@@ -64,7 +64,7 @@ def from_overrides(config_path: str, overrides: list[str], given: list[str]) -> 
     cfg = load_config(config_path, overrides)
     paths: dict[str, list[str]] = {k: list(v) for k, v in cfg.download.from_paths.items()}
     for item in given:
-        name, _, path = item.rpartition("=") if "=" in item and not Path(item).exists() else ("", "", item)
+        name, _, path = item.partition("=") if "=" in item and not Path(item).exists() else ("", "", item)
         try:
             name = name or acquire.detect_dataset(cfg, Path(path))
         except acquire.DatasetError as e:

@@ -9,6 +9,9 @@ killed extraction is redone cleanly on the next run and never half-used.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import os
 import shutil
 import stat
@@ -28,7 +31,15 @@ class ArchiveError(ValueError):
 
 
 class UnsafeArchiveError(ArchiveError):
-    """The archive tries to write outside its target or exceeds a size/count cap."""
+    """The archive tries to write outside its target (or through a link, or a device)."""
+
+
+class ArchiveUnsupported(ArchiveError):
+    """A sound archive that Python cannot unpack (Deflate64, encryption, name clashes)."""
+
+
+class ArchiveTooLarge(UnsafeArchiveError):
+    """The archive exceeds the size or member-count cap (zip bomb, or a cap set too low)."""
 
 
 @dataclass(frozen=True)
@@ -80,14 +91,33 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, limits: 
     partial.mkdir(parents=True)
     try:
         (_extract_zip if kind == "zip" else _extract_tar)(archive, partial, limits)
-    except (zipfile.BadZipFile, tarfile.ReadError, EOFError, zlib.error) as e:
+    except ArchiveError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise ArchiveError(f"{archive} is truncated or corrupt ({type(e).__name__}: {e})") from e
+    except (NotImplementedError, RuntimeError, OSError) as e:
+        # Deflate64 (Windows' zip for large files), encrypted members, a file and a folder of
+        # the same name: the archive is fine but Python cannot unpack it as it is.
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ArchiveUnsupported(f"{archive} cannot be extracted here ({type(e).__name__}: {e}); extract it with "
+                           "7-Zip or unzip and pass the folder with --from DATASET=FOLDER") from e
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     os.replace(partial, target)
     return target
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder so that a kill half way never leaves something that looks complete:
+    rename it first (atomic), then delete the renamed copy."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f"{path.name}.deleting-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def _checked_relative(name: str, archive: Path) -> PurePosixPath:
@@ -112,14 +142,14 @@ class _Budget:
     def member(self) -> None:
         self.files += 1
         if self.files > self.limits.max_files:
-            raise UnsafeArchiveError(
+            raise ArchiveTooLarge(
                 f"{self.archive} has more than {self.limits.max_files} members; refusing to extract "
                 "(raise download.max_extract_files if the archive is trusted)")
 
     def add(self, n: int) -> None:
         self.bytes += n
         if self.bytes > self.limits.max_bytes:
-            raise UnsafeArchiveError(
+            raise ArchiveTooLarge(
                 f"{self.archive} expands to more than {self.limits.max_bytes} bytes; refusing to extract "
                 "(raise download.max_extract_bytes if the archive is trusted)")
 
@@ -173,19 +203,51 @@ def _normalised_parts(path: PurePosixPath) -> list[str]:
 
 
 def _extract_tar(archive: Path, target: Path, limits: Limits) -> None:
+    """Regular files and folders only, written by us: links are never created (so nothing can
+    be written through one, whatever chain of links the archive holds), devices are refused."""
     budget = _Budget(archive, limits)
     with tarfile.open(archive) as tf:
-        for member in tf:  # streaming: one pass, members checked as they come
+        for member in tf:  # one pass, members checked as they come
             budget.member()
-            _checked_relative(member.name, archive)
-            budget.add(member.size if member.isfile() else 0)  # tar headers hold the real sizes
-            try:
-                # The stdlib "data" filter refuses links leaving the target, devices and
-                # absolute/outside paths (PEP 706).
-                tf.extract(member, target, filter="data")
-            except tarfile.FilterError as e:
-                raise UnsafeArchiveError(f"{archive}: member {member.name!r} refused ({e}); refusing to "
-                                         "extract this archive (get it from another source)") from e
+            rel = _checked_relative(member.name, archive)
+            if not rel.parts:
+                continue
+            if member.issym() or member.islnk():
+                _check_tar_link(member, rel, archive)
+                continue  # an image dataset never needs links; following them is how escapes happen
+            if not (member.isfile() or member.isdir()):
+                raise UnsafeArchiveError(f"{archive}: member {member.name!r} is a device, pipe or other "
+                                         "special file; refusing to extract this archive")
+            dest = target.joinpath(*rel.parts)
+            if member.isdir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            budget.add(member.size)  # tar headers hold the real sizes
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with tf.extractfile(member) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, _COPY_CHUNK)
+    _verify_compressed_stream(archive)
+
+
+def _check_tar_link(member: tarfile.TarInfo, rel: PurePosixPath, archive: Path) -> None:
+    base = rel.parts[:-1] if member.issym() else ()  # hard link targets are archive-relative
+    if member.linkname.startswith("/") or ".." in _normalised_parts(PurePosixPath(*base, member.linkname)):
+        raise UnsafeArchiveError(f"{archive}: link {member.name!r} -> {member.linkname!r} points outside the "
+                                 "target; refusing to extract this archive (get it from another source)")
+
+
+def _verify_compressed_stream(archive: Path) -> None:
+    """tarfile stops at the end-of-archive marker and never reads a gzip/bz2/xz trailer, so a
+    corrupted member would go unnoticed: decompress the whole stream once to check its CRC."""
+    with open(archive, "rb") as f:
+        magic = f.read(6)
+    opener = (gzip.open if magic.startswith(b"\x1f\x8b") else bz2.open if magic.startswith(b"BZh")
+              else lzma.open if magic.startswith(b"\xfd7zXZ\x00") else None)
+    if opener is None:
+        return
+    with opener(archive, "rb") as stream:
+        while stream.read(_COPY_CHUNK):
+            pass
 
 
 def content_files(root: str | os.PathLike) -> list[Path]:

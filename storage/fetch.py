@@ -26,6 +26,11 @@ class FetchError(RuntimeError):
     """This source cannot deliver the file now; try the next one."""
 
 
+class Unreachable(FetchError):
+    """The source could not be reached or kept dropping the connection: worth retrying later
+    (unlike a 404, a checksum mismatch or a quota page)."""
+
+
 class ChecksumError(FetchError):
     """The file arrived but its sha256 differs from the expected one."""
 
@@ -91,10 +96,11 @@ def _http_fetch_once(url: str, part: Path, chunk: int, log, use_ranges: bool = T
     """Append the missing bytes of ``url`` to ``part``: resuming from its size with Range
     requests when the server announces a size, else streaming from the start."""
     http = _http_filesystem()
-    size = http.info(url).get("size")
+    info = http.info(url)
+    size = info.get("size")
     offset = part.stat().st_size if part.exists() else 0
-    if size is None or not use_ranges or offset > size:  # no size, no ranges, or the file changed
-        offset = 0
+    if size is None or not use_ranges or offset > size or not _same_remote_file(part, info, log):
+        offset = 0  # no size, no ranges, or the file on the server changed since the partial download
     progress = ByteProgress(part.name.removesuffix(".part"), size, offset, log)
     try:
         if size is not None and use_ranges:
@@ -106,6 +112,25 @@ def _http_fetch_once(url: str, part: Path, chunk: int, log, use_ranges: bool = T
                     progress.update(len(data))
     finally:
         progress.close()
+
+
+def _validator_file(part: Path) -> Path:
+    return part.with_name(part.name + ".validator")
+
+
+def _same_remote_file(part: Path, info: dict, log) -> bool:
+    """Whether the bytes in ``part`` came from the file the server has now (ETag or
+    Last-Modified); records the current validator for the next resume."""
+    current = info.get("ETag") or info.get("Last-Modified")
+    record = _validator_file(part)
+    previous = record.read_text() if record.exists() else None
+    if current:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(current)
+    same = previous is None or current is None or previous == current
+    if not same and part.exists() and log:
+        log.warning(f"{part.name}: the file on the server changed ({previous} -> {current}); starting over")
+    return same
 
 
 def _copy_ranges(http, url: str, part: Path, offset: int, size: int, chunk: int, progress: ByteProgress) -> None:
@@ -148,21 +173,25 @@ def fetch_http(url: str, dest: Path, *, retries: int = 4, backoff_s: float = 2.0
                                 "(an interrupted download cannot resume from this server)")
                 use_ranges = False
                 _http_fetch_once(url, part, chunk or HTTP_CHUNK, log, use_ranges)
+            _reject_web_page(part, url)
             os.replace(part, dest)
+            _validator_file(part).unlink(missing_ok=True)
             return dest
+        except FetchError:
+            raise
         except FileNotFoundError as e:
             status = getattr(e.__cause__, "status", None)
             if status is not None:  # the server answered: retrying will not help
                 raise FetchError(f"{url}: HTTP {status} {getattr(e.__cause__, 'message', '')}".rstrip()) from e
             reason = e.__cause__ or e  # fsspec reports an unreachable host as FileNotFoundError too
             if attempt == retries:
-                raise FetchError(f"{url}: unreachable ({type(reason).__name__}: {reason}) after "
+                raise Unreachable(f"{url}: unreachable ({type(reason).__name__}: {reason}) after "
                                  f"{retries + 1} attempts") from e
             _wait(log, url, reason, part, attempt, retries, backoff_s, sleep)
         except Exception as e:  # aiohttp/fsspec raise many types for resets, timeouts and refusals
             have = part.stat().st_size if part.exists() else 0
             if attempt == retries:
-                raise FetchError(f"{url}: {type(e).__name__}: {e} (after {retries + 1} attempts; "
+                raise Unreachable(f"{url}: {type(e).__name__}: {e} (after {retries + 1} attempts; "
                                  f"{have} bytes kept in {part}, a rerun resumes from there)") from e
             _wait(log, url, e, part, attempt, retries, backoff_s, sleep)
     raise AssertionError("unreachable")
@@ -197,33 +226,44 @@ def fetch_gdrive(file_id: str, dest: Path, *, endpoint: str | None = None, retri
         raise FetchError(f"Google Drive refused file {file_id} (download quota exceeded or not public): "
                          f"{_first_line(e)}. Wait a day, or download it in a browser and pass --from") from e
     except (gdown.exceptions.DownloadError, requests.RequestException, OSError) as e:
-        raise FetchError(f"Google Drive file {file_id}: {type(e).__name__}: {_first_line(e)}") from e
+        kind = Unreachable if _connection_failure(e) else FetchError
+        raise kind(f"Google Drive file {file_id}: {type(e).__name__}: {_first_line(e)}") from e
     if out is None or not dest.exists():
         raise FetchError(f"Google Drive file {file_id}: gdown returned without a file")
     _reject_web_page(dest, f"Google Drive file {file_id}")
     return dest
 
 
-def _reject_web_page(path: Path, what: str) -> None:
-    """Drive answers a quota or permission problem with an HTML page, which must not be taken
-    for the archive: remove it and report the page's own message."""
+def web_page_reason(path: Path) -> str | None:
+    """The message of an HTML page saved in place of a file (Drive's quota page, a login or
+    error page), or None when the file is not a web page."""
     with open(path, "rb") as f:
         head = f.read(64 << 10)
     if not head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
-        return
+        return None
     text = head.decode("utf-8", "replace")
     match = re.search(r'class="uc-error-subcaption">(.*?)<', text, re.S) or re.search(r"<title>(.*?)</title>", text, re.S)
-    reason = " ".join(match.group(1).split()) if match else "an HTML page"
+    return " ".join(match.group(1).split()) if match else "an HTML page"
+
+
+def _reject_web_page(path: Path, what: str) -> None:
+    """A server that answers with a web page (Drive's quota page, a login wall) must not have
+    it taken for the archive: remove it and report the page's own message."""
+    reason = web_page_reason(path)
+    if reason is None:
+        return
     path.unlink()
-    raise FetchError(f"{what}: Google Drive sent a web page instead of the file ({reason}); the download "
-                     "quota may be exceeded or the file not public. Wait a day, or download it in a browser "
-                     "and pass --from")
+    raise FetchError(f"{what}: the server sent a web page instead of the file ({reason}); for Google Drive "
+                     "the download quota may be exceeded or the file not public. Wait a day, or download it "
+                     "in a browser and pass --from")
 
 
 def fetch_gdrive_folder(folder_id: str, dest_dir: Path, *, endpoint: str | None = None, retries: int = 4) -> Path:
     """A Google Drive folder through gdown (files already complete are kept on a rerun)."""
     import gdown
     import requests
+    if _is_complete(dest_dir):
+        return dest_dir
     dest_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"url": f"{endpoint.rstrip('/')}/drive/folders/{folder_id}"} if endpoint else {"id": folder_id}
     try:
@@ -232,9 +272,11 @@ def fetch_gdrive_folder(folder_id: str, dest_dir: Path, *, endpoint: str | None 
         raise FetchError(f"Google Drive refused folder {folder_id} (quota exceeded or not public): "
                          f"{_first_line(e)}. Download it in a browser and pass --from") from e
     except (gdown.exceptions.DownloadError, requests.RequestException, OSError) as e:
-        raise FetchError(f"Google Drive folder {folder_id}: {type(e).__name__}: {_first_line(e)}") from e
+        kind = Unreachable if _connection_failure(e) else FetchError
+        raise kind(f"Google Drive folder {folder_id}: {type(e).__name__}: {_first_line(e)}") from e
     if not files:
         raise FetchError(f"Google Drive folder {folder_id}: no files downloaded")
+    _mark_complete(dest_dir)
     return dest_dir
 
 
@@ -242,29 +284,60 @@ def fetch_hf_file(repo: str, filename: str, dest_dir: Path, *, endpoint: str | N
                   revision: str | None = None) -> Path:
     """One file of a Hugging Face Hub dataset repo (the hub client resumes partial files)."""
     from huggingface_hub import hf_hub_download
+    _refuse_offline(f"Hugging Face dataset {repo} file {filename}")
     try:
         return Path(hf_hub_download(repo, filename, repo_type="dataset", revision=revision,
                                     local_dir=dest_dir, endpoint=endpoint))
-    except Exception as e:  # offline mode, 404, gated repo, connection errors: all mean "next source"
-        raise FetchError(f"Hugging Face dataset {repo} file {filename}: {_hf_reason(e)}") from e
+    except Exception as e:  # 404, gated repo, connection errors: all mean "next source"
+        kind = Unreachable if _connection_failure(e) else FetchError
+        raise kind(f"Hugging Face dataset {repo} file {filename}: {type(e).__name__}: {_first_line(e)}") from e
 
 
 def fetch_hf_dataset(repo: str, dest_dir: Path, *, endpoint: str | None = None,
                      revision: str | None = None) -> Path:
-    """A whole Hugging Face Hub dataset repo as a folder."""
+    """A whole Hugging Face Hub dataset repo as a folder. Only a folder that an online
+    snapshot completed is used (offline, the hub client would hand back a partial one)."""
     from huggingface_hub import snapshot_download
+    if _is_complete(dest_dir):
+        return dest_dir
+    _refuse_offline(f"Hugging Face dataset {repo}")
     try:
-        return Path(snapshot_download(repo, repo_type="dataset", revision=revision, local_dir=dest_dir,
+        path = Path(snapshot_download(repo, repo_type="dataset", revision=revision, local_dir=dest_dir,
                                       endpoint=endpoint))
     except Exception as e:
-        raise FetchError(f"Hugging Face dataset {repo}: {_hf_reason(e)}") from e
+        kind = Unreachable if _connection_failure(e) else FetchError
+        raise kind(f"Hugging Face dataset {repo}: {type(e).__name__}: {_first_line(e)}") from e
+    _mark_complete(path)
+    return path
 
 
-def _hf_reason(e: Exception) -> str:
+def _refuse_offline(what: str) -> None:
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set, so the hub is not contacted (unset it, or pass --from)"
-    return f"{type(e).__name__}: {_first_line(e)}"
+        raise FetchError(f"{what}: HF_HUB_OFFLINE is set, so the hub is not contacted (unset it, or pass --from)")
+
+
+COMPLETE = ".srdiff-complete"  # written into a fetched folder once every file of it is there
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE).exists()
+
+
+def _mark_complete(folder: Path) -> None:
+    (folder / COMPLETE).write_text("complete\n")
+
+
+def _connection_failure(e: BaseException) -> bool:
+    """Whether a client library's error comes from not reaching the server (DNS, refused,
+    reset, timeout), looking through the exception chain."""
+    seen = 0
+    while e is not None and seen < 10:
+        name = type(e).__name__
+        if isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in name or "Timeout" in name:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _first_line(e: BaseException) -> str:

@@ -10,8 +10,8 @@ the same fingerprint reads the table and touches nothing else. Downloads resume 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,16 +66,28 @@ def fingerprint(cfg: Config, name: str, spec: datasets.DatasetSpec) -> str:
     whether a shortfall is an error)."""
     dl = cfg.download
     return common.sha256_json({
-        "spec": spec.model_dump(mode="json"), "from": dl.from_paths.get(name, []),
+        "spec": spec.model_dump(mode="json"), "from": [_path_identity(Path(p)) for p in dl.from_paths.get(name, [])],
         "gopro_lq_folder": dl.gopro_lq_folder, "data_root": cfg.data_root,
         "code": common.code_digest(sys.modules[__name__], datasets, normalise, archives)})
+
+
+def _path_identity(path: Path) -> list:
+    """A --from path by name, size and modification time (a replaced archive is noticed
+    without hashing gigabytes on every run)."""
+    path = path.expanduser()
+    if not path.exists():
+        return [str(path), None]
+    files = [path] if path.is_file() else archives.content_files(path)
+    return [str(path), [(str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns)
+                        for f in files]]
 
 
 # --- fetching ------------------------------------------------------------------------------------
 
 def _source_slug(source: datasets.Source) -> str:
     """Each source gets its own folder: two mirrors' partial files must never be mixed."""
-    return f"{source.kind}-{common.sha256_json(source.model_dump(mode='json'))[:12]}"
+    where = source.model_dump(mode="json", exclude={"sha256"})  # adding a digest must not refetch
+    return f"{source.kind}-{common.sha256_json(where)[:12]}"
 
 
 def fetch_from_source(source: datasets.Source, name: str, dest_dir: Path, dl: DownloadConfig, log) -> Path:
@@ -94,7 +106,7 @@ def fetch_from_source(source: datasets.Source, name: str, dest_dir: Path, dl: Do
 
 def fetch_file(dataset: str, item: datasets.DatasetFile, dest_dir: Path, dl: DownloadConfig, log) -> tuple[Path, str]:
     """Try the sources in order; return the local path and where it came from."""
-    failures = []
+    failures: list[fetch.FetchError] = []
     for source in item.sources:
         try:
             path = fetch_from_source(source, item.name, dest_dir, dl, log)
@@ -102,11 +114,13 @@ def fetch_file(dataset: str, item: datasets.DatasetFile, dest_dir: Path, dl: Dow
             return path, f"{source.describe()} (sha256 {digest})"
         except fetch.FetchError as e:
             log.warning(f"{dataset}/{item.name}: source failed: {e}")
-            failures.append(f"  - {e}")
-    tried = "\n".join(failures) if failures else "  (no sources configured)"
-    raise DatasetUnavailable(f"{dataset}: could not fetch {item.name} from any source:\n{tried}\n"
-                       f"Download it yourself and run with --from {dataset}=PATH (an archive or an "
-                       f"extracted folder), or add a mirror to {dl.datasets_file}")
+            failures.append(e)
+    tried = "\n".join(f"  - {e}" for e in failures) or "  (no sources configured)"
+    # Only "could not connect" is worth a later retry; a 404, a checksum or a quota page is not.
+    error = DatasetUnavailable if failures and all(isinstance(e, fetch.Unreachable) for e in failures) else DatasetError
+    raise error(f"{dataset}: could not fetch {item.name} from any source:\n{tried}\n"
+                f"Download it yourself and run with --from {dataset}=PATH (an archive or an "
+                f"extracted folder), or add a mirror to {dl.datasets_file}")
 
 
 def local_inputs(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> tuple[list[Path], dict[str, str], set[Path]]:
@@ -118,7 +132,7 @@ def local_inputs(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> tup
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
             raise DatasetError(f"{name}: --from path(s) {missing} do not exist")
-        return paths, {str(p): "--from" for p in paths}, set()
+        return paths, {str(p): _from_origin(p, spec, log) for p in paths}, set()
     dest = work_dir(cfg) / name
     paths, origin = [], {}
     for item in spec.files:
@@ -128,40 +142,64 @@ def local_inputs(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> tup
     return paths, origin, set(paths)
 
 
+def _from_origin(path: Path, spec: datasets.DatasetSpec, log) -> str:
+    """Record a --from archive's sha256, and say so when it is none of the published ones."""
+    if not path.is_file():
+        return "--from folder"
+    digest = fetch.sha256_path(path)
+    known = {s.sha256.lower() for f in spec.files for s in f.sources if s.sha256}
+    if known and digest not in known:
+        log.warning(f"--from {path}: sha256 {digest} matches no published digest of this dataset "
+                    f"({', '.join(sorted(known))}); using it anyway, check the counts below")
+    return f"--from (sha256 {digest})"
+
+
 # --- extraction ----------------------------------------------------------------------------------
 
 def _extract_once(archive: Path, base: Path, limits: archives.Limits, owned: bool, log) -> Path:
-    """Extract to ``base/<name>-<sha prefix>`` unless already complete there."""
+    """Extract to ``base/<name>-<sha prefix>`` unless already complete there (the folder only
+    gets that name, by an atomic rename, once every member is out)."""
     target = base / f"{archive.name}-{fetch.sha256_path(archive)[:16]}"
     if target.is_dir():
         return target
     log.info(f"extracting {archive.name} -> {target}")
     try:
         return archives.safe_extract(archive, target, limits)
+    except (archives.ArchiveTooLarge, archives.ArchiveUnsupported) as e:
+        raise DatasetError(f"{e}. The archive is kept at {archive}") from e  # the file itself is fine
     except archives.ArchiveError as e:
-        if owned:  # our download is bad: keep it aside so the rerun fetches a fresh copy
-            aside = archive.with_name(archive.name + ".rejected")
-            os.replace(archive, aside)
-            raise DatasetError(f"{e}. The download was moved to {aside}; rerun to fetch it again, or pass "
-                               "--from with a good copy") from e
-        raise DatasetError(f"{e}. Check the file, or fetch a fresh copy") from e
+        raise _bad_file(archive, owned, str(e)) from e
 
 
-def extraction_roots(paths: list[Path], base: Path, limits: archives.Limits, owned: set[Path], log) -> list[Path]:
-    """Folders to scan: each folder as is plus any archive inside it, and each archive extracted."""
+def _bad_file(path: Path, owned: bool, reason: str) -> DatasetError:
+    """A downloaded file that is unusable is moved aside, so the rerun fetches a fresh copy;
+    a file the user gave is never touched."""
+    if not owned:
+        return DatasetError(f"{reason}. Check the file, or fetch a fresh copy")
+    aside = path.with_name(path.name + ".rejected")
+    os.replace(path, aside)
+    return DatasetError(f"{reason}. The download was moved to {aside}; rerun to fetch it again, or pass "
+                        "--from with a good copy")
+
+
+def extraction_roots(paths: list[Path], base: Path, limits: archives.Limits, owned: set[Path],
+                     has_layout: Callable[[Path], bool], log) -> list[Path]:
+    """Folders to scan: a folder as it is (or, when it holds no file of the dataset's layout, the
+    archives inside it, extracted), and each archive extracted."""
     roots = []
     for path in paths:
         if path.is_dir():
-            roots.append(path)
-            for inner in archives.content_files(path):
-                if archives.archive_kind(inner):
-                    roots.append(_extract_once(inner, base, limits, path in owned, log))
-        elif archives.archive_kind(path):
-            roots.append(_extract_once(path, base, limits, path in owned, log))
-        elif archives.looks_like_archive(path):
-            roots.append(_extract_once(path, base, limits, path in owned, log))  # raises: truncated/corrupt
+            if has_layout(path):  # an extracted copy: archives beside it would give every pair twice
+                roots.append(path)
+                continue
+            inner = [f for f in archives.content_files(path) if archives.archive_kind(f)]
+            roots += [path] + [_extract_once(f, base, limits, path in owned, log) for f in inner]
+        elif archives.archive_kind(path) or archives.looks_like_archive(path):
+            roots.append(_extract_once(path, base, limits, path in owned, log))  # a truncated one raises
         else:
-            raise DatasetError(f"{path} is neither a folder nor a zip/tar archive")
+            reason = fetch.web_page_reason(path)
+            what = f"a web page ({reason})" if reason else "neither a folder nor a zip/tar archive"
+            raise _bad_file(path, path in owned, f"{path} is {what}")
     return roots
 
 
@@ -212,17 +250,21 @@ def prepare_dataset(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> 
     marker_url = _table_url(cfg, name, ".json")
     stamp = fingerprint(cfg, name, spec)
     if fs.exists(marker_url) and fs.read_json(marker_url).get("fingerprint") == stamp:
-        log.info(f"{name}: already normalised ({marker_url}); nothing to do")
-        marker = fs.read_json(marker_url)
-        return Prepared(name, tables.read_table(_table_url(cfg, name, ".parquet")).to_pylist(),
-                        tables.read_table(_table_url(cfg, name, ".quarantine.parquet")).to_pylist(),
-                        marker.get("origin", {}), reused=True)
+        rows = tables.read_table(_table_url(cfg, name, ".parquet")).to_pylist()
+        if _outputs_present(rows):
+            log.info(f"{name}: already normalised ({marker_url}); nothing to do")
+            return Prepared(name, rows, tables.read_table(_table_url(cfg, name, ".quarantine.parquet")).to_pylist(),
+                            fs.read_json(marker_url).get("origin", {}), reused=True)
+        log.warning(f"{name}: normalised images are missing under {common.path(cfg, 'datasets')}; redoing")
     paths, origin, owned = local_inputs(cfg, name, spec, log)
     extracted = work_dir(cfg) / name / "extracted"
     limits = archives.Limits(cfg.download.max_extract_bytes, cfg.download.max_extract_files)
-    roots = extraction_roots(paths, extracted, limits, owned, log)
     options = {"lq_folder": cfg.download.gopro_lq_folder} if spec.layout == "gopro" else {}
+    roots = extraction_roots(paths, extracted, limits, owned,
+                             lambda folder: _matches_layout(folder, spec.layout, options), log)
     pairs, rejected = datasets.find_pairs(spec.layout, scan(roots), **options)
+    if not pairs and not rejected:
+        raise DatasetError(no_layout_match(name, spec.layout, roots))
     log.info(f"{name}: found {len(pairs)} candidate pairs, {len(rejected)} unpartnered or duplicate files")
     rows, bad = normalise_all(cfg, name, spec, pairs, log)
     quarantine = [quarantine_row(name, spec, r.split, r.native_id, r.path, r.reason) for r in rejected] + bad
@@ -230,8 +272,8 @@ def prepare_dataset(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> 
     tables.write_table(_table_url(cfg, name, ".quarantine.parquet"), quarantine, schema=QUARANTINE_SCHEMA)
     fs.write_json(marker_url, {"fingerprint": stamp, "origin": origin, "pairs": len(rows),
                                "quarantined": len(quarantine)})  # last: the table above is complete
-    if not cfg.download.keep_extracted and extracted.exists():
-        shutil.rmtree(extracted)
+    if not cfg.download.keep_extracted:
+        archives.remove_tree(extracted)
     return Prepared(name, rows, quarantine, origin)
 
 
@@ -254,6 +296,28 @@ def detect_dataset(cfg: Config, path: Path) -> str:
         raise DatasetError(f"--from {path}: cannot tell which dataset this is ({what}); write "
                            f"--from DATASET={path} with DATASET one of {sorted(catalog)}")
     return found[0]
+
+
+def _outputs_present(rows: list[dict]) -> bool:
+    urls = [u for r in rows for u in (r["lq_path"], r["gt_path"])]
+    try:
+        fs.sizes(urls)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _matches_layout(folder: Path, layout: str, options: dict) -> bool:
+    parse = datasets.LAYOUTS[layout]
+    return any(parse(p.relative_to(folder.parent).parts, **options) for p in archives.content_files(folder))
+
+
+def no_layout_match(name: str, layout: str, roots: list[Path]) -> str:
+    sample = [str(p) for root in roots for p in archives.content_files(root)][:5]
+    rule = (datasets.LAYOUTS[layout].__doc__ or "").strip().splitlines()[0]
+    return (f"{name}: no file matches the {layout} layout ({rule}); the files found look like "
+            f"{sample or 'nothing (empty)'}. Is this the right archive? Otherwise extract it into that "
+            f"layout and pass the folder with --from {name}=FOLDER")
 
 
 def count_problems(prepared: Prepared, spec: datasets.DatasetSpec, log) -> list[str]:

@@ -140,9 +140,9 @@ _RAIN = re.compile(r"(no)?rain-(\d+)", re.IGNORECASE)
 
 
 def parse_rain100h(parts: tuple[str, ...], **_) -> Member | None:
-    """Flat ``rain-N.png`` / ``norain-N.png`` (RainTrainH: train) and ``rainy/rain-NNN.png`` +
-    ``norain-NNN.png`` (Rain100H: test). The split comes from the archive/folder name, else
-    from the ``rainy`` folder only the test set has."""
+    """``rain-N.png`` (LQ) / ``norain-N.png`` (GT), flat or with the LQ side in a ``rainy``
+    folder; RainTrainH is the train set, Rain100H the test set (the folder or archive name
+    nearest to the file decides; without either name, train)."""
     if not _image(parts):
         return None
     m = _RAIN.fullmatch(_stem(parts[-1]))
@@ -152,11 +152,10 @@ def parse_rain100h(parts: tuple[str, ...], **_) -> Member | None:
 
 
 def _rain_split(folders: tuple[str, ...]) -> str:
-    """The folder nearest the file decides (an archive may hold both sets)."""
     for folder in map(str.lower, reversed(folders)):
         if "raintrainh" in folder:
             return "train"
-        if "rain100h" in folder or folder == "rainy":
+        if "rain100h" in folder:
             return "val"
     return "train"
 

@@ -127,6 +127,10 @@ def real_datasets(cfg: Config, log) -> tuple[list[dict], list[dict], dict[str, f
     unknown = [n for n in [*cfg.download.datasets, *cfg.download.from_paths] if n not in catalog]
     if unknown:
         raise datasets.CatalogError(f"unknown dataset(s) {unknown}: the catalog has {sorted(catalog)}")
+    ignored = sorted(set(cfg.download.from_paths) - set(cfg.download.datasets))
+    if ignored:
+        log.warning(f"--from given for {ignored}, which download.datasets {cfg.download.datasets} does not "
+                    "include: ignored (add them with --set download.datasets=[...])")
     rows, quarantine, metrics, params, problems = [], [], {}, {}, []
     network = False
     for name in cfg.download.datasets:

@@ -50,7 +50,13 @@ def decode(path: Path, side: str) -> Decoded:
         img = img.convert("RGB")
     elif img.mode != "RGB":
         img = img.convert("RGB")  # palette, CMYK, YCbCr: colour, just stored differently
-    return Decoded(img, raw, copyable=fmt == "PNG" and mode == "RGB")
+    return Decoded(img, raw, copyable=fmt == "PNG" and mode == "RGB" and _png_is_8bit_rgb(raw))
+
+
+def _png_is_8bit_rgb(raw: bytes) -> bool:
+    """IHDR bit depth 8, colour type 2. Pillow reports a 16-bit RGB PNG as mode RGB too, but
+    its bytes are not what the rest of the pipeline reads, so it is re-encoded."""
+    return len(raw) > 25 and raw[12:16] == b"IHDR" and raw[24] == 8 and raw[25] == 2
 
 
 def centre_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -87,6 +93,8 @@ def normalise_pair(lq_path: Path, gt_path: Path, target: Target, crop_gt_to_lq: 
     for side, src, copyable in (("LQ", lq_path, lq.copyable), ("GT", gt_path, gt_copyable)):
         if not copyable and src.suffix.lower() != ".png":
             notes.append(f"{side} {src.suffix.lstrip('.').upper()} -> PNG")
+        elif not copyable and src.suffix.lower() == ".png" and not (side == "GT" and gt_image is not gt.image):
+            notes.append(f"{side} PNG re-encoded as 8-bit RGB")
     lq_png = lq.raw if lq.copyable else encode_png(lq.image)
     gt_png = gt.raw if gt_copyable else encode_png(gt_image)
     fs.atomic_write_bytes(target.lq_url, lq_png)

@@ -146,7 +146,7 @@ def test_a_failing_source_falls_through_to_the_next(tmp_path, caplog):
     assert "/mirror/lol_dataset.zip" in result.params["download.lol.lol_dataset.zip"]
     text = caplog.text
     assert "unreachable" in text and "HTTP 404" in text
-    assert "Google Drive file LOLID: Google Drive sent a web page" in text and "Too many users" in text
+    assert "Google Drive file LOLID: the server sent a web page" in text and "Too many users" in text
     assert "HF_HUB_OFFLINE" in text
 
 
@@ -217,21 +217,23 @@ def test_zip_slip_entry_is_refused(tmp_path):
 def test_link_escaping_the_target_is_refused(tmp_path):
     evil = A.tar_bytes(LOL, links={"lol_dataset/our485/low/7.png": "../../../../../../etc/passwd"})
     with FileServer(files={"/lol.tar.gz": evil}) as server:
-        with pytest.raises(DownloadError, match="refused"):
+        with pytest.raises(DownloadError, match="points outside the target"):
             download.fn(config(tmp_path, _lol_catalog(tmp_path, server, "/lol.tar.gz"), ["lol"]), key="k")
-    assert not (tmp_path / "data/downloads/lol/extracted").exists() or \
-        not list((tmp_path / "data/downloads/lol/extracted").rglob("7.png"))
+    assert not list((tmp_path / "data").rglob("7.png"))
 
 
 def test_oversized_archive_is_refused(tmp_path):
     bomb = A.zip_bytes({**LOL, "lol_dataset/padding.bin": bytes(2_000_000)})  # compresses to ~2 kB
     with FileServer(files={"/lol.zip": bomb}) as server:
-        with pytest.raises(DownloadError, match="expands to more than 1000000 bytes"):
+        with pytest.raises(DownloadError, match="expands to more than 1000000 bytes.*The archive is kept at"):
             download.fn(config(tmp_path, _lol_catalog(tmp_path, server), ["lol"],
                                "download.max_extract_bytes=1000000"), key="k")
+        assert len(list((tmp_path / "data/downloads/lol").rglob("lol_dataset.zip"))) == 1  # kept: only the cap was hit
+        server.log.clear()
         with pytest.raises(DownloadError, match="more than 5 members"):
             download.fn(config(tmp_path, _lol_catalog(tmp_path, server), ["lol"],
                                "download.max_extract_files=5"), key="k")
+    assert server.log == []  # the archive was not fetched again
 
 
 def _corrupt(m):
@@ -371,11 +373,25 @@ def test_cli_from_recognises_the_dataset_or_asks(tmp_path):
         from_overrides(None, base, [str(junk)])
 
 
-def test_prefect_retries_the_stage_only_for_network_failures():
+def test_prefect_retries_the_stage_only_for_network_failures(tmp_path):
     from prefect.states import Failed
     from tasks.download import network_failure
-    assert network_failure(None, None, Failed(data=DownloadError("no source reachable", network=True)))
-    assert not network_failure(None, None, Failed(data=DownloadError("sha256 mismatch")))
+
+    def failure(sources: list[dict]) -> DownloadError:
+        catalog = write_catalog(tmp_path / "c.yaml", {"lol": entry("lol", "low-light", {"train": 3, "val": 2},
+                                                                   [("lol_dataset.zip", sources)])})
+        with pytest.raises(DownloadError) as err:
+            download.fn(config(tmp_path, catalog, ["lol"], "download.retries=0"), key="k")
+        return err.value
+
+    lol = A.zip_bytes(LOL)
+    with FileServer(files={"/lol.zip": lol}) as server:
+        unreachable = failure([{"kind": "http", "url": "http://127.0.0.1:9/lol.zip"}])
+        not_found = failure([{"kind": "http", "url": "http://127.0.0.1:9/lol.zip"}, {"kind": "http", "url": server.url("/x.zip")}])
+        bad_sha = failure([{"kind": "http", "url": server.url("/lol.zip"), "sha256": "0" * 64}])
+    assert network_failure(None, None, Failed(data=unreachable))
+    assert not network_failure(None, None, Failed(data=not_found))  # one source answered: waiting will not help
+    assert not network_failure(None, None, Failed(data=bad_sha))
     assert not network_failure(None, None, Failed(data=ValueError("bug")))
 
 
@@ -428,3 +444,65 @@ def test_download_stage_in_the_flow_logs_the_dataset_summary_to_mlflow(tmp_path,
     assert (m["dataset/lol/train"], m["dataset/lol/train_expected"], m["dataset/lol/val"]) == (3, 3, 2)
     assert m["dataset/lol/quarantined"] == 0 and m["pairs/total"] == 5
     assert sha(lol) in run.data.params["download.lol.lol_dataset.zip"]
+
+
+def test_rain_train_set_with_a_rainy_folder_and_both_sets_in_one_archive(tmp_path):
+    members = {f"RainTrainH/rainy/rain-{n}.png": A.image_bytes(n) for n in (1, 2)}
+    members |= {f"RainTrainH/norain-{n}.png": A.image_bytes(10 + n) for n in (1, 2)}
+    members |= A.rain_test_members([1])
+    with FileServer(files={"/rain.zip": A.zip_bytes(members)}) as server:
+        catalog = write_catalog(tmp_path / "c.yaml", {"rain100h": entry("rain100h", "rainy", {"train": 2, "val": 1}, [
+            ("rain.zip", [{"kind": "http", "url": server.url("/rain.zip")}])])})
+        result = download.fn(config(tmp_path, catalog, ["rain100h"]), key="k")
+    assert sorted(r["id"] for r in manifest_of(result)) == ["rain100h-train-1", "rain100h-train-2", "rain100h-val-001"]
+
+
+def test_from_folder_holding_its_archive_and_the_extracted_copy_gives_each_pair_once(tmp_path):
+    folder = tmp_path / "lol"
+    for name, data in LOL.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    (folder / "LOLdataset.zip").write_bytes(A.zip_bytes(LOL))
+    catalog = write_catalog(tmp_path / "c.yaml", {"lol": entry("lol", "low-light", {"train": 3, "val": 2},
+                                                               [("lol_dataset.zip", [])])})
+    result = download.fn(config(tmp_path, catalog, ["lol"], f"download.from_paths={{lol: [{folder}]}}"), key="k")
+    assert len(manifest_of(result)) == 5 and quarantine_of(result) == {}
+
+
+def test_an_archive_of_another_dataset_says_which_layout_was_expected(tmp_path):
+    with FileServer(files={"/lol.zip": A.zip_bytes(RAIN_TRAIN)}) as server:
+        with pytest.raises(DownloadError, match=r"no file matches the lol layout .*RainTrainH/rain-1.png"):
+            download.fn(config(tmp_path, _lol_catalog(tmp_path, server), ["lol"]), key="k")
+
+
+def test_a_web_page_served_in_place_of_the_archive_is_refused(tmp_path):
+    page = "<!DOCTYPE html><html><head><title>Sign in to continue</title></head></html>"
+    with FileServer(files={"/lol.zip": page.encode()}) as server:
+        with pytest.raises(DownloadError, match=r"sent a web page instead of the file \(Sign in to continue\)"):
+            download.fn(config(tmp_path, _lol_catalog(tmp_path, server), ["lol"]), key="k")
+
+
+def test_16_bit_png_is_re_encoded_as_8_bit(tmp_path):
+    members = dict(LOL)
+    rgb16 = _png_16bit(20, 16)
+    members["lol_dataset/our485/high/2.png"] = rgb16
+    with FileServer(files={"/lol.zip": A.zip_bytes(members)}) as server:
+        result = download.fn(config(tmp_path, _lol_catalog(tmp_path, server), ["lol"]), key="k")
+    row = next(r for r in manifest_of(result) if r["id"] == "lol-train-2")
+    written = Path(row["gt_path"]).read_bytes()
+    assert written != rgb16 and written[24] == 8 and written[25] == 2  # IHDR: 8-bit RGB
+    notes = {r["id"]: r["note"] for r in tables.read_table(tmp_path / "data/manifests/notes.parquet").to_pylist()}
+    assert notes["lol-train-2"] == "GT PNG re-encoded as 8-bit RGB"
+
+
+def _png_16bit(width: int, height: int) -> bytes:
+    """A 16-bit RGB PNG written by hand (Pillow does not write 16-bit RGB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = b"\x00" + b"\x9c\x40\x10\x00\x80\x00" * width
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(row * height))
+            + chunk(b"IEND", b""))
