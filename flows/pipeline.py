@@ -23,6 +23,7 @@ import tasks.evaluate
 import tasks.shard
 import tasks.normalise
 import tasks.train
+from flows import embed_ddp
 from srdiff_core import checkpoint, clip_embed, demo_data, degradations, distributed, fid, metrics, restorer
 from srdiff_core import samplers, sde, srm, training, unet
 from srdiff_core.config import STAGES, Config, load_config
@@ -44,9 +45,10 @@ STAGE_CODE = {
     "download": (tasks.download, tasks.acquire, tasks.datasets, tasks.normalise, archives, fetch, demo_data,
                  degradations, storage_tables),
     "shard": (tasks.shard, shards),
-    "embed": (tasks.embed, clip_embed, srm, distributed, embed_cache),
-    "train": (tasks.train, training, checkpoint, distributed, sde, unet, samplers),
-    "evaluate": (tasks.evaluate, metrics, fid, restorer, samplers),
+    "embed": (tasks.embed, tasks.embed_tables, tasks.embed_launch, embed_ddp, clip_embed, srm, distributed,
+              embed_cache),
+    "train": (tasks.train, tasks.embed_tables, training, checkpoint, distributed, sde, unet, samplers),
+    "evaluate": (tasks.evaluate, tasks.embed_tables, metrics, fid, restorer, samplers),
 }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import QuickGELU
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
@@ -46,6 +47,7 @@ class ClipEncoder:
     precision: str = "fp32"  # "bf16": autocast on CUDA (CPU always runs fp32)
     interpolation: str = "bicubic"  # open_clip preprocess_cfg["interpolation"]
     resize_mode: str = "shortest"  # open_clip preprocess_cfg["resize_mode"]
+    quick_gelu: bool = False  # the model uses QuickGELU (OpenAI's tags); the same weights with GELU differ
 
     @property
     def device(self) -> torch.device:
@@ -70,12 +72,39 @@ class ClipEncoder:
 PREPROCESSING_VERSION = 1
 
 
+def _flag(read) -> str:
+    try:
+        return str(read())
+    except (AttributeError, RuntimeError):  # absent in this torch, or set through the other TF32 API
+        return "n/a"
+
+
+def fp32_math(device: torch.device) -> str:
+    """How this process computes fp32 matmuls and convolutions on ``device``: torch's
+    float32_matmul_precision (on CPU "medium" lets oneDNN use bf16), and on CUDA whether
+    cuBLAS and cuDNN use TF32 (both the legacy flags and the fp32_precision API, since torch
+    refuses to read one when the other was set). TF32 changes fp32 results in the 3rd decimal."""
+    parts = [f"float32_matmul_precision {_flag(torch.get_float32_matmul_precision)}"]
+    if torch.device(device).type == "cuda":
+        backends = torch.backends
+        parts += [f"cuda.matmul.allow_tf32 {_flag(lambda: backends.cuda.matmul.allow_tf32)}",
+                  f"cudnn.allow_tf32 {_flag(lambda: backends.cudnn.allow_tf32)}",
+                  f"cuda.matmul.fp32_precision {_flag(lambda: backends.cuda.matmul.fp32_precision)}",
+                  f"cudnn.conv.fp32_precision {_flag(lambda: backends.cudnn.conv.fp32_precision)}"]
+    return ", ".join(parts)
+
+
 def cache_descriptor(encoder: ClipEncoder) -> dict[str, str]:
     """Everything an image's embedding depends on besides the image bytes: the model part of a
     content-keyed cache key (storage.embed_cache). Two encoders with equal descriptors give the
-    same vector for the same image."""
+    same vector for the same image: the weights and the architecture that reads them (QuickGELU
+    or not: OpenAI's tag sets it, a local file of the same weights does not), the preprocessing,
+    the device and precision with this process's fp32 math settings (read now: build the
+    descriptor where the embeddings are computed), and the open_clip and torch versions."""
     return {"arch": encoder.arch, "weights_digest": encoder.weights_digest,
+            "quick_gelu": str(encoder.quick_gelu).lower(),
             "preprocessing": f"v{PREPROCESSING_VERSION}: {encoder.preprocessing}", "compute": encoder.compute,
+            "fp32_math": fp32_math(encoder.device), "open_clip": open_clip.__version__, "torch": torch.__version__,
             "embed_dim": str(encoder.embed_dim)}
 
 
@@ -269,7 +298,8 @@ def load_clip(arch: str = "ViT-B-32", pretrained: str = "openai", *, device: str
         mean=tuple(float(m) for m in preprocess_cfg["mean"]), std=tuple(float(s) for s in preprocess_cfg["std"]),
         embed_dim=int(model.visual.output_dim), precision=precision,
         interpolation="bilinear" if preprocess_cfg["interpolation"] == "bilinear" else "bicubic",
-        resize_mode=preprocess_cfg["resize_mode"])
+        resize_mode=preprocess_cfg["resize_mode"],
+        quick_gelu=any(isinstance(m, QuickGELU) for m in model.modules()))
 
 
 # ---------------------------------------------------------------- preprocessing

@@ -11,12 +11,17 @@ Appending writes a new part, atomically and named by its content, so concurrent 
 ranks, two pipelines on one data root) never write the same file; a reader takes the union of
 the parts. :meth:`EmbeddingCache.compact` folds many parts into one and deletes only parts it
 has read, so a concurrent compaction or append never loses a row.
+
+The cache only saves recomputation: a part that cannot be read is renamed ``*.bad`` with a
+warning and its rows count as misses, never stopping the stage.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -29,6 +34,10 @@ DESCRIPTOR_NAME = "model.json"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 COMPACT_ABOVE = 16  # parts: each run appends one per process, compaction keeps reads to a few files
+BAD_SUFFIX = ".bad"  # an unreadable part, renamed out of the way (kept for a look, never read)
+STALE_TEMP_S = 3600.0  # a writer's temp file this old is left from a killed process: compaction removes it
+
+log = logging.getLogger(__name__)
 
 
 def model_key(descriptor: Mapping[str, str]) -> str:
@@ -57,8 +66,21 @@ class EmbeddingCache:
         """{sha256: float32 [D] vector} of every cached image (empty for a new model)."""
         self._check_descriptor()
         out: dict[str, np.ndarray] = {}
-        for url in self.parts():
-            out.update(self._read_part(url) or {})
+        seen: set[str] = set()
+        for _ in range(2):
+            vanished = False
+            for url in self.parts():
+                if url in seen:
+                    continue
+                seen.add(url)
+                rows = self._read_part(url)
+                vanished |= rows is None
+                out.update(rows or {})
+            # A part gone since the listing was compacted away; the part holding its rows was
+            # written before it was deleted, so one more listing finds it (were that one compacted
+            # away too in between, its rows would be misses: recomputed, never wrong).
+            if not vanished:
+                break
         return out
 
     def append(self, vectors: Mapping[str, np.ndarray]) -> str | None:
@@ -78,7 +100,9 @@ class EmbeddingCache:
         return url
 
     def compact(self, above: int = COMPACT_ABOVE) -> bool:
-        """Fold the parts into one when there are more than ``above``; True if it did."""
+        """Fold the parts into one when there are more than ``above``; True if it did. Also removes
+        temp files of writers killed mid-write (older than STALE_TEMP_S)."""
+        self.remove_stale_temps()
         parts = self.parts()
         if len(parts) <= above:
             return False
@@ -86,7 +110,7 @@ class EmbeddingCache:
         read = []
         for url in parts:
             rows = self._read_part(url)
-            if rows is not None:
+            if rows:  # not a part gone since the listing, nor an unreadable one (set aside, a miss)
                 merged.update(rows)
                 read.append(url)
         new = self.append(merged)
@@ -100,19 +124,51 @@ class EmbeddingCache:
 
     # ------------------------------------------------------------------ internals
 
+    def remove_stale_temps(self, older_than_s: float = STALE_TEMP_S) -> list[str]:
+        """Delete temp files (``.<name>.<random>.tmp``, storage.fs.atomic_open) older than
+        ``older_than_s``: a writer killed mid-write leaves them; a live writer's are younger."""
+        filesystem, root = fs.resolve(self.url)
+        removed = []
+        for path in filesystem.glob(f"{root.rstrip('/')}/.*{fs.TEMP_SUFFIX}"):
+            try:
+                age = time.time() - filesystem.modified(path).timestamp()
+                if age > older_than_s:
+                    filesystem.rm(path)
+                    removed.append(path)
+            except FileNotFoundError:  # its writer finished, or another compaction removed it
+                continue
+            except NotImplementedError:  # a filesystem without modification times: leave them
+                break
+        return removed
+
     def _read_part(self, url: str) -> dict[str, np.ndarray] | None:
+        """The part's rows; None when it no longer exists; {} (all misses) when it is unreadable."""
         try:
             table = tables.read_table(url)
+            column = table.column("embedding").combine_chunks()
+            # A copy: the vectors outlive the table and must be writable (torch.from_numpy).
+            values = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+            values = values.reshape(table.num_rows, -1)
+            return dict(zip(table.column("sha256").to_pylist(), values))
         except FileNotFoundError:
-            return None  # compacted away since the listing: its rows are in the merged part
-        except (pa.ArrowInvalid, OSError) as e:
-            raise ValueError(f"embedding cache part {url} is unreadable ({type(e).__name__}: {e}); delete it "
-                             f"(the cache only saves recomputation) and rerun") from e
-        column = table.column("embedding").combine_chunks()
-        # A copy: the vectors outlive the table and must be writable (torch.from_numpy).
-        values = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-        values = values.reshape(table.num_rows, -1)
-        return dict(zip(table.column("sha256").to_pylist(), values))
+            return None
+        except (pa.ArrowException, OSError, KeyError, ValueError) as e:
+            self._set_aside(url, e)
+            return {}
+
+    @staticmethod
+    def _set_aside(url: str, error: Exception) -> None:
+        """Rename an unreadable part to ``*.bad`` (out of every later listing), with a warning."""
+        filesystem, path = fs.resolve(url)
+        try:
+            filesystem.mv(path, path + BAD_SUFFIX)
+            where = f"renamed to {url}{BAD_SUFFIX}"
+        except FileNotFoundError:
+            where = "another process already set it aside"
+        except OSError as e:  # e.g. read-only storage: it stays, and is skipped again next time
+            where = f"could not rename it ({type(e).__name__}: {e})"
+        log.warning(f"embedding cache part {url} is unreadable ({type(error).__name__}: {error}); its rows "
+                    f"count as misses and are recomputed; {where}")
 
     def _check_descriptor(self) -> None:
         url = fs.join(self.url, DESCRIPTOR_NAME)

@@ -5,21 +5,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
-import yaml
 from PIL import Image
 from prefect import task
 
@@ -30,9 +24,10 @@ from storage import fs, shards, tables
 from storage.embed_cache import EmbeddingCache
 from tasks import common, tracking
 from tasks.common import RateLogger, StageResult, pick_device, stage_dir, stage_logger
+from tasks.embed_launch import run_ranks
+from tasks.embed_tables import QUARANTINE_NAME, column_vectors, quarantine_table, vector_column
 
 SPLITS = ("train", "val")
-QUARANTINE_NAME = "embed_quarantine.parquet"
 COUNTS_NAME = "extraction.json"  # the counts of the extraction (cache hits, computed, ...)
 PARTS_DIR = "parts"  # per-rank parts while several processes extract
 
@@ -41,8 +36,6 @@ PARTS_DIR = "parts"  # per-rank parts while several processes extract
 # "image file is truncated" and "broken data stream" are OSErrors; a bad chunk can give
 # SyntaxError/ValueError; a huge header gives DecompressionBombError.
 UNDECODABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("degradation", pa.string()),
-                               ("reason", pa.string())])
 
 
 def _decode_error(which: str, error: Exception) -> str:
@@ -125,7 +118,7 @@ class Embeddings:
     gt: torch.Tensor
     quarantine: list[dict] = field(default_factory=list)  # samples skipped: id, split, degradation, reason
     computed: int = 0  # images that went through the model
-    cache_hits: int = 0  # images whose embedding was already known (the cache, or a duplicate in this run)
+    cache_hits: int = 0  # images whose embedding was already known (the cache, or a duplicate in its batch)
     fresh: dict[str, torch.Tensor] = field(default_factory=dict)  # sha256 -> vector computed here (cache on)
 
     def sorted_by_id(self) -> "Embeddings":
@@ -137,28 +130,32 @@ class Embeddings:
 
 
 class _KnownVectors:
-    """Embeddings by image content: the cache's and those computed in this run, with the counts."""
+    """Embeddings by image content: the cache's (as it was before this run), and the counts.
+
+    An image already embedded earlier in this run is embedded again, never looked up: then every
+    model batch is a function of its shard alone (its chunk of samples, less the images the cache
+    held before the run), whatever the order in which shards, ranks and workers come, so any
+    nproc / num_workers gives bit-identical vectors. (An image shared by several shards, a GT in
+    dehazing sets, costs one model call per batch it is in, until the next run finds it cached.)
+    Within one batch each distinct image goes through the model once."""
 
     def __init__(self, cache: Mapping[str, np.ndarray] | None):
         self.cache = cache or {}
-        self.fresh: dict[str, torch.Tensor] = {}
+        self.fresh: dict[str, torch.Tensor] = {}  # for the cache: the first vector computed for each image
         self.computed = self.hits = 0
 
     def get(self, sha: str | None) -> torch.Tensor | None:
-        if sha is None:
-            return None
-        if sha in self.fresh:
-            return self.fresh[sha]
-        vector = self.cache.get(sha)
+        vector = None if sha is None else self.cache.get(sha)
         return None if vector is None else torch.from_numpy(vector)
 
     def embed(self, encoder: clip_embed.ClipEncoder, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """LQ and GT embeddings [n, D] of decoded samples: known images looked up, the others
-        (LQs, then GTs, each distinct image once) embedded in one model call."""
+        """LQ and GT embeddings [n, D] of decoded samples: images in the cache looked up, the others
+        (LQs, then GTs, each distinct image of the batch once) embedded in one model call."""
         found, images, position, waiting = self._sort_out(items)
         if images:
             emb = clip_embed.embed_batch(encoder, images).float().cpu()
-            self.fresh.update((sha, emb[j]) for sha, j in position.items())
+            for sha, j in position.items():
+                self.fresh.setdefault(sha, emb[j])
             found.update((slot, emb[j]) for slot, j in waiting)
         self.computed += len(images)
         self.hits += 2 * len(items) - len(images)
@@ -166,7 +163,7 @@ class _KnownVectors:
         return (torch.stack([found[(i, "lq")] for i in range(n)]), torch.stack([found[(i, "gt")] for i in range(n)]))
 
     def _sort_out(self, items: list[dict]) -> tuple[dict, list[torch.Tensor], dict[str, int], list]:
-        """(known vectors by (item, "lq"/"gt") slot, the images to embed, sha256 -> index among them,
+        """(cached vectors by (item, "lq"/"gt") slot, the images to embed, sha256 -> index among them,
         (slot, index) of every slot waiting for one of them)."""
         found: dict[tuple[int, str], torch.Tensor] = {}
         images: list[torch.Tensor] = []
@@ -242,34 +239,10 @@ def embed_shards(encoder: clip_embed.ClipEncoder, urls: list[str], *, batch_size
     return emb
 
 
-def quarantine_table(rows: list[dict]) -> pa.Table:
-    """The skipped samples, sorted by id (an empty table when none were skipped)."""
-    return pa.Table.from_pylist(sorted(rows, key=lambda r: r["id"]), schema=QUARANTINE_SCHEMA)
-
-
-def _vector_column(values: torch.Tensor) -> pa.FixedSizeListArray:
-    flat = pa.array(values.numpy().astype(np.float32).ravel(), pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
-
-
-def _column_vectors(table: pa.Table, name: str) -> torch.Tensor:
-    """A fixed-size-list column as float32 [N, D] (a writable copy)."""
-    column = table.column(name).combine_chunks()
-    flat = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-    return torch.from_numpy(flat.reshape(table.num_rows, column.type.list_size))
-
-
 def embedding_table(emb: Embeddings, values: torch.Tensor, metadata: dict[str, str]) -> pa.Table:
     table = pa.table({"id": pa.array(emb.ids, pa.string()), "split": pa.array(emb.splits, pa.string()),
-                      "degradation": pa.array(emb.degradations, pa.string()), "embedding": _vector_column(values)})
+                      "degradation": pa.array(emb.degradations, pa.string()), "embedding": vector_column(values)})
     return table.replace_schema_metadata({k: str(v) for k, v in metadata.items()})
-
-
-def read_embeddings(url: str) -> dict[str, np.ndarray]:
-    """An embedding table as {id: float32 vector}."""
-    table = tables.read_table(url, hint="the embed stage writes it: run `srdiff run --stages embed`")
-    values = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
-    return dict(zip(table.column("id").to_pylist(), values.astype(np.float32)))
 
 
 # ---------------------------------------------------------------- extraction: one process or several
@@ -303,28 +276,34 @@ def write_part(out_url: str, info: DistInfo, emb: Embeddings) -> None:
     """This rank's embeddings and quarantine rows, for rank 0 to merge (counts in the metadata)."""
     table = pa.table({"id": pa.array(emb.ids, pa.string()), "split": pa.array(emb.splits, pa.string()),
                       "degradation": pa.array(emb.degradations, pa.string()),
-                      "lq": _vector_column(emb.lq), "gt": _vector_column(emb.gt)})
+                      "lq": vector_column(emb.lq), "gt": vector_column(emb.gt)})
     table = table.replace_schema_metadata({"computed": str(emb.computed), "cache_hits": str(emb.cache_hits)})
     tables.write_table(_part_url(out_url, "embeddings", info.rank, info.world_size), table)
     tables.write_table(_part_url(out_url, "quarantine", info.rank, info.world_size), quarantine_table(emb.quarantine))
 
 
+def _read_part(out_url: str, kind: str, rank: int, world_size: int) -> pa.Table:
+    url = _part_url(out_url, kind, rank, world_size)
+    if not fs.exists(url):
+        raise FileNotFoundError(f"{url} does not exist: rank {rank} of {world_size} wrote no part. Put --out on "
+                                f"storage every node shares, or check the torchrun log for a failed rank")
+    return tables.read_table(url)
+
+
 def merge_parts(out_url: str, world_size: int) -> Embeddings:
     """Every rank's part as one Embeddings, sorted by id (each shard went to one rank, so each id
-    is in one part)."""
-    hint = "each rank of flows.embed_ddp writes its own: did one fail?"
-    parts = [tables.read_table(_part_url(out_url, "embeddings", r, world_size), hint=hint) for r in range(world_size)]
-    quarantine = [row for r in range(world_size)
-                  for row in tables.read_table(_part_url(out_url, "quarantine", r, world_size), hint=hint).to_pylist()]
+    is in one part; :func:`write_extracted` checks). Parts named for another world size (left by
+    an interrupted run with another nproc) are not read."""
+    parts = [_read_part(out_url, "embeddings", r, world_size) for r in range(world_size)]
+    quarantine = [row for r in range(world_size) for row in _read_part(out_url, "quarantine", r, world_size).to_pylist()]
     table = pa.concat_tables(p.replace_schema_metadata(None) for p in parts)
-    ids = table.column("id").to_pylist()
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"the rank parts under {fs.join(out_url, PARTS_DIR)} share sample ids: the shard index "
-                         f"lists a sample twice; rerun the shard stage (srdiff run --stages shard --refresh shard)")
-    count = lambda key: sum(int(p.schema.metadata[key.encode()]) for p in parts)  # noqa: E731
-    return Embeddings(ids, table.column("split").to_pylist(), table.column("degradation").to_pylist(),
-                      _column_vectors(table, "lq"), _column_vectors(table, "gt"), quarantine,
-                      count("computed"), count("cache_hits")).sorted_by_id()
+
+    def count(key: str) -> int:
+        return sum(int(p.schema.metadata[key.encode()]) for p in parts)
+
+    return Embeddings(table.column("id").to_pylist(), table.column("split").to_pylist(),
+                      table.column("degradation").to_pylist(), column_vectors(table, "lq"),
+                      column_vectors(table, "gt"), quarantine, count("computed"), count("cache_hits")).sorted_by_id()
 
 
 def extraction_counts(emb: Embeddings, processes: int) -> dict[str, float]:
@@ -333,8 +312,19 @@ def extraction_counts(emb: Embeddings, processes: int) -> dict[str, float]:
             "embed/processes": float(processes)}
 
 
+def check_unique_ids(emb: Embeddings, where: str) -> None:
+    """Each sample id once: the tables are keyed by id (one process or several)."""
+    twice = sorted(i for i, n in Counter([*emb.ids, *(r["id"] for r in emb.quarantine)]).items() if n > 1)
+    if twice:
+        raise ValueError(f"{len(twice)} sample id(s) appear more than once in the shards {where}, e.g. {twice[:3]}: "
+                         f"the shard index lists a sample twice; rerun the shard stage "
+                         f"(srdiff run --stages shard --refresh shard)")
+
+
 def write_extracted(out_url: str, emb: Embeddings, meta: dict[str, str], counts: dict[str, float]) -> None:
-    """lqcls / gtcls / embed_quarantine.parquet (sorted by id) and the counts (extraction.json)."""
+    """lqcls / gtcls / embed_quarantine.parquet (sorted by id) and the counts (extraction.json);
+    an error, before writing anything, when an id appears twice."""
+    check_unique_ids(emb, f"embedded into {out_url}")
     tables.write_table(f"{out_url}/lqcls.parquet", embedding_table(emb, emb.lq, meta))
     tables.write_table(f"{out_url}/gtcls.parquet", embedding_table(emb, emb.gt, meta))
     tables.write_table(f"{out_url}/{QUARANTINE_NAME}", quarantine_table(emb.quarantine))
@@ -353,7 +343,7 @@ def read_extracted(out_url: str) -> tuple[Embeddings, dict[str, str], dict[str, 
     quarantine = tables.read_table(f"{out_url}/{QUARANTINE_NAME}", hint=hint).to_pylist()
     counts = json.loads(fs.read_bytes(f"{out_url}/{COUNTS_NAME}"))
     emb = Embeddings(ids, lq.column("split").to_pylist(), lq.column("degradation").to_pylist(),
-                     _column_vectors(lq, "embedding"), _column_vectors(gt, "embedding"), quarantine,
+                     column_vectors(lq, "embedding"), column_vectors(gt, "embedding"), quarantine,
                      int(counts["embed/computed"]), int(counts["embed/cache_hits"]))
     meta = {k.decode(): v.decode() for k, v in (lq.schema.metadata or {}).items()}
     return emb, meta, counts
@@ -361,16 +351,14 @@ def read_extracted(out_url: str) -> tuple[Embeddings, dict[str, str], dict[str, 
 
 def _embed_share(cfg: Config, encoder: clip_embed.ClipEncoder, cache: EmbeddingCache | None, shards_url: str,
                  info: DistInfo, log) -> Embeddings:
-    """This rank's share of the shards embedded, the embedding cache looked up first and then given
-    what was computed."""
+    """This rank's share of the shards embedded, the embedding cache looked up first (what it held
+    before the run: see :func:`extract` for when it is given what was computed)."""
     urls = stage_shard_urls(shards_url)
     if len(urls) < info.world_size:
         raise ValueError(f"{len(urls)} shards cannot feed {info.world_size} embedding processes (each takes whole "
                          f"shards): lower embed.nproc or shard.maxcount")
     emb = embed_rank(encoder, urls, batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers, log=log,
                      cache=cache.load() if cache is not None else None, rank=info.rank, world_size=info.world_size)
-    if cache is not None:
-        cache.append({sha: vector.numpy() for sha, vector in emb.fresh.items()})
     rank = f" (rank {info.rank} of {info.world_size})" if info.distributed else ""
     log.info(f"embed{rank}: {len(emb.ids)} pairs, {emb.computed} images computed, {emb.cache_hits} already known"
              + (f" (embedding cache {cache.url})" if cache is not None else " (embed.cache off)"))
@@ -383,8 +371,9 @@ def extract(cfg: Config, shards_url: str, out_url: str, info: DistInfo, log) -> 
     extraction.json under ``out_url``; returns the counts (another rank: its own).
 
     Several ranks (torchrun, flows/embed_ddp.py) each write a part under ``out_url/parts``; after a
-    barrier rank 0 merges them. The batches are per shard (DecodedShardImages ``chunk``), so the
-    tables are identical to a single process's."""
+    barrier rank 0 merges them. The batches are per shard (DecodedShardImages ``chunk``) and see
+    only the cache as it was before the run: every rank loads it before the barrier and appends
+    to it only after, so the tables are identical to a single process's."""
     device = device_for(info, pick_device(cfg))
     encoder = clip_embed.load_clip(cfg.embed.arch, cfg.embed.pretrained, device=device,
                                    precision=cfg.embed.precision)
@@ -395,9 +384,11 @@ def extract(cfg: Config, shards_url: str, out_url: str, info: DistInfo, log) -> 
     emb = _embed_share(cfg, encoder, cache, shards_url, info, log)
     if info.distributed:
         write_part(out_url, info, emb)
-        barrier(info)  # every part is written
-        if is_main(info):
-            emb = merge_parts(out_url, info.world_size)
+        barrier(info)  # every part is written, and every rank has read the cache
+    if cache is not None:
+        cache.append({sha: vector.numpy() for sha, vector in emb.fresh.items()})
+    if info.distributed and is_main(info):
+        emb = merge_parts(out_url, info.world_size)
     counts = extraction_counts(emb, info.world_size)
     if is_main(info):
         require_samples(emb, shards_url)
@@ -410,85 +401,7 @@ def extract(cfg: Config, shards_url: str, out_url: str, info: DistInfo, log) -> 
     return counts
 
 
-def _torchrun_command(cfg_path: str, nproc: int, shards_url: str, out_url: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "flows.embed_ddp", "--config", cfg_path, "--shards", shards_url, "--out", out_url]
-
-
-def _check_nproc(cfg: Config) -> None:
-    if pick_device(cfg).type == "cuda" and cfg.embed.nproc > torch.cuda.device_count():
-        raise ValueError(f"embed.nproc is {cfg.embed.nproc} but only {torch.cuda.device_count()} CUDA device(s) "
-                         f"are visible (one process per GPU): lower embed.nproc, or set device: cpu for CPU processes")
-
-
-def _run_logged(cmd: list[str], env: dict[str, str], log) -> tuple[int, list[str]]:
-    """Run ``cmd``, every output line into ``log`` (a Prefect run's log reaches the UI); returns the
-    exit code and the last lines, for the error message."""
-    tail: deque[str] = deque(maxlen=30)
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail.append(line)
-            (log.warning if "WARNING" in line or "Error" in line else log.info)(f"embed[torchrun] {line}")
-        return proc.wait(), list(tail)
-
-
-def run_ranks(cfg: Config, shards_url: str, out_url: str, log) -> None:
-    """:func:`extract` in ``embed.nproc`` processes on this machine under torchrun (flows/embed_ddp.py),
-    their output streamed into ``log``."""
-    _check_nproc(cfg)
-    data = cfg.model_dump(mode="json")
-    data["data_root"] = common.data_root(cfg)  # absolute: the children agree on the cache folder
-    # The children import tasks/ and flows/ from this checkout, wherever they start.
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
-    with tempfile.TemporaryDirectory(prefix="srdiff-embed-") as tmp:
-        cfg_path = str(Path(tmp) / "config.yaml")
-        Path(cfg_path).write_text(yaml.safe_dump(data, sort_keys=True))
-        cmd = _torchrun_command(cfg_path, cfg.embed.nproc, shards_url, out_url)
-        log.info(f"embed: {cfg.embed.nproc} processes: {' '.join(cmd)}")
-        code, tail = _run_logged(cmd, env, log)
-    if code != 0:
-        raise RuntimeError(f"embed: torchrun with {cfg.embed.nproc} processes failed (exit {code}); its last "
-                           "lines:\n" + "\n".join(tail) + "\nrerun with --set embed.nproc=1 to see the error in "
-                           "one process")
-
-
-# ---------------------------------------------------------------- for the stages downstream
-
-
-def quarantine_url_beside(restorecls_url: str) -> str:
-    """The embed stage writes embed_quarantine.parquet in the folder of its RestoreCLS table."""
-    return fs.join(restorecls_url.rstrip("/").rsplit("/", 1)[0], QUARANTINE_NAME)
-
-
-def quarantined_ids(restorecls_url: str, stage: str, log=None) -> frozenset[str]:
-    """Ids the embed stage quarantined (no embedding: an undecodable PNG), from the quarantine table
-    beside ``restorecls_url``; a warning names them. Empty when there is no such table (e.g. a
-    RestoreCLS table imported from the per-image .pt layout)."""
-    url = quarantine_url_beside(restorecls_url)
-    if not fs.exists(url):
-        return frozenset()
-    ids = frozenset(tables.read_table(url, columns=["id"]).column("id").to_pylist())
-    if ids and log is not None:
-        log.warning(f"{stage}: skipping {len(ids)} sample(s) the embed stage quarantined (a PNG that does not "
-                    f"decode, so no embedding), e.g. {sorted(ids)[:3]}; the reasons are in {url}. To use them, "
-                    f"repair those files and rerun from the download stage")
-    return ids
-
-
-class EmbeddedPairDataset(shards.PairDataset):
-    """storage.shards.PairDataset without the samples in ``skip_ids`` (those the embed stage
-    quarantined: they are in the shards but have no embedding)."""
-
-    def __init__(self, urls: list[str], *, skip_ids: frozenset[str] = frozenset(), **kwargs):
-        super().__init__(urls, **kwargs)
-        self.skip_ids = frozenset(skip_ids)
-
-    def raw_samples(self, worker_id: int, num_workers: int, shard_rng: np.random.Generator) -> Iterator[dict]:
-        samples = super().raw_samples(worker_id, num_workers, shard_rng)
-        return (raw for raw in samples if raw["id"] not in self.skip_ids) if self.skip_ids else samples
+# ---------------------------------------------------------------- the SRM, RestoreCLS and the .pt layout
 
 
 def cosine_by_degradation(emb: Embeddings, pred: torch.Tensor, split: str) -> dict[str, float]:

@@ -22,7 +22,7 @@ from srdiff_core.restorer import Restorer
 from storage import fs, shards, tables
 from tasks import tracking
 from tasks.common import RateLogger, StageResult, pick_device, stage_dir, stage_logger
-from tasks.embed import EmbeddedPairDataset, quarantined_ids, read_embeddings
+from tasks.embed_tables import EmbeddedPairDataset, quarantine_rows, read_embeddings, skipped_by_degradation
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips")
 
@@ -182,6 +182,30 @@ def grid_rows(examples: list, n: int) -> list[list[np.ndarray]]:
     return [[lq, out, gt] for _, lq, out, gt in chosen]
 
 
+def skipped_summary(restorecls_url: str, log) -> tuple[frozenset[str], dict[str, int], dict[str, str]]:
+    """What the embed stage quarantined (no embedding, so not scored): the ids to skip, the val
+    images skipped per degradation, and the protocol entry eval.skipped (in the report and the
+    run's params). A warning names the val ones."""
+    rows = quarantine_rows(restorecls_url)
+    by_deg = skipped_by_degradation(rows, "val")
+    total = sum(by_deg.values())
+    if total:
+        log.warning(f"evaluate: {total} val image(s) not scored: the embed stage quarantined them (a PNG that does "
+                    f"not decode, so no embedding): {', '.join(f'{d} {n}' for d, n in by_deg.items())}; e.g. "
+                    f"{sorted(r['id'] for r in rows if r['split'] == 'val')[:3]}. Repair those files and rerun "
+                    f"from the download stage to score them")
+    text = (f"{total} val image(s) quarantined by the embed stage (undecodable PNG, no embedding) are not scored "
+            f"({', '.join(f'{d}: {n}' for d, n in by_deg.items())})" if total else "none")
+    return frozenset(r["id"] for r in rows), by_deg, {"eval.skipped": text}
+
+
+def skipped_metrics(by_deg: dict[str, int], means: dict[str, float]) -> dict[str, float]:
+    """eval/<degradation>/skipped for every degradation of ``means`` or ``by_deg`` (zero when none
+    was skipped, so runs compare in the UI) and eval/all/skipped."""
+    degs = {k.split("/")[1] for k in means if k.startswith("eval/")} | set(by_deg) | {"all"}
+    return {f"eval/{d}/skipped": float(sum(by_deg.values()) if d == "all" else by_deg.get(d, 0)) for d in sorted(degs)}
+
+
 def write_report(folder: Path, means: dict[str, float], proto: dict[str, str], grids: dict[str, str]) -> None:
     """report.md and report.html: the metrics table, the protocol, and the grids."""
     degs = sorted({k.split("/")[1] for k in means if k.startswith("eval/")})
@@ -222,11 +246,12 @@ def evaluate(cfg: Config, key: str, shards_url: str, restorecls_url: str, model_
     fid, fid_reason = load_fid(cfg, device)
     if fid_reason:
         log.warning(f"FID unavailable: {fid_reason}")
-    proto = protocol(cfg, lpips_reason, fid_reason)
+    skip_ids, skipped, skipped_param = skipped_summary(restorecls_url, log)
+    proto = protocol(cfg, lpips_reason, fid_reason) | skipped_param
     rows, examples, features = evaluate_samples(restorer, cfg, shards.shard_urls(shards_url, split="val"),
-                                                read_embeddings(restorecls_url), lpips, log, fid,
-                                                quarantined_ids(restorecls_url, "evaluate", log))
+                                                read_embeddings(restorecls_url), lpips, log, fid, skip_ids)
     means = aggregate(rows) | (fid_by_degradation(features, fid) if fid is not None else {})
+    means |= skipped_metrics(skipped, means)
 
     out_dir = stage_dir(cfg, "runs/evaluate", key)
     tables.write_table(f"{out_dir}/per_image.parquet", pa.Table.from_pylist(rows))

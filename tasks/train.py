@@ -22,7 +22,7 @@ from srdiff_core.unet import ConditionalUNet
 from storage import fs, shards
 from tasks import tracking
 from tasks.common import StageResult, pick_device, stage_dir, stage_logger
-from tasks.embed import EmbeddedPairDataset, quarantined_ids, read_embeddings
+from tasks.embed_tables import EmbeddedPairDataset, quarantined_ids, read_embeddings
 
 # Settings a checkpoint must share with the config to be resumed (anything else, e.g. the step
 # budget or the logging interval, may change between a run and its resume).

@@ -32,11 +32,13 @@ DAMAGE = {"train/hazy/0": "", "train/hazy/1": "lq-truncated", "train/hazy/2": ""
           "val/hazy/0": "", "val/hazy/1": "gt-garbage", "val/hazy/2": ""}
 
 
-def register_tiny_arch(folder: Path) -> str:
-    """Make TINY_ARCH known to open_clip in this process (idempotent)."""
-    (folder / f"{TINY_ARCH}.json").write_text(json.dumps(TINY_MODEL_CFG))
-    open_clip.add_model_config(folder / f"{TINY_ARCH}.json")
-    return TINY_ARCH
+def register_tiny_arch(folder: Path, quick_gelu: bool = False) -> str:
+    """Make TINY_ARCH (or its QuickGELU twin, TINY_ARCH-quickgelu: the same weights' shapes) known
+    to open_clip in this process (idempotent)."""
+    name = f"{TINY_ARCH}-quickgelu" if quick_gelu else TINY_ARCH
+    (folder / f"{name}.json").write_text(json.dumps({**TINY_MODEL_CFG, **({"quick_gelu": True} if quick_gelu else {})}))
+    open_clip.add_model_config(folder / f"{name}.json")
+    return name
 
 
 def tiny_local_dir(folder: Path, seed: int) -> str:
@@ -63,19 +65,30 @@ def damaged(data: bytes, how: str) -> bytes:
     return {"truncated": data[:len(data) // 2], "garbage": b"these bytes are not a PNG"}[how]
 
 
-def corrupt_manifest(root: str) -> tuple[pa.Table, dict[str, np.ndarray]]:
+# With shared_gt, train/hazy/2 has the GT of train/hazy/0 (one clean image, several degraded
+# versions: normal in dehazing sets). With 2 samples per shard they are in different shards, which
+# two processes split between them (train/hazy/0: rank 0, train/hazy/2: rank 1).
+SHARED_GT = ("train/hazy/0", "train/hazy/2")
+
+
+def corrupt_manifest(root: str, shared_gt: bool = False) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """A pairs manifest of six 20x28 PNG pairs, two with a PNG that does not decode (DAMAGE), and
-    the LQ images by id. It carries the damaged bytes' sha256, so the shard writer copies them."""
+    the LQ images by id. It carries the damaged bytes' sha256, so the shard writer copies them.
+    ``shared_gt``: two samples share one GT file's bytes (SHARED_GT)."""
     rng = np.random.default_rng(0)
-    rows, lq_images = [], {}
+    rows, lq_images, gts = [], {}, {}
     for sample_id, how in DAMAGE.items():
         split, degradation, n = sample_id.split("/")
         lq = rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)
         files = {"lq": png_bytes(lq), "gt": png_bytes(255 - lq)}
+        if shared_gt and sample_id == SHARED_GT[1]:
+            files["gt"] = gts[SHARED_GT[0]]
+        gts[sample_id] = files["gt"]
         if how:
             which, kind = how.split("-")
             files[which] = damaged(files[which], kind)
-        paths = {k: fs.join(root, "src", k.upper(), f"{split}-{n}.png") for k in files}
+        src = "src-shared-gt" if shared_gt else "src"
+        paths = {k: fs.join(root, src, k.upper(), f"{split}-{n}.png") for k in files}
         for k, data in files.items():
             fs.atomic_write_bytes(paths[k], data)
         rows.append({"id": sample_id, "dataset": "tiny", "degradation": degradation, "split": split,
@@ -85,10 +98,11 @@ def corrupt_manifest(root: str) -> tuple[pa.Table, dict[str, np.ndarray]]:
     return pa.Table.from_pylist(rows, schema=tables.PAIRS_SCHEMA), lq_images
 
 
-def write_corrupt_shards(root: str, maxcount: int = 2) -> tuple[str, dict[str, np.ndarray]]:
-    """Shards (``maxcount`` samples each) of :func:`corrupt_manifest` under ``root/shards-<maxcount>``."""
-    manifest, lq_images = corrupt_manifest(root)
-    out = fs.join(root, f"shards-{maxcount}")
+def write_corrupt_shards(root: str, maxcount: int = 2, shared_gt: bool = False) -> tuple[str, dict[str, np.ndarray]]:
+    """Shards (``maxcount`` samples each) of :func:`corrupt_manifest` under ``root/shards-<maxcount>``
+    (``...-shared-gt`` with ``shared_gt``)."""
+    manifest, lq_images = corrupt_manifest(root, shared_gt)
+    out = fs.join(root, f"shards-{maxcount}" + ("-shared-gt" if shared_gt else ""))
     shards.write_shards(manifest, out, maxcount=maxcount, workers=1)
     return out, lq_images
 

@@ -6,17 +6,22 @@ or another training config computes nothing new; another model computes everythi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from safetensors.torch import save_file
+
 from embed_data import embed_config, register_tiny_arch, tiny_local_dir, write_corrupt_shards
 from srdiff_core import clip_embed
 from srdiff_core.distributed import DistInfo
 from storage import fs, tables
-from storage.embed_cache import DESCRIPTOR_NAME, EmbeddingCache, model_key
+from storage.embed_cache import BAD_SUFFIX, DESCRIPTOR_NAME, EmbeddingCache, model_key
 from tasks import embed
 
 LOG = logging.getLogger("test_embed_cache")
@@ -62,39 +67,128 @@ def test_a_folder_of_another_model_is_refused(tmp_path):
         cache.load()
 
 
-def test_compaction_keeps_every_row_in_one_part(tmp_path):
+def test_compaction_folds_the_parts_into_one_with_every_row(tmp_path):
     cache = EmbeddingCache(str(tmp_path), DESCRIPTOR)
-    expected = {}
+    # One vector per image, as the cache holds (the same image under the same model): parts that
+    # overlap (two runs both computed k1, ...) agree on it, and the union is exactly `expected`.
+    expected = vectors(*(f"k{i}" for i in range(6)))
     for i in range(5):
-        rows = vectors(f"k{i}", f"k{i + 1}", seed=i)  # overlapping keys: the later part wins on load
-        cache.append(rows)
-        expected |= rows
-    before = cache.load()
-    assert not cache.compact(above=5)
+        cache.append({k: expected[k] for k in (f"k{i}", f"k{i + 1}")})
+    assert len(cache.parts()) == 5
+    assert not cache.compact(above=5) and len(cache.parts()) == 5
     assert cache.compact(above=2)
-    assert len(cache.parts()) == 1
-    assert_same(cache.load(), before)
+    [part] = cache.parts()
+    assert_same(cache.load(), expected)
+    assert tables.read_table(part).num_rows == 6  # each image once
+    # Compacting the compacted part rewrites the same content under the same name: it is kept.
+    assert cache.compact(above=0) and cache.parts() == [part]
+    assert_same(cache.load(), expected)
 
 
-def test_a_part_removed_under_a_reader_is_a_miss_and_a_damaged_one_an_error(tmp_path, monkeypatch):
+def test_compaction_removes_temp_files_of_killed_writers_only(tmp_path):
+    cache = EmbeddingCache(str(tmp_path), DESCRIPTOR)
+    cache.append(vectors("a"))
+    stale, fresh = (os.path.join(cache.url, f".part-{n}.parquet.0123456789ab.tmp") for n in ("old", "new"))
+    for path in (stale, fresh):
+        with open(path, "wb") as f:
+            f.write(b"half a part")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    assert not cache.compact()  # one part: nothing to fold, but the stale temp file goes
+    assert not os.path.exists(stale) and os.path.exists(fresh)  # a live writer's file stays
+    assert sorted(cache.load()) == ["a"]
+
+
+def test_a_part_compacted_away_under_a_reader_is_found_in_the_merged_part(tmp_path, monkeypatch):
     cache = EmbeddingCache(str(tmp_path), DESCRIPTOR)
     kept, gone = cache.append(vectors("a")), cache.append(vectors("b", seed=1))
-    listed = cache.parts()
-    fs.remove(gone)  # e.g. compacted away by another process after this one listed the parts
-    monkeypatch.setattr(cache, "parts", lambda: listed)
+    stale = cache.parts()
+    # Another process compacts after this one listed the parts: writes the merged part, then
+    # deletes the old ones. This reader's listing still names them.
+    merged = vectors("a") | vectors("b", seed=1)
+    fs.remove(gone)
+    cache.append(merged)
+    listings = iter([stale])
+    real_parts = EmbeddingCache.parts
+    monkeypatch.setattr(cache, "parts", lambda: next(listings, None) or real_parts(cache))
+    assert_same(cache.load(), merged)  # "b" from the merged part: one more listing, not a miss
+    # A part simply gone (deleted by hand) is a miss.
+    fs.remove(kept)
+    for url in cache.parts():
+        fs.remove(url)
+    cache.append(vectors("a"))
+    listings = iter([[*cache.parts(), gone]])
     assert sorted(cache.load()) == ["a"]
-    fs.atomic_write_bytes(kept, b"not parquet")
-    with pytest.raises(ValueError, match=r"part-.*\.parquet is unreadable.*delete it"):
-        cache.load()
 
 
-def test_the_descriptor_covers_weights_preprocessing_and_compute(tmp_path):
+def test_a_damaged_part_is_set_aside_with_a_warning_and_its_rows_are_misses(tmp_path, caplog):
+    cache = EmbeddingCache(str(tmp_path), DESCRIPTOR)
+    good, bad = cache.append(vectors("a")), cache.append(vectors("b", seed=1))
+    fs.atomic_write_bytes(bad, b"not parquet")
+    with caplog.at_level(logging.WARNING, logger="storage.embed_cache"):
+        assert sorted(cache.load()) == ["a"]
+    assert any(f"embedding cache part {bad} is unreadable" in r.message and "misses" in r.message
+               for r in caplog.records)
+    assert cache.parts() == [good] and fs.exists(bad + BAD_SUFFIX)  # out of every later listing
+    # Compaction leaves it aside too (it holds no rows to fold).
+    cache.append(vectors("c", seed=2))
+    assert cache.compact(above=1) and sorted(cache.load()) == ["a", "c"] and fs.exists(bad + BAD_SUFFIX)
+
+
+def test_the_descriptor_covers_weights_quick_gelu_preprocessing_compute_and_versions(tmp_path, monkeypatch):
     encoder = clip_embed.load_clip(register_tiny_arch(tmp_path), "none", seed=0)
     descriptor = clip_embed.cache_descriptor(encoder)
+    key = model_key(descriptor)
     assert descriptor["weights_digest"] == encoder.weights_digest and descriptor["compute"] == "cpu-fp32"
     assert descriptor["preprocessing"].startswith(f"v{clip_embed.PREPROCESSING_VERSION}: resize (shortest, bicubic")
-    other = clip_embed.load_clip(encoder.arch, "none", seed=1)
-    assert model_key(clip_embed.cache_descriptor(other)) != model_key(descriptor)
+    assert descriptor["quick_gelu"] == "false" and descriptor["torch"] == torch.__version__
+    assert descriptor["open_clip"] == clip_embed.open_clip.__version__
+    assert model_key(clip_embed.cache_descriptor(encoder)) == key  # stable
+
+    # Weights.
+    assert model_key(clip_embed.cache_descriptor(clip_embed.load_clip(encoder.arch, "none", seed=1))) != key
+
+    # QuickGELU: the same weights file read by an architecture with QuickGELU (as OpenAI's tags set
+    # it) is another model with the same weights digest.
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, weights)
+    gelu = clip_embed.load_clip(encoder.arch, str(weights))
+    quick = clip_embed.load_clip(register_tiny_arch(tmp_path, quick_gelu=True), str(weights))
+    assert (gelu.quick_gelu, quick.quick_gelu) == (False, True) and gelu.weights_digest == quick.weights_digest
+    image = [torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8))]
+    assert not torch.equal(clip_embed.embed_batch(gelu, image), clip_embed.embed_batch(quick, image))
+    # Under one arch name (OpenAI's tag vs a local file of its weights) only quick_gelu tells them apart.
+    as_if_same_arch = {**clip_embed.cache_descriptor(quick), "arch": gelu.arch}
+    assert {**as_if_same_arch, "quick_gelu": "false"} == clip_embed.cache_descriptor(gelu)
+    assert model_key(as_if_same_arch) != model_key(clip_embed.cache_descriptor(gelu))
+
+    # Preprocessing: the resize's interpolation, the resize mode, the normalisation.
+    for change in ({"interpolation": "bilinear"}, {"resize_mode": "squash"}, {"mean": (0.5, 0.5, 0.5)}):
+        assert model_key(clip_embed.cache_descriptor(dataclasses.replace(encoder, **change))) != key, change
+
+    # Compute: the device and precision ...
+    monkeypatch.setattr(clip_embed.ClipEncoder, "compute", property(lambda self: "cuda-bf16"))
+    assert model_key(clip_embed.cache_descriptor(encoder)) != key
+    monkeypatch.undo()
+    # ... and the fp32 math settings: float32_matmul_precision everywhere, TF32 on CUDA.
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert model_key(clip_embed.cache_descriptor(encoder)) != key
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert model_key(clip_embed.cache_descriptor(encoder)) == key
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        cuda = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        off = clip_embed.fp32_math(cuda)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert clip_embed.fp32_math(cuda) != off and "allow_tf32 True" in clip_embed.fp32_math(cuda)
+        assert clip_embed.fp32_math(torch.device("cpu")) == clip_embed.fp32_math(torch.device("cpu"))
+        assert "tf32" not in clip_embed.fp32_math(torch.device("cpu"))  # no churn for CPU caches
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 # ---------------------------------------------------------------- the extraction with the cache
@@ -149,16 +243,38 @@ def test_cached_vectors_equal_computed_ones_and_cache_off_writes_nothing(data, t
         assert computed[name].equals(cached[name], check_metadata=True), name
 
 
-def test_an_image_seen_twice_in_one_run_is_embedded_once(tmp_path):
+def test_an_image_twice_in_a_batch_is_embedded_once_and_in_a_later_batch_again(tmp_path):
+    """Only the cache as it was before the run is looked up: an image embedded in an earlier batch
+    is embedded again, so each batch is a function of its own samples (see the shared-GT test of
+    tests/test_embed_ddp.py for what that buys)."""
     encoder = clip_embed.load_clip(register_tiny_arch(tmp_path), "none", seed=0)
     rng = np.random.default_rng(0)
     img = [torch.from_numpy(rng.integers(0, 256, (3, 20, 28), dtype=np.uint8)) for _ in range(3)]
-    # Two samples sharing their GT (as dehazing sets do), and a third whose LQ is that GT.
+    cached = clip_embed.embed_batch(encoder, [img[1]])[0].numpy()
+    # Two samples sharing their GT (as dehazing sets do); the second's LQ is in the cache.
     items = [{"lq": img[0], "gt": img[2], "lq_sha256": "x0", "gt_sha256": "x2"},
-             {"lq": img[1], "gt": img[2], "lq_sha256": "x1", "gt_sha256": "x2"}]
-    known = embed._KnownVectors({})
+             {"lq": None, "gt": img[2], "lq_sha256": "x1", "gt_sha256": "x2"}]
+    known = embed._KnownVectors({"x1": cached})
     lq, gt = known.embed(encoder, items)
-    assert (known.computed, known.hits) == (3, 1) and sorted(known.fresh) == ["x0", "x1", "x2"]
-    assert torch.equal(gt[0], gt[1])
-    lq2, _ = known.embed(encoder, [{"lq": None, "gt": None, "lq_sha256": "x2", "gt_sha256": "x0"}])
-    assert (known.computed, known.hits) == (3, 3) and torch.equal(lq2[0], gt[0])
+    assert (known.computed, known.hits) == (2, 2) and sorted(known.fresh) == ["x0", "x2"]
+    assert torch.equal(gt[0], gt[1]) and np.array_equal(lq[1].numpy(), cached)
+    first_x2 = known.fresh["x2"].clone()
+    # A later batch with x2 (as an LQ) and x0: both go through the model again.
+    lq2, gt2 = known.embed(encoder, [{"lq": img[2], "gt": img[0], "lq_sha256": "x2", "gt_sha256": "x0"}])
+    assert (known.computed, known.hits) == (4, 2)
+    assert torch.allclose(lq2[0], gt[0], atol=1e-6) and torch.allclose(gt2[0], lq[0], atol=1e-6)
+    assert torch.equal(known.fresh["x2"], first_x2)  # the cache gets the first vector computed
+
+
+def test_a_damaged_cache_part_does_not_stop_the_stage(data, tmp_path, one_thread, caplog):
+    cfg = embed_config(str(tmp_path / "root"), data["model0"])
+    embed.extract(cfg, data["shards2"], str(tmp_path / "first"), DistInfo(), LOG)
+    [part] = fs.glob(str(tmp_path / "root" / "cache" / "embeddings" / "*" / "part-*.parquet"))
+    fs.atomic_write_bytes(part, b"PAR1 torn")
+    with caplog.at_level(logging.WARNING, logger="storage.embed_cache"):
+        counts = embed.extract(cfg, data["shards2"], str(tmp_path / "again"), DistInfo(), LOG)
+    assert counts["embed/computed"] == 8 and any("is unreadable" in r.message for r in caplog.records)
+    first, again = read_outputs(str(tmp_path / "first")), read_outputs(str(tmp_path / "again"))
+    for name in first:
+        assert first[name].equals(again[name], check_metadata=True), name
+    assert embed.extract(cfg, data["shards2"], str(tmp_path / "third"), DistInfo(), LOG)["embed/computed"] == 0

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -18,8 +21,10 @@ import torch
 from embed_data import DAMAGE, TINY_ARCH, embed_config, lq_tensor, register_tiny_arch, write_corrupt_shards
 from srdiff_core import clip_embed
 from srdiff_core.config import Config
-from storage import shards, tables
-from tasks import embed
+from srdiff_core.distributed import DistInfo
+from storage import fs, shards, tables
+from tasks import embed, embed_tables
+from tasks import evaluate as evaluate_task
 from tasks.common import StageResult
 from tasks.evaluate import evaluate_samples
 from tasks.train import batch_source, fit
@@ -56,7 +61,7 @@ def test_undecodable_samples_are_quarantined_and_the_rest_embedded(encoder, corr
     for i, sample_id in enumerate(emb.ids):
         own = clip_embed.embed_batch(encoder, [lq_tensor(lq_images[sample_id])])[0]
         assert torch.allclose(emb.lq[i], own, atol=1e-6)
-    assert embed.quarantine_table(emb.quarantine).to_pylist() == [
+    assert embed_tables.quarantine_table(emb.quarantine).to_pylist() == [
         {"id": "train/hazy/1", "split": "train", "degradation": "hazy",
          "reason": "LQ PNG does not decode (OSError: image file is truncated)"},
         {"id": "val/hazy/1", "split": "val", "degradation": "hazy",
@@ -66,8 +71,8 @@ def test_undecodable_samples_are_quarantined_and_the_rest_embedded(encoder, corr
 
 
 def test_quarantine_table_is_empty_and_typed_when_nothing_is_skipped():
-    table = embed.quarantine_table([])
-    assert table.num_rows == 0 and table.schema == embed.QUARANTINE_SCHEMA
+    table = embed_tables.quarantine_table([])
+    assert table.num_rows == 0 and table.schema == embed_tables.QUARANTINE_SCHEMA
 
 
 def test_all_samples_undecodable_is_an_error_naming_the_count(encoder, tmp_path):
@@ -80,6 +85,19 @@ def test_all_samples_undecodable_is_an_error_naming_the_count(encoder, tmp_path)
         f.write(b"\0" * 1024)
     with pytest.raises(ValueError, match=r"1 quarantined: none decodes.*rerun the shard stage"):
         embed.embed_shards(encoder, [url], batch_size=2, num_workers=0, log=LOG)
+
+
+def test_a_sample_id_twice_is_refused_in_one_process_too(corrupt_shards, tmp_path):
+    """The tables are keyed by id: a shard index that lists a shard twice (so each of its ids twice)
+    is an error with embed.nproc 1, as with several processes, and nothing is written."""
+    copy = tmp_path / "shards"
+    shutil.copytree(corrupt_shards[0], copy)
+    index = tables.read_table(str(copy / shards.INDEX_NAME))
+    tables.write_table(str(copy / shards.INDEX_NAME), pa.concat_tables([index, index.slice(0, 1)]))
+    cfg = embed_config(str(tmp_path / "root"), "none", cache=False)
+    with pytest.raises(ValueError, match=r"2 sample id\(s\) appear more than once.*train/hazy/0.*rerun the shard stage"):
+        embed.extract(cfg, str(copy), str(tmp_path / "out"), DistInfo(), LOG)
+    assert not fs.exists(str(tmp_path / "out" / "lqcls.parquet"))
 
 
 # ---------------------------------------------------------------- the seed's per-image .pt layout
@@ -163,24 +181,38 @@ def test_stage_writes_the_quarantine_and_counts_its_work(stage_result):
     assert result.metrics["embed/quarantined"] == 2 and result.metrics["embed/images"] == 8
 
 
+def as_quarantined(result: StageResult, sample_id: str, folder) -> str:
+    """A copy of the stage's RestoreCLS and quarantine tables in which ``sample_id`` (a sample
+    that decodes) is quarantined: no embedding, a quarantine row. Returns the RestoreCLS URL."""
+    restorecls = tables.read_table(result.outputs["restorecls"])
+    quarantine = tables.read_table(result.outputs["quarantine"]).to_pylist()
+    row = next(r for r in tables.read_table(result.outputs["restorecls"]).to_pylist() if r["id"] == sample_id)
+    keep = pa.array([i != sample_id for i in restorecls.column("id").to_pylist()])
+    url = str(folder / "restorecls.parquet")
+    tables.write_table(url, restorecls.filter(keep))
+    tables.write_table(str(folder / embed_tables.QUARANTINE_NAME), embed_tables.quarantine_table(
+        quarantine + [{"id": sample_id, "split": row["split"], "degradation": row["degradation"], "reason": "test"}]))
+    return url
+
+
 def test_training_skips_quarantined_ids_with_a_warning(stage_result, corrupt_shards, tmp_path, caplog, one_thread):
     cfg, result = stage_result
     cfg = train_config(cfg)
-    restorecls = result.outputs["restorecls"]
     train_urls = shards.shard_urls(corrupt_shards[0], split="train")
-    context = embed.read_embeddings(restorecls)
-    # The bug this guards against: the quarantined sample is still in the shards, without an
-    # embedding ("no embedding for sample id"), and here its LQ does not even decode.
-    with pytest.raises((KeyError, OSError)):
-        for _ in zip(range(20), batch_source(cfg, train_urls, context)(0)):
+    # train/hazy/0 decodes but has no embedding, as if quarantined (train/hazy/1 really is: it does
+    # not decode, so it is skipped here, leaving the missing embedding as the only error).
+    restorecls = as_quarantined(result, "train/hazy/0", tmp_path)
+    context = embed_tables.read_embeddings(restorecls)
+    with pytest.raises(KeyError, match="no embedding for sample id 'train/hazy/0'"):
+        for _ in zip(range(20), batch_source(cfg, train_urls, context, skip_ids=frozenset({"train/hazy/1"}))(0)):
             pass
     with caplog.at_level(logging.WARNING, logger=LOG.name):
-        skip = embed.quarantined_ids(restorecls, "train", LOG)
-    assert skip == {"train/hazy/1", "val/hazy/1"}
-    assert any("train: skipping 2 sample(s) the embed stage quarantined" in r.message for r in caplog.records)
+        skip = embed_tables.quarantined_ids(restorecls, "train", LOG)
+    assert skip == {"train/hazy/0", "train/hazy/1", "val/hazy/1"}
+    assert any("train: skipping 3 sample(s) the embed stage quarantined" in r.message for r in caplog.records)
     seen = {i for _, batch in zip(range(20), batch_source(cfg, train_urls, context, skip_ids=skip)(0))
             for i in batch["id"]}
-    assert seen == {"train/hazy/0", "train/hazy/2"}
+    assert seen == {"train/hazy/2"}
     state = fit(cfg, tmp_path / "run", corrupt_shards[0], restorecls, None, LOG)  # the train stage's own path
     assert state.step == 2
 
@@ -189,10 +221,50 @@ def test_evaluation_skips_quarantined_ids(stage_result, corrupt_shards):
     cfg, result = stage_result
     restorecls = result.outputs["restorecls"]
     val_urls = shards.shard_urls(corrupt_shards[0], split="val")
-    rows, _, _ = evaluate_samples(IdentityRestorer(), cfg, val_urls, embed.read_embeddings(restorecls), None, LOG,
-                                  skip_ids=embed.quarantined_ids(restorecls, "evaluate", LOG))
+    rows, _, _ = evaluate_samples(IdentityRestorer(), cfg, val_urls, embed_tables.read_embeddings(restorecls), None,
+                                  LOG, skip_ids=embed_tables.quarantined_ids(restorecls, "evaluate", LOG))
     assert [r["id"] for r in rows] == ["val/hazy/0", "val/hazy/2"]
 
 
+def test_the_evaluate_stage_counts_the_skipped_val_images(stage_result, corrupt_shards, tmp_path, monkeypatch,
+                                                          caplog):
+    """eval/<degradation>/skipped and eval/all/skipped, and eval.skipped in the protocol (the run's
+    params and the report): a quarantined val image is not silently missing from the means."""
+    cfg, result = stage_result
+    data = cfg.model_dump(mode="json")
+    data["data_root"] = str(tmp_path / "root")
+    data["evaluate"] |= {"lpips": False, "fid": False, "steps": 2}
+    cfg = Config.model_validate(data)
+    monkeypatch.setattr(evaluate_task.Restorer, "from_file", lambda *a, **k: IdentityRestorer())
+    restorecls = as_quarantined(result, "val/hazy/2", tmp_path)  # and val/hazy/1 does not decode
+    with caplog.at_level(logging.WARNING):
+        out = evaluate_task.evaluate.fn(cfg, key="skipped", shards_url=corrupt_shards[0], restorecls_url=restorecls,
+                                        model_url=str(tmp_path / "model.pt"))
+    assert out.metrics["eval/hazy/images"] == 1.0
+    assert out.metrics["eval/hazy/skipped"] == 2.0 and out.metrics["eval/all/skipped"] == 2.0
+    assert out.params["eval.skipped"].startswith("2 val image(s) quarantined by the embed stage")
+    assert "hazy: 2" in out.params["eval.skipped"]
+    assert "eval.skipped: 2 val image(s)" in fs.read_bytes(out.outputs["report"]).decode()
+    assert any("2 val image(s) not scored" in r.message for r in caplog.records)
+    # Nothing skipped: the metrics are there, at zero, so runs compare in the UI.
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    shutil.copy(result.outputs["restorecls"], clean / "restorecls.parquet")
+    tables.write_table(str(clean / embed_tables.QUARANTINE_NAME), embed_tables.quarantine_table(
+        [r for r in tables.read_table(result.outputs["quarantine"]).to_pylist() if r["split"] == "train"]))
+    skip, by_deg, param = evaluate_task.skipped_summary(str(clean / "restorecls.parquet"), LOG)
+    assert skip == {"train/hazy/1"} and by_deg == {} and param == {"eval.skipped": "none"}
+    assert evaluate_task.skipped_metrics(by_deg, {"eval/hazy/psnr": 20.0, "eval/all/psnr": 20.0}) == {
+        "eval/all/skipped": 0.0, "eval/hazy/skipped": 0.0}
+
+
 def test_no_quarantine_table_means_nothing_to_skip(tmp_path):
-    assert embed.quarantined_ids(str(tmp_path / "restorecls.parquet"), "train", LOG) == frozenset()
+    assert embed_tables.quarantined_ids(str(tmp_path / "restorecls.parquet"), "train", LOG) == frozenset()
+
+
+def test_train_and_the_downstream_tables_do_not_import_open_clip():
+    """Reading the embed stage's tables (and training on them) needs neither open_clip nor the
+    torchrun launcher: tasks.embed_tables is light."""
+    code = ("import sys, tasks.embed_tables, tasks.train; "
+            "assert 'open_clip' not in sys.modules, 'open_clip'; assert 'tasks.embed' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -1,0 +1,97 @@
+"""The embed stage's extraction in several processes on this machine: torchrun running
+flows/embed_ddp.py, its output streamed into the stage's log, stopped with the stage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+
+import torch
+import yaml
+
+from srdiff_core.config import Config
+from tasks import common
+from tasks.common import pick_device
+
+STOP_GRACE_S = 10.0  # after SIGTERM, torchrun's time to stop its ranks before SIGKILL
+
+
+def _torchrun_command(cfg_path: str, nproc: int, shards_url: str, out_url: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "flows.embed_ddp", "--config", cfg_path, "--shards", shards_url, "--out", out_url]
+
+
+def check_nproc(cfg: Config) -> None:
+    if pick_device(cfg).type == "cuda" and cfg.embed.nproc > torch.cuda.device_count():
+        raise ValueError(f"embed.nproc is {cfg.embed.nproc} but only {torch.cuda.device_count()} CUDA device(s) "
+                         f"are visible (one process per GPU): lower embed.nproc, or set device: cpu for CPU processes")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the child's process group (torchrun and its ranks), SIGKILL what is left after
+    STOP_GRACE_S, and reap the child."""
+    pgid = proc.pid  # the child leads a session of its own: its process group id is its pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:  # the whole group is gone already
+        proc.wait()
+        return
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(pgid, signal.SIGKILL)  # ranks torchrun did not stop in time, or torchrun itself
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _run_logged(cmd: list[str], env: dict[str, str], log) -> tuple[int, list[str]]:
+    """Run ``cmd``, every output line into ``log`` (a Prefect run's log reaches the UI); returns the
+    exit code and the last lines, for the error message.
+
+    The child leads a session of its own, so when this process fails, is interrupted or is
+    cancelled (any BaseException) the whole group, torchrun's ranks included, is stopped rather
+    than left holding GPUs. Output that is not UTF-8 is decoded with replacement characters."""
+    tail: deque[str] = deque(maxlen=30)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            encoding="utf-8", errors="replace", start_new_session=True)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            (log.warning if "WARNING" in line or "Error" in line else log.info)(f"embed[torchrun] {line}")
+        return proc.wait(), list(tail)
+    except BaseException:
+        _stop_group(proc)
+        raise
+    finally:
+        proc.stdout.close()
+
+
+def run_ranks(cfg: Config, shards_url: str, out_url: str, log) -> None:
+    """tasks.embed.extract in ``embed.nproc`` processes on this machine under torchrun
+    (flows/embed_ddp.py), their output streamed into ``log``."""
+    check_nproc(cfg)
+    data = cfg.model_dump(mode="json")
+    data["data_root"] = common.data_root(cfg)  # absolute: the children agree on the cache folder
+    # The children import tasks/ and flows/ from this checkout, wherever they start.
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+    with tempfile.TemporaryDirectory(prefix="srdiff-embed-") as tmp:
+        cfg_path = str(Path(tmp) / "config.yaml")
+        Path(cfg_path).write_text(yaml.safe_dump(data, sort_keys=True))
+        cmd = _torchrun_command(cfg_path, cfg.embed.nproc, shards_url, out_url)
+        log.info(f"embed: {cfg.embed.nproc} processes: {' '.join(cmd)}")
+        code, tail = _run_logged(cmd, env, log)
+    if code != 0:
+        raise RuntimeError(f"embed: torchrun with {cfg.embed.nproc} processes failed (exit {code}); its last "
+                           "lines:\n" + "\n".join(tail) + "\nrerun with --set embed.nproc=1 to see the error in "
+                           "one process")
