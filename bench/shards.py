@@ -2,8 +2,10 @@
 
 One run on one disk: synthetic PNG pairs are generated (not timed), then
 
-1. write throughput of `storage.shards.write_shards` (workers = cores) against the system
-   `tar -cf` of the same files, in MB/s of PNG payload and pairs/s;
+1. write throughput of `storage.shards.write_shards` (workers = cores; as the shard stage runs
+   it, and with check_sources=True) against the system `tar -cf` of the same files, with and
+   without an fsync of the result, in MB/s of PNG payload and pairs/s, the variants
+   interleaved round by round;
 2. peak resident memory of the writer at each pair count, each in a fresh Python process;
 3. decoded, cropped, augmented pairs/s of `PairDataset` through `make_loader` at several
    DataLoader worker counts.
@@ -11,7 +13,7 @@ One run on one disk: synthetic PNG pairs are generated (not timed), then
 A table is printed last and a JSON file written. CI runs the same code at toy size (`--toy`,
 see tests/test_bench_shards.py).
 
-    python bench/shards.py [--pairs 1000,10000] [--out bench/out/shards.json] [--toy] [--workdir DIR]
+    python bench/shards.py [--pairs 1000,10000] [--repeats 3] [--out bench/out/shards.json] [--toy] [--workdir DIR]
 
 Targets (issue 4): writer throughput >= 0.8x `tar -cf`; writer peak memory at 10,000 pairs
 within 10% of that at 1,000 pairs.
@@ -149,9 +151,16 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def write_ours(manifest: pa.Table, out_dir: Path, workers: int) -> None:
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) and of its waited-for children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def write_ours(manifest: pa.Table, out_dir: Path, workers: int, *, check_sources: bool = False) -> None:
     cfg = ShardConfig()
-    shards.write_shards(manifest, str(out_dir), maxcount=cfg.maxcount, maxsize=cfg.maxsize, workers=workers)
+    shards.write_shards(manifest, str(out_dir), maxcount=cfg.maxcount, maxsize=cfg.maxsize, workers=workers,
+                        check_sources=check_sources)
 
 
 def write_tar(root: Path, file_list: Path, out_tar: Path, *, fsync: bool) -> None:
@@ -176,22 +185,28 @@ def tar_file_list(manifest: pa.Table, root: Path, path: Path) -> Path:
     return path
 
 
-def time_variant(run: Callable[[Path], None], scratch: Path, repeats: int, keep: Path | None = None) -> list[float]:
-    """One untimed warm-up run, then ``repeats`` timed runs, each into a fresh output path.
+def time_variants(runs: dict[str, Callable[[Path], None]], scratch: Path, repeats: int,
+                  keep: dict[str, Path]) -> dict[str, list[tuple[float, float]]]:
+    """One untimed warm-up round, then ``repeats`` timed rounds; (wall, CPU) seconds per variant.
 
-    The output of the last timed run is moved to ``keep`` (if given); the rest is deleted
-    outside the timed region.
+    Every round runs each variant once, starting one place further down the list each time,
+    so a slow spell of a shared machine hits all variants alike instead of the one that
+    happened to run then. Each run writes into a fresh path; the last timed output of a
+    variant named in ``keep`` is moved there, everything else is deleted outside the timing.
     """
-    times = []
+    names = list(runs)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for attempt in range(repeats + 1):
-        target = scratch / f"run-{attempt}"
-        seconds = timed(lambda: run(target))
-        if attempt:
-            times.append(seconds)
-        if attempt == repeats and keep is not None:
-            target.rename(keep)
-        else:
-            remove(target)
+        for name in names[attempt % len(names):] + names[:attempt % len(names)]:
+            target = scratch / f"run-{name}-{attempt}"
+            cpu = cpu_seconds()
+            seconds = timed(lambda: runs[name](target))
+            if attempt:
+                times[name].append((seconds, cpu_seconds() - cpu))
+            if attempt == repeats and name in keep:
+                target.rename(keep[name])
+            else:
+                remove(target)
     return times
 
 
@@ -202,30 +217,37 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def rate_row(times: list[float], pairs: int, payload: int) -> dict:
-    seconds = statistics.median(times)
-    return {"seconds": seconds, "all_seconds": times, "pairs_per_s": pairs / seconds,
+def rate_row(times: list[tuple[float, float]], pairs: int, payload: int) -> dict:
+    seconds = statistics.median(wall for wall, _ in times)
+    # CPU time next to wall time: on a shared machine it shows how much of a second core a
+    # run got, and CPU/wall ratios between variants hold whatever else is running.
+    return {"seconds": seconds, "all_seconds": [wall for wall, _ in times],
+            "cpu_seconds": statistics.median(cpu for _, cpu in times), "pairs_per_s": pairs / seconds,
             "mb_per_s": payload / MB / seconds}
 
 
 def bench_write(manifest: pa.Table, image_root: Path, scratch: Path, keep: Path, *, workers: int,
                 repeats: int) -> dict:
-    """Timed rows for ours, `tar -cf` and `tar -cf` + fsync, on the same files."""
+    """Timed rows for ours (as the shard stage runs it, and with check_sources), `tar -cf` and
+    `tar -cf` + fsync, on the same files, interleaved (time_variants)."""
     pairs, payload = manifest.num_rows, payload_bytes(manifest)
     file_list = tar_file_list(manifest, image_root, scratch / f"files-{pairs}.txt")
-    variants = {
-        "ours": (lambda out: write_ours(manifest, out, workers), keep),
-        "tar": (lambda out: write_tar(image_root, file_list, out, fsync=False), None),
-        "tar+fsync": (lambda out: write_tar(image_root, file_list, out, fsync=True), None),
+    runs = {
+        "ours": lambda out: write_ours(manifest, out, workers),
+        "ours+check": lambda out: write_ours(manifest, out, workers, check_sources=True),
+        "tar": lambda out: write_tar(image_root, file_list, out, fsync=False),
+        "tar+fsync": lambda out: write_tar(image_root, file_list, out, fsync=True),
     }
-    rows = {}
-    for name, (run, kept) in variants.items():
-        rows[name] = rate_row(time_variant(run, scratch, repeats, kept), pairs, payload)
+    times = time_variants(runs, scratch, repeats, {"ours": keep})
+    rows = {name: rate_row(seconds, pairs, payload) for name, seconds in times.items()}
     rows["ours"]["shard_bytes"] = sum(shards.read_index(str(keep)).column("bytes").to_pylist())
     file_list.unlink()
     return {"pairs": pairs, "payload_bytes": payload, "workers": workers, "rows": rows,
             "ratio_vs_tar": rows["ours"]["mb_per_s"] / rows["tar"]["mb_per_s"],
-            "ratio_vs_tar_fsync": rows["ours"]["mb_per_s"] / rows["tar+fsync"]["mb_per_s"]}
+            "ratio_vs_tar_fsync": rows["ours"]["mb_per_s"] / rows["tar+fsync"]["mb_per_s"],
+            # The same ratio round by round (tar and ours ran seconds apart), then the median:
+            # a check that the ratio of medians is not an artefact of when each ran.
+            "ratio_vs_tar_by_round": statistics.median(t[0] / o[0] for o, t in zip(times["ours"], times["tar"]))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +342,7 @@ def machine() -> dict:
 
 def run(sizes: Sizes, workdir: Path) -> dict:
     workers = cores()
-    results: dict = {"machine": machine(), "sizes": repr(sizes), "workdir": str(workdir),
+    results: dict = {"machine": machine(), "sizes": repr(sizes), "workdir": str(workdir), "repeats": sizes.repeats,
                      "cache": CACHE_NOTE, "shard_config": ShardConfig().model_dump()}
     image_root, scratch = workdir / "images", workdir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -375,16 +397,20 @@ def table(results: dict) -> str:
     lines = [f"machine: {m['cpus']} CPUs, {m['platform']}, python {m['python']}, {m['tar']}, {m['date']}",
              f"data: synthetic {results['images']['side']}x{results['images']['side']} PNG pairs, mean "
              f"{results['images']['mean_png_bytes'] / 1e3:.1f} kB per file; same disk for every row",
-             f"note: {results['cache']}; throughput in MB (1e6 bytes) of PNG payload, median of timed runs",
+             f"note: {results['cache']}; throughput in MB (1e6 bytes) of PNG payload, median of "
+             f"{results['repeats']} timed rounds, each running every write variant once (order rotating)",
+             "write_shards checks every source's size; check_sources=True also re-hashes it against the "
+             "manifest sha256 (off in the shard stage); cpu s = user+system CPU of all threads (tar: its process)",
              "",
-             f"{'write':<26} {'pairs':>6} {'seconds':>8} {'MB/s':>8} {'pairs/s':>9} {'ours/this':>9}"]
+             f"{'write':<28} {'pairs':>6} {'seconds':>8} {'cpu s':>7} {'MB/s':>8} {'pairs/s':>9} {'x tar':>6} "
+             f"{'x tar+fsync':>11}"]
     for pairs, w in results["write"].items():
         for name, row in w["rows"].items():
-            label = f"write_shards ({w['workers']} thr)" if name == "ours" else f"{name} -cf" if name == "tar" \
-                else "tar -cf + fsync"
-            ratio = "" if name == "ours" else f"{w['rows']['ours']['mb_per_s'] / row['mb_per_s']:.2f}"
-            lines.append(f"{label:<26} {pairs:>6} {row['seconds']:>8.3f} {row['mb_per_s']:>8.1f} "
-                         f"{row['pairs_per_s']:>9.0f} {ratio:>9}")
+            label = {"ours": f"write_shards ({w['workers']} thr)", "ours+check": "  same, check_sources=True",
+                     "tar": "tar -cf", "tar+fsync": "tar -cf + fsync"}[name]
+            lines.append(f"{label:<28} {pairs:>6} {row['seconds']:>8.3f} {row['cpu_seconds']:>7.3f} {row['mb_per_s']:>8.1f} "
+                         f"{row['pairs_per_s']:>9.0f} {row['mb_per_s'] / w['rows']['tar']['mb_per_s']:>6.2f} "
+                         f"{row['mb_per_s'] / w['rows']['tar+fsync']['mb_per_s']:>11.2f}")
     lines += ["", "memory: peak = ru_maxrss of a fresh process; imports = its RSS before the stage (torch, "
                   "pyarrow...); writer = its peak above that",
               f"{'writer memory (fresh proc)':<26} {'pairs':>6} {'peak MiB':>9} {'imports':>8} {'writer':>8}"]
@@ -400,7 +426,8 @@ def table(results: dict) -> str:
         lines.append(f"{'make_loader b' + str(r['batch_size']) + ' p' + str(r['patch_size']):<26} {n:>7} "
                      f"{row['pairs']:>6} {row['seconds']:>8.2f} {row['pairs_per_s']:>8.0f} {row['tensors_per_s']:>9.0f}")
     t = results["targets"]
-    ratios = ", ".join(f"{p}: {v:.2f}" for p, v in t["write_ratio_vs_tar"].items())
+    ratios = ", ".join(f"{p}: {v:.2f} (by round {results['write'][p]['ratio_vs_tar_by_round']:.2f})"
+                       for p, v in t["write_ratio_vs_tar"].items())
     lines += ["", f"target write_shards >= {WRITE_TARGET}x tar -cf: {ratios} -> "
                   f"{'met' if t['write_met'] else 'NOT met'}",
               f"target peak memory at {max(results['memory'], key=int)} pairs within "
@@ -424,6 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs", type=parse_pairs, default=None, help="pair counts, e.g. 1000,10000")
     parser.add_argument("--side", type=int, default=None,
                         help="image side in pixels (default 96; e.g. 720 for GoPro-sized PNGs)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed write rounds per pair count (default 3; more on a busy machine)")
     parser.add_argument("--out", default=None, help="JSON output (default bench/out/shards.json)")
     parser.add_argument("--workdir", default=None,
                         help="folder for images and shards, kept afterwards (default: a temporary folder, "
@@ -441,6 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = Sizes(**{**sizes.__dict__, "pairs": args.pairs})
     if args.side:
         sizes = Sizes(**{**sizes.__dict__, "side": args.side})
+    if args.repeats:
+        sizes = Sizes(**{**sizes.__dict__, "repeats": args.repeats})
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="srdiff-bench-shards-"))
     if workdir.exists() and any(workdir.iterdir()):
         raise SystemExit(f"--workdir {workdir} is not empty: pass a new folder (the benchmark deletes what it writes)")

@@ -69,6 +69,10 @@ class ShardConfig(_Section):
     maxcount: int = Field(default=1000, ge=1)
     maxsize: int = Field(default=1 << 30, ge=1 << 16)  # bytes per tar
     workers: int = Field(default=0, ge=0)  # 0: one per core
+    # Re-hash every source PNG against the manifest's sha256 while packing. The download stage
+    # computed those digests from the bytes it wrote, so this only catches files edited since;
+    # it costs about a quarter of the write throughput (bench/results/shards-cpu.md).
+    check_sources: bool = False
 
 
 class SRMConfig(_Section):

@@ -20,9 +20,11 @@ def shard(cfg: Config, key: str, manifest_url: str, run_id: str | None = None) -
     out_url = stage_dir(cfg, "shards", key)
     progress = RateLogger(log, "shards", None, "shards")
     index = shards.write_shards(manifest, out_url, maxcount=cfg.shard.maxcount, maxsize=cfg.shard.maxsize,
-                                workers=cfg.shard.workers, progress=lambda done, total: progress.update(1))
-    # No verify_shards here: the writer already checks each source against the manifest sha256 and
-    # the bytes it wrote against the plan; a second full read belongs to `srdiff verify-shards`.
+                                workers=cfg.shard.workers, check_sources=cfg.shard.check_sources,
+                                progress=lambda done, total: progress.update(1))
+    # No verify_shards here: the writer hashes what it writes into the index and refuses a source
+    # whose size changed since planning (and, with shard.check_sources, whose sha256 differs from
+    # the manifest); a second full read belongs to `srdiff verify-shards`.
     total_bytes = sum(index.column("bytes").to_pylist())
     seconds = time.perf_counter() - start
     log.info(f"{index.num_rows} shards, {manifest.num_rows} pairs, {total_bytes / 2**20:.1f} MiB "
@@ -31,5 +33,6 @@ def shard(cfg: Config, key: str, manifest_url: str, run_id: str | None = None) -
                        outputs={"shards": out_url, "index": f"{out_url}/index.parquet"},
                        metrics={"shards/count": float(index.num_rows), "shards/pairs": float(manifest.num_rows),
                                 "shards/mib": total_bytes / 2**20, "shards/seconds": seconds},
-                       params={"shard.maxcount": cfg.shard.maxcount, "shard.maxsize": cfg.shard.maxsize},
+                       params={"shard.maxcount": cfg.shard.maxcount, "shard.maxsize": cfg.shard.maxsize,
+                               "shard.check_sources": cfg.shard.check_sources},
                        run_id=run_id, seconds=seconds)

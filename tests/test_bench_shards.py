@@ -28,11 +28,14 @@ def test_shards_bench_toy_run_writes_json_and_valid_shards(tmp_path, capsys):
     assert saved["write"].keys() == saved["memory"].keys() == {"40", "80"}
     assert saved["read"]["rows"].keys() == {"0", "1"}
     for pairs, write in saved["write"].items():
-        assert write["rows"].keys() == {"ours", "tar", "tar+fsync"}
+        assert write["rows"].keys() == {"ours", "ours+check", "tar", "tar+fsync"}
         for name, row in write["rows"].items():
             for key in ("mb_per_s", "pairs_per_s"):
                 assert math.isfinite(row[key]) and row[key] > 0, (pairs, name, key)
+            assert row["cpu_seconds"] >= 0 and len(row["all_seconds"]) == 1, (pairs, name)
+        assert write["rows"]["ours"]["cpu_seconds"] > 0
         assert write["payload_bytes"] > 0 and math.isfinite(write["ratio_vs_tar"])
+        assert math.isfinite(write["ratio_vs_tar_by_round"]) and write["ratio_vs_tar_by_round"] > 0
     for pairs, row in saved["memory"].items():
         assert row["pairs"] == int(pairs)
         assert 0 < row["after_import_mib"] <= row["peak_mib"], pairs

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -12,6 +15,7 @@ import tarfile
 import time
 import urllib.request
 import uuid
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -122,9 +126,18 @@ def test_plan_sizes_are_exact_tar_arithmetic():
 def test_sample_keys_have_no_dots_or_slashes():
     assert shards.sample_key("val/hazy/0001_0.8_0.2") == "val%2Fhazy%2F0001_0%2E8_0%2E2"
     assert shards.sample_key("a-b_c") == "a-b_c"
+    for odd in ("", "~a", "é", "a b", "x.png", "A-9_z"):  # the shortcut for safe ids agrees with quote()
+        assert shards.sample_key(odd) == quote(odd, safe="-_").replace(".", "%2E").replace("~", "%7E")
     assert shards.sample_json({"id": "x", "dataset": "d", "degradation": "hazy", "split": "val",
                                "width": np.int32(3), "height": 2}) == \
         b'{"dataset":"d","degradation":"hazy","height":2,"id":"x","split":"val","width":3}'
+    # Filled in directly for string fields; the bytes must stay json.dumps' own.
+    for odd in ('q"uote\\back', "tab\tnew\nline", "é ü \u2603", "\x00\x1f", "\ud800"):
+        row = {"id": odd, "dataset": odd, "degradation": "hazy", "split": "train", "width": 5, "height": 7}
+        want = json.dumps({**{k: row[k] for k in ("id", "dataset", "degradation", "split")},
+                           "width": 5, "height": 7}, sort_keys=True, separators=(",", ":")).encode()
+        assert shards.sample_json(row) == want, odd
+    assert shards.sample_json({**row, "dataset": None}) == want.replace(b'"dataset":"\\ud800"', b'"dataset":null')
 
 
 def test_tar_header_is_tarfiles_own_bytes():
@@ -236,8 +249,9 @@ def test_resume_after_kill_writes_only_missing_shards(source, written, tmp_path,
     kept = os.stat(os.path.join(out, "train/hazy/pairs-000000.tar")).st_mtime_ns
 
     rewritten = []
-    real_write = shards.write_shard
-    monkeypatch.setattr(shards, "write_shard", lambda plan, url: rewritten.append(plan.name) or real_write(plan, url))
+    real_start = shards.start_shard
+    monkeypatch.setattr(shards, "start_shard",
+                        lambda plan, url, side, **kw: rewritten.append(plan.name) or real_start(plan, url, side, **kw))
     shards.write_shards(source, out, maxcount=3, workers=2)
 
     assert sorted(rewritten) == ["val/hazy/pairs-000000.tar", "val/rainy/pairs-000000.tar"]
@@ -269,10 +283,10 @@ def test_changed_plan_rewrites_and_removes_stale_shards(source, written, tmp_pat
     shutil.copytree(written, out)
     # Killed while rewriting for a new plan: the old index must not survive to describe the
     # half-changed folder.
-    def killed(plan, url):
+    def killed(plan, url, side, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shards, "write_shard", killed)
+    monkeypatch.setattr(shards, "start_shard", killed)
     with pytest.raises(KeyboardInterrupt):
         shards.write_shards(source, out, maxcount=2, workers=1)
     assert not os.path.exists(os.path.join(out, "index.parquet"))
@@ -291,7 +305,7 @@ def test_changed_source_file_is_refused(source, tmp_path):
     data[-20] ^= 0xFF  # same size, different bytes: only the manifest sha256 can tell
     fs.atomic_write_bytes(victim, bytes(data))
     with pytest.raises(RuntimeError, match="does not match its manifest sha256.*rerun the download stage"):
-        shards.write_shards(src, str(tmp_path / "shards"), maxcount=3, workers=1)
+        shards.write_shards(src, str(tmp_path / "shards"), maxcount=3, workers=1, check_sources=True)
     # Sizes come from the plan: a file that grew or shrank since is caught while copying.
     sizes = fs.sizes([r[k] for r in src.to_pylist() for k in ("lq_path", "gt_path")])
     plan = next(p for p in shards.plan_shards(src, maxcount=3, sizes=sizes)
@@ -301,6 +315,137 @@ def test_changed_source_file_is_refused(source, tmp_path):
         with pytest.raises(RuntimeError, match=f"{victim} is {word} than {sizes[victim]} bytes"):
             shards.write_shard(plan, str(tmp_path / "shards"))
     assert not fs.exists(str(tmp_path / "shards" / plan.name))
+
+
+def test_default_copies_sources_as_they_are_now(source, tmp_path, monkeypatch):
+    # The shard stage's default (check_sources=False) does not re-hash sources: one changed
+    # since the manifest was written is copied as it is now. Its size is taken when planning,
+    # and a file that changes size between planning and copying is still refused.
+    src = make_pairs(str(tmp_path / "src"))
+    victim = src.to_pylist()[0]["lq_path"]
+    data = bytearray(fs.read_bytes(victim))
+    data[-20] ^= 0xFF
+    data += b"trailing bytes"
+    fs.atomic_write_bytes(victim, bytes(data))
+    out = str(tmp_path / "shards")
+    shards.write_shards(src, out, maxcount=3, workers=1)
+    urls = shards.shard_urls(out, split="train") + shards.shard_urls(out, split="val")
+    assert bytes(data) in [s["lq_png"] for s in shards.iter_samples(urls)]
+
+    real_sizes = shards.source_sizes
+
+    def sizes_then_change(urls: list[str]) -> dict[str, int]:
+        sizes = real_sizes(urls)
+        fs.atomic_write_bytes(victim, bytes(data) + b"x")
+        return sizes
+
+    monkeypatch.setattr(shards, "source_sizes", sizes_then_change)
+    with pytest.raises(RuntimeError, match=f"{victim} is longer than {len(data)} bytes"):
+        shards.write_shards(src, str(tmp_path / "again"), maxcount=3, workers=1)
+    assert _no_temporaries(str(tmp_path / "again"))
+
+
+@pytest.mark.parametrize("copy_bufsize, workers", [(1 << 20, 1), (700, 1), (700, 4)])
+def test_index_and_sidecars_hold_each_shards_own_sha256(source, tmp_path, monkeypatch, copy_bufsize, workers):
+    # The sha256 is computed while the blocks stream out, on another thread: it must still be
+    # that of the bytes on disk, with one block per shard or many (700 bytes), shards one
+    # after another (1 worker: each finished while the next is read) or two at once (4).
+    monkeypatch.setattr(shards, "COPY_BUFSIZE", copy_bufsize)
+    out = str(tmp_path / "shards")
+    index = shards.write_shards(source, out, maxcount=3, workers=workers)
+    for row in index.to_pylist():
+        path = os.path.join(out, row["shard"])
+        with open(path, "rb") as f:
+            data = f.read()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (row["bytes"], row["sha256"]), row["shard"]
+        sidecar = json.loads(fs.read_bytes(path + ".json"))
+        assert (sidecar["bytes"], sidecar["sha256"]) == (row["bytes"], row["sha256"])
+
+
+def _no_temporaries(out: str) -> bool:
+    return not [p for p in snapshot(out) if p.rsplit("/", 1)[-1].startswith(".")]
+
+
+def test_kill_in_a_later_shard_keeps_finished_ones_whole(source, written, tmp_path, monkeypatch):
+    # One shard is finished (fsync, rename, sidecar) on a side thread while the next one is
+    # read: a kill then must leave earlier shards whole or absent, and no temporary.
+    out = str(tmp_path / "shards")
+    real_copy, copies = shards._copy_member, []
+
+    def dying_copy(tar, member):
+        if len(copies) == 10:  # inside the second shard (the first has 3 samples of 3 members)
+            raise KeyboardInterrupt("killed")
+        copies.append(member.name)
+        real_copy(tar, member)
+
+    monkeypatch.setattr(shards, "_copy_member", dying_copy)
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_shards(source, out, maxcount=3, workers=1)
+    left, reference = snapshot(out), snapshot(written)
+    assert _no_temporaries(out) and "index.parquet" not in left
+    assert left == {"train/hazy/pairs-000000.tar": reference["train/hazy/pairs-000000.tar"],
+                    "train/hazy/pairs-000000.tar.json": reference["train/hazy/pairs-000000.tar.json"]}
+    monkeypatch.setattr(shards, "_copy_member", real_copy)
+    shards.write_shards(source, out, maxcount=3, workers=1)
+    assert snapshot(out) == reference
+
+
+def test_failed_block_write_leaves_no_finished_looking_shard(source, written, tmp_path, monkeypatch):
+    # A write error on the side thread (a full disk, say) must surface, and the shard it hit
+    # must not appear under its name; 700-byte blocks put the failure mid-shard.
+    monkeypatch.setattr(shards, "COPY_BUFSIZE", 700)
+    real_write, calls = shards._write_all, []
+
+    def failing_write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 10:
+            raise OSError(28, "No space left on device")
+        real_write(fd, data)
+
+    monkeypatch.setattr(shards, "_write_all", failing_write)
+    out = str(tmp_path / "shards")
+    with pytest.raises(OSError, match="No space left on device"):
+        shards.write_shards(source, out, maxcount=3, workers=1)
+    left, reference = snapshot(out), snapshot(written)
+    assert _no_temporaries(out) and "index.parquet" not in left
+    for name, data in left.items():  # whatever was finished is whole, with its sidecar
+        assert data == reference[name] and (name.endswith(".json") or name + ".json" in left)
+    assert "train/hazy/pairs-000000.tar" not in left  # 20480 bytes: its 10th 700-byte block failed
+    assert len({id(b) for b in shards._SPARE_BLOCKS}) == len(shards._SPARE_BLOCKS)  # none given back twice
+    monkeypatch.setattr(shards, "_write_all", real_write)
+    shards.write_shards(source, out, maxcount=3, workers=1)
+    assert snapshot(out) == reference
+
+
+def test_block_buffers_are_reused_not_reallocated(source, tmp_path, monkeypatch):
+    # Flat memory: one writer holds at most MAX_PENDING_BLOCKS + 1 block buffers, and a
+    # second run takes the same ones back.
+    monkeypatch.setattr(shards, "_SPARE_BLOCKS", [])
+    shards.write_shards(source, str(tmp_path / "a"), maxcount=3, workers=1)
+    spare = {id(b) for b in shards._SPARE_BLOCKS}
+    assert 0 < len(spare) <= shards._Side.MAX_PENDING_BLOCKS + 1
+    shards.write_shards(source, str(tmp_path / "b"), maxcount=3, workers=1)
+    assert {id(b) for b in shards._SPARE_BLOCKS} == spare
+
+
+def test_cycle_collector_is_paused_only_while_writing(source, tmp_path, monkeypatch):
+    seen = []
+    real_start = shards.start_shard
+    monkeypatch.setattr(shards, "start_shard",
+                        lambda *a, **kw: seen.append(gc.isenabled()) or real_start(*a, **kw))
+    shards.write_shards(source, str(tmp_path / "a"), maxcount=3, workers=1)
+    assert seen and not any(seen) and gc.isenabled()
+    monkeypatch.setattr(shards, "start_shard", lambda *a, **kw: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        shards.write_shards(source, str(tmp_path / "b"), maxcount=3, workers=1)
+    assert gc.isenabled()
+    monkeypatch.setattr(shards, "start_shard", real_start)
+    gc.disable()  # a caller that turned it off keeps it off
+    try:
+        shards.write_shards(source, str(tmp_path / "c"), maxcount=3, workers=1)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def _flip_byte(path: str, offset: int) -> None:
