@@ -21,6 +21,7 @@ import math
 import platform
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,10 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="JSON output (default bench/out/gpu.json)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        training.configure_cuda_backends()  # the train stage's settings
     sizes = TOY if args.toy or device.type == "cpu" else FULL
-    results = run(sizes, device, compile=not args.no_compile and not args.toy)
+    with training.cuda_backends_for_training() if device.type == "cuda" else nullcontext():  # the train stage's settings
+        results = run(sizes, device, compile=not args.no_compile and not args.toy)
     return finish(results, args.out, "gpu.json", table)
 
 

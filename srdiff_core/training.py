@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,13 +50,28 @@ Batch = dict[str, torch.Tensor | None]
 
 # -------------------------------------------------------------------------- schedule
 
-def configure_cuda_backends() -> None:
+def _training_backend_flags() -> list[tuple[object, str, bool]]:
+    """(owner, attribute, value) of each CUDA backend setting training runs with."""
+    return [(torch.backends.cudnn, "benchmark", True), (torch.backends.cudnn, "allow_tf32", True),
+            (torch.backends.cuda.matmul, "allow_tf32", True)]
+
+
+@contextmanager
+def cuda_backends_for_training() -> Iterator[None]:
     """Training patches have one fixed shape, so cuDNN's autotuner (benchmark) pays for itself
     after the first step; TF32 tensor cores for fp32 convolutions and matmuls. These are the
-    settings bench/gpu.py measures with, so the stage runs at the benchmarked speed."""
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.matmul.allow_tf32 = True
+    settings bench/gpu.py measures with. They are restored on exit: stages that run later in the
+    same process (evaluate; embed in a served deployment, whose cache key records the fp32 math)
+    must not depend on whether training ran before them."""
+    flags = _training_backend_flags()
+    saved = [getattr(owner, attr) for owner, attr, _ in flags]
+    for owner, attr, value in flags:
+        setattr(owner, attr, value)
+    try:
+        yield
+    finally:
+        for (owner, attr, _), value in zip(flags, saved):
+            setattr(owner, attr, value)
 
 
 def cosine_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0,

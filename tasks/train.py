@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from contextlib import nullcontext
 import itertools
 import tempfile
 import time
@@ -98,8 +99,12 @@ def fit(cfg: Config, out_dir: Path, shards_url: str, restorecls_url: str, run_id
     """The train stage's training on this rank: model (in DDP when ``info`` has several ranks),
     this rank's shards, checkpoints under ``out_dir``. Only rank 0 logs, samples and checkpoints."""
     device = device_for(info, pick_device(cfg))
-    if device.type == "cuda":
-        training.configure_cuda_backends()
+    with training.cuda_backends_for_training() if device.type == "cuda" else nullcontext():
+        return _fit_on(device, cfg, out_dir, shards_url, restorecls_url, run_id, log, info)
+
+
+def _fit_on(device: torch.device, cfg: Config, out_dir: Path, shards_url: str, restorecls_url: str,
+            run_id: str | None, log, info: DistInfo) -> training.TrainState:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     context = read_embeddings(restorecls_url)
     skip = quarantined_ids(restorecls_url, "train", log if is_main(info) else None)  # one warning, from rank 0

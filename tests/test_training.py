@@ -347,3 +347,20 @@ def test_tiny_unet_learns_to_brighten(tmp_path):
 
     baseline, result = _psnr(lq, gt), _psnr(restored, gt)
     assert result >= baseline + 3.0, f"PSNR {result:.2f} dB vs LQ {baseline:.2f} dB after {seconds:.0f} s"
+
+
+def test_training_backend_settings_are_restored_after_training():
+    """TF32 and cuDNN autotuning hold inside the train stage only: a later stage in the same
+    process (evaluate, or embed whose cache key records the fp32 math) sees the settings it had."""
+    import torch
+
+    from srdiff_core import training
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with training.cuda_backends_for_training():
+            assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cudnn.benchmark == before[0]
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
