@@ -123,10 +123,11 @@ def write_pair(root: Path, index: int, side: int) -> dict:
     row = {"id": pair_id(index), "dataset": GROUPS[index % len(GROUPS)][1],
            "degradation": GROUPS[index % len(GROUPS)][0], "split": SPLIT,
            "lq_path": str(lq_path), "gt_path": str(gt_path), "width": side, "height": side}
-    for path, img, key in ((lq_path, lq, "lq_sha256"), (gt_path, gt, "gt_sha256")):
+    for path, img, side_name in ((lq_path, lq, "lq"), (gt_path, gt, "gt")):
         data = png_bytes(img)
         path.write_bytes(data)
-        row[key] = hashlib.sha256(data).hexdigest()
+        row[f"{side_name}_sha256"] = hashlib.sha256(data).hexdigest()
+        row[f"{side_name}_bytes"] = len(data)  # as the download stage records them
     return row
 
 

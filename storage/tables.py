@@ -31,6 +31,11 @@ PAIRS_SCHEMA = pa.schema([
     pa.field("height", pa.int32(), nullable=False),
     pa.field("lq_sha256", pa.string(), nullable=False),
     pa.field("gt_sha256", pa.string(), nullable=False),
+    # File sizes, recorded by the download stage beside the digests so the shard writer plans
+    # without a stat per file (a size that no longer matches is refused when copying). Optional:
+    # a manifest without them is planned from the files.
+    pa.field("lq_bytes", pa.int64(), nullable=True),
+    pa.field("gt_bytes", pa.int64(), nullable=True),
 ])
 
 
@@ -39,10 +44,13 @@ def as_table(table: pa.Table | list[dict], schema: pa.Schema | None = None) -> p
     if isinstance(table, pa.Table):
         if schema is None:
             return table
-        missing = [n for n in schema.names if n not in table.column_names]
+        missing = [f.name for f in schema if f.name not in table.column_names and not f.nullable]
         if missing:
             raise ValueError(f"table lacks column(s) {missing} required by the schema "
                              f"(it has {table.column_names})")
+        for f in schema:  # an optional (nullable) column the table lacks is all nulls
+            if f.name not in table.column_names:
+                table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
         return table.select(schema.names).cast(schema)
     rows = list(table)
     if not rows and schema is None:

@@ -32,7 +32,8 @@ def write_pair(cfg: Config, pair: demo_data.DemoPair) -> dict:
     height, width = pair.gt.shape[:2]
     return {"id": pair.id, "dataset": "demo", "degradation": pair.degradation, "split": pair.split,
             "lq_path": lq_url, "gt_path": gt_url, "width": width, "height": height,
-            "lq_sha256": fs.sha256_bytes(lq_png), "gt_sha256": fs.sha256_bytes(gt_png)}
+            "lq_sha256": fs.sha256_bytes(lq_png), "gt_sha256": fs.sha256_bytes(gt_png),
+            "lq_bytes": len(lq_png), "gt_bytes": len(gt_png)}
 
 
 def materialize_demo_set(cfg: Config, log) -> list[dict]:
@@ -89,7 +90,8 @@ def _pair_row(sample_id: str, split: str, degradation: str, lq_url: str, gt_url:
     width, height = gt_img.size
     return {"id": sample_id, "dataset": "local", "degradation": degradation, "split": split,
             "lq_path": lq_url, "gt_path": gt_url, "width": width, "height": height,
-            "lq_sha256": fs.sha256_bytes(lq_bytes), "gt_sha256": fs.sha256_bytes(gt_bytes)}
+            "lq_sha256": fs.sha256_bytes(lq_bytes), "gt_sha256": fs.sha256_bytes(gt_bytes),
+            "lq_bytes": len(lq_bytes), "gt_bytes": len(gt_bytes)}
 
 
 def drop_duplicate_ids(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -205,7 +207,7 @@ def download(cfg: Config, key: str, run_id: str | None = None) -> StageResult:
         tables.write_table(common.path(cfg, NOTES), notes, schema=NOTES_SCHEMA)
     rows, duplicates = drop_duplicate_ids(rows)
     quarantine += duplicates
-    manifest = tables.as_table([{k: r[k] for k in tables.PAIRS_SCHEMA.names} for r in rows], tables.PAIRS_SCHEMA)
+    manifest = tables.as_table([{k: r.get(k) for k in tables.PAIRS_SCHEMA.names} for r in rows], tables.PAIRS_SCHEMA)
     manifest_url = common.path(cfg, MANIFEST)
     tables.write_table(manifest_url, manifest)
     quarantine_url = write_quarantine(cfg, quarantine)

@@ -103,5 +103,6 @@ def normalise_pair(lq_path: Path, gt_path: Path, target: Target, crop_gt_to_lq: 
     row = {"id": target.sample_id, "dataset": target.dataset, "degradation": target.degradation,
            "split": target.split, "lq_path": target.lq_url, "gt_path": target.gt_url,
            "width": width, "height": height,
-           "lq_sha256": fs.sha256_bytes(lq_png), "gt_sha256": fs.sha256_bytes(gt_png)}
+           "lq_sha256": fs.sha256_bytes(lq_png), "gt_sha256": fs.sha256_bytes(gt_png),
+           "lq_bytes": len(lq_png), "gt_bytes": len(gt_png)}
     return row, "; ".join(notes) or None

@@ -675,3 +675,35 @@ def test_s3_round_trip_and_atomic_writes(source, written, s3_endpoint, tmp_path)
             f.write(b"partial")
             raise RuntimeError("killed")
     assert [u.rsplit("/", 1)[-1] for u in fs.listdir(fs.join(s3_endpoint, "run1"))] == ["shards"]
+
+
+def test_sizes_recorded_in_the_manifest_plan_the_shards_and_a_stale_one_is_refused(tmp_path):
+    """The download stage records lq_bytes / gt_bytes: the writer plans from them (no stat per
+    file) with the same bytes as planning from the files, and a file whose size no longer
+    matches is refused when copied, with what to do."""
+    import os
+    rows = []
+    for i in range(4):
+        lq, gt = tmp_path / f"lq{i}.png", tmp_path / f"gt{i}.png"
+        lq.write_bytes(bytes([i]) * (100 + i))
+        gt.write_bytes(bytes([i]) * (300 + i))
+        rows.append({"id": f"s{i}", "dataset": "d", "degradation": "hazy", "split": "train",
+                     "lq_path": str(lq), "gt_path": str(gt), "width": 1, "height": 1,
+                     "lq_sha256": "", "gt_sha256": "", "lq_bytes": 100 + i, "gt_bytes": 300 + i})
+    with_sizes = pa.Table.from_pylist(rows, schema=tables.PAIRS_SCHEMA)
+    without = pa.Table.from_pylist([{k: v for k, v in r.items() if not k.endswith("_bytes")} for r in rows],
+                                   schema=tables.PAIRS_SCHEMA)
+    a = shards.write_shards(with_sizes, str(tmp_path / "a"), maxcount=2, workers=1)
+    b = shards.write_shards(without, str(tmp_path / "b"), maxcount=2, workers=1)
+    assert a.column("sha256").to_pylist() == b.column("sha256").to_pylist()
+    stat_calls = []
+    real_stat = os.stat
+    try:
+        os.stat = lambda p, *a, **k: stat_calls.append(str(p)) or real_stat(p, *a, **k)
+        shards.plan_shards(with_sizes, maxcount=2)
+    finally:
+        os.stat = real_stat
+    assert not [p for p in stat_calls if p.endswith(".png")]
+    (tmp_path / "gt3.png").write_bytes(b"x" * 10)  # replaced after the manifest was written
+    with pytest.raises(RuntimeError, match="gt3.png is shorter than 303 bytes.*rerun the download stage"):
+        shards.write_shards(with_sizes, str(tmp_path / "c"), maxcount=2, workers=1)

@@ -106,7 +106,8 @@ def test_listdir_glob_sizes_are_sorted_full_urls(root):
 def _pair_rows(n: int) -> list[dict]:
     return [{"id": f"p{i}", "dataset": "demo", "degradation": "hazy", "split": "train",
              "lq_path": f"memory://x/LQ/p{i}.png", "gt_path": f"memory://x/GT/p{i}.png",
-             "width": 8 + i, "height": 4, "lq_sha256": "0" * 64, "gt_sha256": "1" * 64} for i in range(n)]
+             "width": 8 + i, "height": 4, "lq_sha256": "0" * 64, "gt_sha256": "1" * 64,
+             "lq_bytes": 100 + i, "gt_bytes": 200 + i} for i in range(n)]
 
 
 def test_table_round_trip(root):
@@ -117,9 +118,12 @@ def test_table_round_trip(root):
     assert back.to_pylist() == _pair_rows(3)
     # A Table with extra or reordered columns is conformed to the schema on write.
     shuffled = pa.Table.from_pylist(_pair_rows(2)).select(["width", "id", *tables.PAIRS_SCHEMA.names[1:6],
-                                                          "height", "lq_sha256", "gt_sha256"])
+                                                          "height", "lq_sha256", "gt_sha256", "gt_bytes", "lq_bytes"])
     tables.write_table(url, shuffled.append_column("extra", pa.array([1, 2])), schema=tables.PAIRS_SCHEMA)
     assert tables.read_table(url).to_pylist() == _pair_rows(2)
+    # An optional (nullable) column the table lacks comes back as nulls; a required one is an error.
+    tables.write_table(url, shuffled.drop(["lq_bytes", "gt_bytes"]), schema=tables.PAIRS_SCHEMA)
+    assert [r["lq_bytes"] for r in tables.read_table(url).to_pylist()] == [None, None]
 
 
 def test_write_table_errors_say_what_is_wrong(tmp_path):
