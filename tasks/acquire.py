@@ -82,6 +82,21 @@ def _path_identity(path: Path) -> list:
                         for f in files]]
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path, known: str | None = None) -> str:
+    """sha256 of a file, computed once per (path, size, mtime): a 9 GB archive is hashed when
+    verified and would be again to name its extraction folder."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if known is not None:
+        _DIGESTS[key] = known
+    if key not in _DIGESTS:
+        _DIGESTS[key] = fetch.sha256_path(path)
+    return _DIGESTS[key]
+
+
 # --- fetching ------------------------------------------------------------------------------------
 
 def _source_slug(source: datasets.Source) -> str:
@@ -110,7 +125,7 @@ def fetch_file(dataset: str, item: datasets.DatasetFile, dest_dir: Path, dl: Dow
     for source in item.sources:
         try:
             path = fetch_from_source(source, item.name, dest_dir, dl, log)
-            digest = fetch.verify_sha256(path, source.sha256) if path.is_file() else "folder"
+            digest = file_sha256(path, fetch.verify_sha256(path, source.sha256)) if path.is_file() else "folder"
             return path, f"{source.describe()} (sha256 {digest})"
         except fetch.FetchError as e:
             log.warning(f"{dataset}/{item.name}: source failed: {e}")
@@ -146,7 +161,7 @@ def _from_origin(path: Path, spec: datasets.DatasetSpec, log) -> str:
     """Record a --from archive's sha256, and say so when it is none of the published ones."""
     if not path.is_file():
         return "--from folder"
-    digest = fetch.sha256_path(path)
+    digest = file_sha256(path)
     known = {s.sha256.lower() for f in spec.files for s in f.sources if s.sha256}
     if known and digest not in known:
         log.warning(f"--from {path}: sha256 {digest} matches no published digest of this dataset "
@@ -159,7 +174,7 @@ def _from_origin(path: Path, spec: datasets.DatasetSpec, log) -> str:
 def _extract_once(archive: Path, base: Path, limits: archives.Limits, owned: bool, log) -> Path:
     """Extract to ``base/<name>-<sha prefix>`` unless already complete there (the folder only
     gets that name, by an atomic rename, once every member is out)."""
-    target = base / f"{archive.name}-{fetch.sha256_path(archive)[:16]}"
+    target = base / f"{archive.name}-{file_sha256(archive)[:16]}"
     if target.is_dir():
         return target
     log.info(f"extracting {archive.name} -> {target}")

@@ -506,3 +506,14 @@ def _png_16bit(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(row * height))
             + chunk(b"IEND", b""))
+
+
+def test_each_archive_is_hashed_once(tmp_path, monkeypatch):
+    import storage.fetch
+    calls = []
+    real = storage.fetch.sha256_path
+    monkeypatch.setattr(storage.fetch, "sha256_path", lambda p, *a, **k: calls.append(Path(p).name) or real(p, *a, **k))
+    lol = A.zip_bytes(LOL)
+    with FileServer(files={"/lol.zip": lol}) as server:
+        download.fn(config(tmp_path, _lol_catalog(tmp_path, server, sha256=sha(lol)), ["lol"]), key="k")
+    assert calls == ["lol_dataset.zip"]  # verified once; the extraction folder reuses the digest
