@@ -203,6 +203,25 @@ def atomic_write_bytes(url: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def link_or_write_bytes(url: str | os.PathLike, data: bytes, source: str | os.PathLike) -> bool:
+    """Put ``data`` (the exact content of the local file ``source``) at ``url``: a hard link
+    when both are on one local filesystem (no second copy of a 9 GB dataset on disk), else an
+    atomic write. Either way the name appears only when complete. Returns whether it linked."""
+    if is_local(url):
+        path = str(local_path(url))
+        tmp = _temp_path(path)
+        try:
+            os.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+            os.link(source, tmp)
+            os.replace(tmp, path)
+            return True
+        except OSError:  # another filesystem (EXDEV), no link support, no permission: copy
+            with _suppress_missing():
+                os.unlink(tmp)
+    atomic_write_bytes(url, data)
+    return False
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

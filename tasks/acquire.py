@@ -229,9 +229,10 @@ def scan(roots: list[Path]):
 # --- normalisation -------------------------------------------------------------------------------
 
 def normalise_all(cfg: Config, name: str, spec: datasets.DatasetSpec, pairs: list[datasets.RawPair],
-                  log) -> tuple[list[dict], list[dict]]:
+                  log, extracted: Path) -> tuple[list[dict], list[dict]]:
     """Decode, check and write every pair (threads: PIL releases the GIL while decoding). A bad
-    pair becomes a quarantine row; its neighbours are unaffected."""
+    pair becomes a quarantine row; its neighbours are unaffected. PNGs under ``extracted`` (our
+    own extraction, deleted afterwards) are hard-linked rather than copied where possible."""
     progress = RateLogger(log, f"{name}: normalised", len(pairs), "pairs")
 
     def one(pair: datasets.RawPair) -> tuple[dict | None, dict | None]:
@@ -239,7 +240,8 @@ def normalise_all(cfg: Config, name: str, spec: datasets.DatasetSpec, pairs: lis
         lq_url, gt_url = common.pair_urls(cfg, pair.split, spec.degradation, sample_id)
         target = normalise.Target(sample_id, name, spec.degradation, pair.split, lq_url, gt_url)
         try:
-            row, note = normalise.normalise_pair(pair.lq, pair.gt, target, crop_gt_to_lq=spec.layout == "reside6k")
+            row, note = normalise.normalise_pair(pair.lq, pair.gt, target, crop_gt_to_lq=spec.layout == "reside6k",
+                                                 link_sources=pair.lq.is_relative_to(extracted))
             return {**row, "note": note}, None
         except normalise.Reject as e:
             return None, quarantine_row(name, spec, pair.split, pair.native_id, pair.lq, str(e))
@@ -281,7 +283,7 @@ def prepare_dataset(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> 
     if not pairs and not rejected:
         raise DatasetError(no_layout_match(name, spec.layout, roots))
     log.info(f"{name}: found {len(pairs)} candidate pairs, {len(rejected)} unpartnered or duplicate files")
-    rows, bad = normalise_all(cfg, name, spec, pairs, log)
+    rows, bad = normalise_all(cfg, name, spec, pairs, log, extracted)
     quarantine = [quarantine_row(name, spec, r.split, r.native_id, r.path, r.reason) for r in rejected] + bad
     tables.write_table(_table_url(cfg, name, ".parquet"), rows, schema=ROWS_SCHEMA)
     tables.write_table(_table_url(cfg, name, ".quarantine.parquet"), quarantine, schema=QUARANTINE_SCHEMA)

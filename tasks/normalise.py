@@ -75,9 +75,18 @@ class Target:
     gt_url: str
 
 
-def normalise_pair(lq_path: Path, gt_path: Path, target: Target, crop_gt_to_lq: bool) -> tuple[dict, str | None]:
+def _put(url: str, data: bytes, source: Path | None) -> None:
+    if source is None:
+        fs.atomic_write_bytes(url, data)
+    else:
+        fs.link_or_write_bytes(url, data, source)
+
+
+def normalise_pair(lq_path: Path, gt_path: Path, target: Target, crop_gt_to_lq: bool,
+                   link_sources: bool = False) -> tuple[dict, str | None]:
     """Write the pair into the seed layout; return (manifest row, note of what was changed).
-    Raises :class:`Reject` with the quarantine reason."""
+    ``link_sources``: byte-copied PNGs may be hard links to their source (only for files we
+    extracted ourselves, never a user's). Raises :class:`Reject` with the quarantine reason."""
     lq, gt = decode(lq_path, "LQ"), decode(gt_path, "GT")
     notes = []
     gt_image, gt_copyable = gt.image, gt.copyable
@@ -97,8 +106,8 @@ def normalise_pair(lq_path: Path, gt_path: Path, target: Target, crop_gt_to_lq: 
             notes.append(f"{side} PNG re-encoded as 8-bit RGB")
     lq_png = lq.raw if lq.copyable else encode_png(lq.image)
     gt_png = gt.raw if gt_copyable else encode_png(gt_image)
-    fs.atomic_write_bytes(target.lq_url, lq_png)
-    fs.atomic_write_bytes(target.gt_url, gt_png)
+    _put(target.lq_url, lq_png, lq_path if lq.copyable and link_sources else None)
+    _put(target.gt_url, gt_png, gt_path if gt_copyable and link_sources else None)
     width, height = lq.image.size
     row = {"id": target.sample_id, "dataset": target.dataset, "degradation": target.degradation,
            "split": target.split, "lq_path": target.lq_url, "gt_path": target.gt_url,

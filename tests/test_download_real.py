@@ -517,3 +517,23 @@ def test_each_archive_is_hashed_once(tmp_path, monkeypatch):
     with FileServer(files={"/lol.zip": lol}) as server:
         download.fn(config(tmp_path, _lol_catalog(tmp_path, server, sha256=sha(lol)), ["lol"]), key="k")
     assert calls == ["lol_dataset.zip"]  # verified once; the extraction folder reuses the digest
+
+
+def test_png_from_our_extraction_is_hard_linked_but_a_users_file_never_is(tmp_path):
+    lol = A.zip_bytes(LOL)
+    with FileServer(files={"/lol.zip": lol}) as server:
+        result = download.fn(config(tmp_path, _lol_catalog(tmp_path, server), ["lol"], "download.keep_extracted=true"),
+                             key="k")
+    row = next(r for r in manifest_of(result) if r["id"] == "lol-val-22")
+    extracted = next((tmp_path / "data/downloads/lol/extracted").rglob("eval15/low/22.png"))
+    assert Path(row["lq_path"]).samefile(extracted)  # one copy on disk, not two
+    assert Path(row["lq_path"]).read_bytes() == LOL["lol_dataset/eval15/low/22.png"]
+    folder = tmp_path / "mine"
+    for name, data in LOL.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    catalog = write_catalog(tmp_path / "c2.yaml", {"lol": entry("lol", "low-light", {"train": 3, "val": 2},
+                                                                [("lol_dataset.zip", [])])})
+    mine = download.fn(config(tmp_path / "two", catalog, ["lol"], f"download.from_paths={{lol: [{folder}]}}"), key="k")
+    row = next(r for r in manifest_of(mine) if r["id"] == "lol-val-22")
+    assert not Path(row["lq_path"]).samefile(folder / "lol_dataset/eval15/low/22.png")  # edits of theirs never leak in
