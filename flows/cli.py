@@ -154,16 +154,25 @@ def cmd_verify_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_config_args(p: argparse.ArgumentParser, default: str = "configs/default.yaml") -> argparse.ArgumentParser:
+    p.add_argument("--config", default=default, help="YAML config (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    return p
+
+
+def torchrun_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The arguments every torchrun entry point shares: config, overrides, the shard folder."""
+    p = add_config_args(argparse.ArgumentParser(prog=f"torchrun ... -m {module}", description=doc.splitlines()[0]))
+    p.add_argument("--shards", required=True, help="the shard stage's output folder (holds index.parquet)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="srdiff", description="SR-Diff: semantic-guided diffusion restoration")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(p, default="configs/default.yaml"):
-        p.add_argument("--config", default=default, help="YAML config (default: %(default)s)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set train.steps=100 (repeatable)")
-        return p
-
+    with_config = add_config_args
     demo = with_config(sub.add_parser("demo", help="the whole pipeline on the embedded demo set"), DEMO_CONFIG)
     demo.set_defaults(func=cmd_demo)
     run = with_config(sub.add_parser("run", help="run the pipeline or some of its stages"))

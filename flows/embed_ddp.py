@@ -22,6 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from flows.cli import torchrun_parser
 from srdiff_core.config import load_config
 from srdiff_core.distributed import DistInfo, cleanup, info_from_env
 from tasks.common import pick_device
@@ -31,10 +32,7 @@ DEFAULT_TIMEOUT_MINUTES = 120.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="torchrun ... -m flows.embed_ddp", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--shards", required=True, help="the shard stage's output folder (holds index.parquet)")
+    p = torchrun_parser("flows.embed_ddp", __doc__)
     p.add_argument("--out", required=True, help="folder for lqcls / gtcls / embed_quarantine.parquet")
     p.add_argument("--timeout-minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
                    help="longest a rank waits for the others at a barrier (default: %(default)s)")

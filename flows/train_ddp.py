@@ -14,6 +14,7 @@ import logging
 import time
 from pathlib import Path
 
+from flows.cli import torchrun_parser
 from srdiff_core.config import load_config
 from srdiff_core.distributed import barrier, cleanup, default_backend, init_from_env, is_main
 from storage import fs
@@ -22,10 +23,7 @@ from tasks.train import fit, write_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="torchrun ... -m flows.train_ddp", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--shards", required=True, help="the shard stage's output folder (holds index.parquet)")
+    p = torchrun_parser("flows.train_ddp", __doc__)
     p.add_argument("--restorecls", required=True, help="the embed stage's RestoreCLS table")
     p.add_argument("--srm", required=True, help="the embed stage's SRM weights (bundled into model.pt)")
     p.add_argument("--key", default="ddp", help="output folder name under data_root/runs/train (default: %(default)s)")

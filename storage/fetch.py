@@ -13,7 +13,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
@@ -211,23 +212,32 @@ def _wait(log, url: str, error: BaseException, part: Path, attempt: int, retries
 GDRIVE = "https://drive.google.com"
 
 
+@contextmanager
+def _gdrive_errors(what: str) -> Iterator[None]:
+    """gdown's errors as FetchError: a quota or permission page says what to do, a connection
+    failure is :class:`Unreachable` (worth a later retry)."""
+    import gdown
+    import requests
+    try:
+        yield
+    except gdown.exceptions.FileURLRetrievalError as e:
+        raise FetchError(f"Google Drive refused {what} (download quota exceeded or not public): "
+                         f"{_first_line(e)}. Wait a day, or download it in a browser and pass --from") from e
+    except (gdown.exceptions.DownloadError, requests.RequestException, OSError) as e:
+        kind = Unreachable if _connection_failure(e) else FetchError
+        raise kind(f"{what}: {type(e).__name__}: {_first_line(e)}") from e
+
+
 def fetch_gdrive(file_id: str, dest: Path, *, endpoint: str | None = None, retries: int = 4) -> Path:
     """A Google Drive file through gdown (resumable). Quota and permission pages become a
     :class:`FetchError` that says what to do."""
     import gdown
-    import requests
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     url = f"{(endpoint or GDRIVE).rstrip('/')}/uc?id={file_id}"
-    try:
+    with _gdrive_errors(f"Google Drive file {file_id}"):
         out = gdown.download(url=url, output=str(dest), quiet=False, resume=True, retries=retries)
-    except gdown.exceptions.FileURLRetrievalError as e:
-        raise FetchError(f"Google Drive refused file {file_id} (download quota exceeded or not public): "
-                         f"{_first_line(e)}. Wait a day, or download it in a browser and pass --from") from e
-    except (gdown.exceptions.DownloadError, requests.RequestException, OSError) as e:
-        kind = Unreachable if _connection_failure(e) else FetchError
-        raise kind(f"Google Drive file {file_id}: {type(e).__name__}: {_first_line(e)}") from e
     if out is None or not dest.exists():
         raise FetchError(f"Google Drive file {file_id}: gdown returned without a file")
     _reject_web_page(dest, f"Google Drive file {file_id}")
@@ -261,19 +271,12 @@ def _reject_web_page(path: Path, what: str) -> None:
 def fetch_gdrive_folder(folder_id: str, dest_dir: Path, *, endpoint: str | None = None, retries: int = 4) -> Path:
     """A Google Drive folder through gdown (files already complete are kept on a rerun)."""
     import gdown
-    import requests
     if _is_complete(dest_dir):
         return dest_dir
     dest_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"url": f"{endpoint.rstrip('/')}/drive/folders/{folder_id}"} if endpoint else {"id": folder_id}
-    try:
+    with _gdrive_errors(f"Google Drive folder {folder_id}"):
         files = gdown.download_folder(**kwargs, output=str(dest_dir), quiet=False, resume=True, retries=retries)
-    except gdown.exceptions.FileURLRetrievalError as e:
-        raise FetchError(f"Google Drive refused folder {folder_id} (quota exceeded or not public): "
-                         f"{_first_line(e)}. Download it in a browser and pass --from") from e
-    except (gdown.exceptions.DownloadError, requests.RequestException, OSError) as e:
-        kind = Unreachable if _connection_failure(e) else FetchError
-        raise kind(f"Google Drive folder {folder_id}: {type(e).__name__}: {_first_line(e)}") from e
     if not files:
         raise FetchError(f"Google Drive folder {folder_id}: no files downloaded")
     _mark_complete(dest_dir)

@@ -266,12 +266,13 @@ def quarantine_row(name: str, spec: datasets.DatasetSpec, split: str, native_id:
 def prepare_dataset(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> Prepared:
     marker_url = _table_url(cfg, name, ".json")
     stamp = fingerprint(cfg, name, spec)
-    if fs.exists(marker_url) and fs.read_json(marker_url).get("fingerprint") == stamp:
+    marker = fs.read_json(marker_url) if fs.exists(marker_url) else {}
+    if marker.get("fingerprint") == stamp:
         rows = tables.read_table(_table_url(cfg, name, ".parquet")).to_pylist()
         if _outputs_present(rows):
             log.info(f"{name}: already normalised ({marker_url}); nothing to do")
             return Prepared(name, rows, tables.read_table(_table_url(cfg, name, ".quarantine.parquet")).to_pylist(),
-                            fs.read_json(marker_url).get("origin", {}), reused=True)
+                            marker.get("origin", {}), reused=True)
         log.warning(f"{name}: normalised images are missing under {common.path(cfg, 'datasets')}; redoing")
     paths, origin, owned = local_inputs(cfg, name, spec, log)
     extracted = work_dir(cfg) / name / "extracted"

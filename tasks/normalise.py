@@ -82,13 +82,22 @@ def _put(url: str, data: bytes, source: Path | None) -> None:
         fs.link_or_write_bytes(url, data, source)
 
 
+def _reencode_note(side: str, path: Path, decoded: Decoded) -> str | None:
+    """What re-encoding a side changes, if it is re-encoded for its format (not for a crop)."""
+    if decoded.copyable:
+        return None
+    if path.suffix.lower() != ".png":
+        return f"{side} {path.suffix.lstrip('.').upper()} -> PNG"
+    return f"{side} PNG re-encoded as 8-bit RGB"
+
+
 def normalise_pair(lq_path: Path, gt_path: Path, target: Target, crop_gt_to_lq: bool,
                    link_sources: bool = False) -> tuple[dict, str | None]:
     """Write the pair into the seed layout; return (manifest row, note of what was changed).
     ``link_sources``: byte-copied PNGs may be hard links to their source (only for files we
     extracted ourselves, never a user's). Raises :class:`Reject` with the quarantine reason."""
     lq, gt = decode(lq_path, "LQ"), decode(gt_path, "GT")
-    notes = []
+    notes = [n for n in (_reencode_note("LQ", lq_path, lq), _reencode_note("GT", gt_path, gt)) if n]
     gt_image, gt_copyable = gt.image, gt.copyable
     if lq.image.size != gt.image.size:
         bigger = gt.image.width >= lq.image.width and gt.image.height >= lq.image.height
@@ -97,13 +106,8 @@ def normalise_pair(lq_path: Path, gt_path: Path, target: Target, crop_gt_to_lq: 
         # RESIDE-6k: some GT images are larger than their hazy version (the hazy one was cropped
         # when synthesised); the centre crop restores the alignment, and it is recorded.
         gt_image, gt_copyable = centre_crop(gt.image, lq.image.size), False
-        notes.append(f"GT centre-cropped {gt.image.size[0]}x{gt.image.size[1]} -> "
-                     f"{lq.image.size[0]}x{lq.image.size[1]}")
-    for side, src, copyable in (("LQ", lq_path, lq.copyable), ("GT", gt_path, gt_copyable)):
-        if not copyable and src.suffix.lower() != ".png":
-            notes.append(f"{side} {src.suffix.lstrip('.').upper()} -> PNG")
-        elif not copyable and src.suffix.lower() == ".png" and not (side == "GT" and gt_image is not gt.image):
-            notes.append(f"{side} PNG re-encoded as 8-bit RGB")
+        notes.insert(0, f"GT centre-cropped {gt.image.size[0]}x{gt.image.size[1]} -> "
+                        f"{lq.image.size[0]}x{lq.image.size[1]}")
     lq_png = lq.raw if lq.copyable else encode_png(lq.image)
     gt_png = gt.raw if gt_copyable else encode_png(gt_image)
     _put(target.lq_url, lq_png, lq_path if lq.copyable and link_sources else None)

@@ -259,17 +259,24 @@ def test_resume_after_kill_writes_only_missing_shards(source, written, tmp_path,
     assert snapshot(out) == snapshot(written)
 
 
-def test_failure_mid_shard_leaves_no_finished_looking_file(source, written, tmp_path, monkeypatch):
-    out = str(tmp_path / "shards")
+def _kill_after_copies(monkeypatch, n: int):
+    """Make the writer die (as a kill would) when it starts its (n+1)-th member; returns the
+    real copy function for the rerun."""
     real_copy, copies = shards._copy_member, []
 
     def dying_copy(tar, member):
-        if len(copies) == 7:  # inside the third sample of the first shard
+        if len(copies) == n:
             raise KeyboardInterrupt("killed")
         copies.append(member.name)
         real_copy(tar, member)
 
     monkeypatch.setattr(shards, "_copy_member", dying_copy)
+    return real_copy
+
+
+def test_failure_mid_shard_leaves_no_finished_looking_file(source, written, tmp_path, monkeypatch):
+    out = str(tmp_path / "shards")
+    real_copy = _kill_after_copies(monkeypatch, 7)  # inside the third sample of the first shard
     with pytest.raises(KeyboardInterrupt):
         shards.write_shards(source, out, maxcount=3, workers=1)
     assert snapshot(out) == {}  # no shard, no sidecar, no temporary, no index
@@ -370,15 +377,7 @@ def test_kill_in_a_later_shard_keeps_finished_ones_whole(source, written, tmp_pa
     # One shard is finished (fsync, rename, sidecar) on a side thread while the next one is
     # read: a kill then must leave earlier shards whole or absent, and no temporary.
     out = str(tmp_path / "shards")
-    real_copy, copies = shards._copy_member, []
-
-    def dying_copy(tar, member):
-        if len(copies) == 10:  # inside the second shard (the first has 3 samples of 3 members)
-            raise KeyboardInterrupt("killed")
-        copies.append(member.name)
-        real_copy(tar, member)
-
-    monkeypatch.setattr(shards, "_copy_member", dying_copy)
+    real_copy = _kill_after_copies(monkeypatch, 10)  # inside the second shard (the first has 3 samples of 3 members)
     with pytest.raises(KeyboardInterrupt):
         shards.write_shards(source, out, maxcount=3, workers=1)
     left, reference = snapshot(out), snapshot(written)
