@@ -29,6 +29,10 @@ DEGRADATIONS = ("hazy", "rainy")
 PER_GROUP = {"train": 4, "val": 2}  # maxcount 3 -> train groups 3+1, val groups 2: 6 shards
 SIZES = [(9, 11), (12, 8), (16, 16), (7, 13)]  # (h, w); 7x13 is smaller than the 8-px patches
 LONG_ID = "val/hazy/" + "x" * 120  # > 100 bytes: its tar members need PAX headers
+# test_shard_bytes_are_pinned: the shards of _fixed_manifest, as written since SHARD_FORMAT 1.
+PINNED_SHARD_SHA256 = ["522ede45bb25d546da2cc6439bee33bf9e0656e929bec55fcf755e126f445244",
+                       "585beb0e28b0b3dbca61c14127aba0204c76879350a89de7be8d497c30a41579",
+                       "c116298adec9b2775db04f9803a8968ca306e29c96508a521671bf5843f9a07a"]
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -282,6 +286,28 @@ def test_failure_mid_shard_leaves_no_finished_looking_file(source, written, tmp_
     assert snapshot(out) == {}  # no shard, no sidecar, no temporary, no index
     monkeypatch.setattr(shards, "_copy_member", real_copy)
     shards.write_shards(source, out, maxcount=3, workers=1)
+    assert snapshot(out) == snapshot(written)
+
+
+def test_empty_or_torn_sidecar_means_the_shard_is_rewritten(source, written, tmp_path, monkeypatch):
+    # A sidecar that does not parse (emptied or cut short: a full disk, a copy interrupted by
+    # hand) does not vouch for its shard: the shard is rewritten, not trusted, and the result
+    # is what an uninterrupted run writes.
+    out = str(tmp_path / "shards")
+    shutil.copytree(written, out)
+    os.remove(os.path.join(out, "index.parquet"))
+    for rel, keep in (("train/hazy/pairs-000000.tar.json", 0), ("val/rainy/pairs-000000.tar.json", 17)):
+        path = os.path.join(out, rel)
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[:keep])
+    rewritten = []
+    real_start = shards.start_shard
+    monkeypatch.setattr(shards, "start_shard",
+                        lambda plan, url, side, **kw: rewritten.append(plan.name) or real_start(plan, url, side, **kw))
+    shards.write_shards(source, out, maxcount=3, workers=1)
+    assert sorted(rewritten) == ["train/hazy/pairs-000000.tar", "val/rainy/pairs-000000.tar"]
     assert snapshot(out) == snapshot(written)
 
 
@@ -706,3 +732,51 @@ def test_sizes_recorded_in_the_manifest_plan_the_shards_and_a_stale_one_is_refus
     (tmp_path / "gt3.png").write_bytes(b"x" * 10)  # replaced after the manifest was written
     with pytest.raises(RuntimeError, match="gt3.png is shorter than 303 bytes.*rerun the download stage"):
         shards.write_shards(with_sizes, str(tmp_path / "c"), maxcount=2, workers=1)
+
+
+def _fixed_manifest(root) -> pa.Table:
+    """Three samples of fixed bytes (the writer copies, never decodes): a plain id, one that
+    needs escaping, and one whose members need PAX headers; plus a second group."""
+    rows = []
+    for n, (sample_id, degradation) in enumerate([("b-1", "hazy"), ("a.é/2", "hazy"), ("z" * 95, "hazy"),
+                                                  ("c_3", "rainy")]):
+        lq, gt = root / f"{n}.lq", root / f"{n}.gt"
+        lq.write_bytes(bytes(range(n, n + 40)) * (n + 1))
+        gt.write_bytes(b"gt" * (300 + n))
+        rows.append({"id": sample_id, "dataset": "tiny", "degradation": degradation, "split": "train",
+                     "lq_path": str(lq), "gt_path": str(gt), "width": 3 + n, "height": 2,
+                     "lq_sha256": "", "gt_sha256": ""})
+    return pa.Table.from_pylist(rows, schema=tables.PAIRS_SCHEMA)
+
+
+def test_shard_bytes_are_pinned(tmp_path):
+    # The exact bytes of a tiny dataset's shards: a change here changes every user's shards,
+    # so it must come with a SHARD_FORMAT bump (their sidecars then no longer match).
+    manifest = _fixed_manifest(tmp_path)
+    index = shards.write_shards(manifest, str(tmp_path / "out"), maxcount=2, workers=1)
+    assert [(r["shard"], r["first_id"], r["last_id"], r["count"], r["bytes"]) for r in index.to_pylist()] == [
+        ("train/hazy/pairs-000000.tar", "a.é/2", "b-1", 2, 10240),
+        ("train/hazy/pairs-000001.tar", "z" * 95, "z" * 95, 1, 10240),
+        ("train/rainy/pairs-000000.tar", "c_3", "c_3", 1, 10240)]
+    assert index.column("sha256").to_pylist() == PINNED_SHARD_SHA256
+
+
+def test_manifest_plan_equals_row_by_row_plan(tmp_path):
+    # plan_shards works column by column; plan_group takes manifest rows one by one (and
+    # sample_json, sample_key and member_tar_size per member): both must plan the same shards.
+    everything = _fixed_manifest(tmp_path)
+    sizes = fs.sizes([r[k] for r in everything.to_pylist() for k in ("lq_path", "gt_path")])
+    safe_ids_only = everything.take([0, 2, 3])  # their keys are the ids themselves (a shortcut)
+    for manifest, maxcount, maxsize in [(everything, 2, 1 << 30), (everything, 99, 1 << 16),
+                                        (everything, 99, 10240), (safe_ids_only, 2, 1 << 30)]:
+        planned = shards.plan_shards(manifest, maxcount=maxcount, maxsize=maxsize)
+        by_rows = []
+        for degradation in ("hazy", "rainy"):
+            rows = sorted((r for r in manifest.to_pylist() if r["degradation"] == degradation), key=lambda r: r["id"])
+            by_rows += shards.plan_group(rows, sizes, split="train", degradation=degradation,
+                                         maxcount=maxcount, maxsize=maxsize)
+        assert [(p.name, p.ids, p.size, p.members, p.digest) for p in planned] == \
+               [(p.name, p.ids, p.size, p.members, p.digest) for p in by_rows]
+        for plan in planned:
+            members_bytes = sum(shards.member_tar_size(m) for m in plan.members)
+            assert plan.size == shards.tar_size(members_bytes)
