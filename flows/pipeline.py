@@ -20,10 +20,11 @@ import tasks.datasets
 import tasks.download
 import tasks.embed
 import tasks.evaluate
+import tasks.launch
 import tasks.shard
 import tasks.normalise
 import tasks.train
-from flows import embed_ddp
+from flows import embed_ddp, train_ddp
 from srdiff_core import checkpoint, clip_embed, demo_data, degradations, distributed, fid, metrics, restorer
 from srdiff_core import samplers, sde, srm, training, unet
 from srdiff_core.config import STAGES, Config, load_config
@@ -45,9 +46,10 @@ STAGE_CODE = {
     "download": (tasks.download, tasks.acquire, tasks.datasets, tasks.normalise, archives, fetch, demo_data,
                  degradations, storage_tables),
     "shard": (tasks.shard, shards),
-    "embed": (tasks.embed, tasks.embed_tables, tasks.embed_launch, embed_ddp, clip_embed, srm, distributed,
+    "embed": (tasks.embed, tasks.embed_tables, tasks.launch, embed_ddp, clip_embed, srm, distributed,
               embed_cache),
-    "train": (tasks.train, tasks.embed_tables, training, checkpoint, distributed, sde, unet, samplers),
+    "train": (tasks.train, tasks.embed_tables, tasks.launch, train_ddp, training, checkpoint, distributed, sde,
+              unet, samplers),
     "evaluate": (tasks.evaluate, tasks.embed_tables, metrics, fid, restorer, samplers),
 }
 

@@ -97,7 +97,8 @@ def _atomic_write(path: Path, write: Any) -> None:
     _fsync_directory(path.parent)
 
 
-def _checkpoint_step(path: Path) -> int | None:
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a checkpoint's file name (``ckpt-<step>.pt``), None for any other name."""
     match = _CKPT_PATTERN.match(path.name)
     return int(match.group(1)) if match else None
 
@@ -111,7 +112,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(step, p) for p in directory.iterdir() if (step := _checkpoint_step(p)) is not None and p.is_file()]
+    found = [(step, p) for p in directory.iterdir() if (step := checkpoint_step(p)) is not None and p.is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -156,7 +157,7 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
         name = ""
     # Only a bare checkpoint file name is trusted; anything else falls back to a directory scan.
-    if _checkpoint_step(Path(name)) is not None and Path(name).name == name:
+    if checkpoint_step(Path(name)) is not None and Path(name).name == name:
         candidate = directory / name
         if candidate.is_file():
             return candidate

@@ -159,6 +159,10 @@ class TrainConfig(_Section):
     # neighbouring ids (memory: this many raw PNG pairs per worker).
     shuffle_buffer: int = Field(default=256, ge=0)
     seed: int = 0
+    # Processes: > 1 makes the train stage run data-parallel (DDP) under torchrun on this machine,
+    # one process per GPU (gloo processes with device: cpu); batch_size is per process, so the
+    # effective batch is nproc times larger. Several machines: flows/train_ddp.py (README).
+    nproc: int = Field(default=1, ge=1)
 
 
 class EvalConfig(_Section):

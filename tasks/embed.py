@@ -24,7 +24,7 @@ from storage import fs, shards, tables
 from storage.embed_cache import EmbeddingCache
 from tasks import common, tracking
 from tasks.common import RateLogger, StageResult, pick_device, stage_dir, stage_logger
-from tasks.embed_launch import run_ranks
+from tasks import launch
 from tasks.embed_tables import QUARANTINE_NAME, column_vectors, quarantine_table, vector_column
 
 SPLITS = ("train", "val")
@@ -493,6 +493,13 @@ def save_srm(url: str, model: torch.nn.Module, cfg: Config, dim: int) -> None:
     torch.save({"state_dict": model.state_dict(), "dim": dim, "srm": cfg.embed.srm.model_dump(mode="json"),
                 "arch": cfg.embed.arch, "pretrained": cfg.embed.pretrained}, buf)
     fs.atomic_write_bytes(url, buf.getvalue())
+
+
+def run_ranks(cfg: Config, shards_url: str, out_url: str, log) -> None:
+    """:func:`extract` in ``embed.nproc`` processes on this machine (flows/embed_ddp.py under
+    torchrun), their output streamed into ``log``."""
+    launch.run_torchrun(cfg, "embed", cfg.embed.nproc, "flows.embed_ddp", ["--shards", shards_url, "--out", out_url],
+                        log)
 
 
 @task(name="embed", persist_result=True)

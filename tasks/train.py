@@ -15,13 +15,13 @@ from PIL import Image
 from prefect import task
 
 from srdiff_core import images, samplers, training
-from srdiff_core.checkpoint import latest_checkpoint
+from srdiff_core.checkpoint import checkpoint_step, latest_checkpoint
 from srdiff_core.config import Config
 from srdiff_core.distributed import DistInfo, device_for, is_main, wrap_ddp
 from srdiff_core.sde import IRSDE
 from srdiff_core.unet import ConditionalUNet
 from storage import fs, shards
-from tasks import tracking
+from tasks import launch, tracking
 from tasks.common import StageResult, pick_device, stage_dir, stage_logger
 from tasks.embed_tables import EmbeddedPairDataset, quarantined_ids, read_embeddings
 
@@ -149,14 +149,35 @@ def train(cfg: Config, key: str, shards_url: str, restorecls_url: str, srm_url: 
     log = stage_logger()
     start = time.perf_counter()
     out_dir = Path(fs.local_path(stage_dir(cfg, "runs/train", key)))
-    state = fit(cfg, out_dir, shards_url, restorecls_url, run_id, log)
-    model_bytes = write_model(state.ema, cfg, srm_url, out_dir, run_id)
+    if cfg.train.nproc > 1:
+        step, model_bytes = fit_in_processes(cfg, key, out_dir, shards_url, restorecls_url, srm_url, run_id, log)
+    else:
+        state = fit(cfg, out_dir, shards_url, restorecls_url, run_id, log)
+        step, model_bytes = state.step, write_model(state.ema, cfg, srm_url, out_dir, run_id)
     model_path = out_dir / "model.pt"
     seconds = time.perf_counter() - start
-    log.info(f"train: {state.step} steps in {seconds:.1f} s -> {model_path}")
+    log.info(f"train: {step} steps in {seconds:.1f} s on {cfg.train.nproc} process(es) -> {model_path}")
     return StageResult(stage="train", key=key, digest=fs.sha256_bytes(model_bytes),
                        outputs={"model": str(model_path), "checkpoints": str(out_dir / "checkpoints")},
-                       metrics={"train/final_step": float(state.step), "train/seconds": seconds},
+                       metrics={"train/final_step": float(step), "train/seconds": seconds},
                        params={"unet.conditioning": cfg.unet.conditioning, "train.steps": cfg.train.steps,
-                               "sde.max_sigma": cfg.sde.max_sigma},
+                               "sde.max_sigma": cfg.sde.max_sigma, "train.nproc": cfg.train.nproc},
                        run_id=run_id, seconds=seconds)
+
+
+def fit_in_processes(cfg: Config, key: str, out_dir: Path, shards_url: str, restorecls_url: str, srm_url: str,
+                     run_id: str | None, log) -> tuple[int, bytes]:
+    """The stage's training in ``train.nproc`` DDP processes on this machine (flows/train_ddp.py
+    under torchrun, which runs :func:`fit` on each rank; rank 0 writes the checkpoints and
+    model.pt into ``out_dir`` and logs to ``run_id``); returns the final step and model.pt's bytes."""
+    args = ["--shards", shards_url, "--restorecls", restorecls_url, "--srm", srm_url, "--key", key]
+    if run_id:
+        args += ["--run-id", run_id]
+    launch.run_torchrun(cfg, "train", cfg.train.nproc, "flows.train_ddp", args, log)
+    latest = latest_checkpoint(out_dir / "checkpoints")
+    step = checkpoint_step(latest) if latest is not None else None
+    model_path = out_dir / "model.pt"
+    if step is None or not model_path.is_file():
+        raise RuntimeError(f"train: torchrun exited cleanly but {out_dir} has no checkpoint or no model.pt (see "
+                           f"the train[torchrun] lines above); rerun with --set train.nproc=1 to train in one process")
+    return step, model_path.read_bytes()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import logging
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,8 @@ from srdiff_core.distributed import (
 from srdiff_core.sde import IRSDE
 from srdiff_core.unet import ConditionalUNet
 from storage import fs, shards, tables
+from tasks import embed_tables, launch
+from tasks import train as train_task
 from tasks.train import batch_source, rank_shards
 
 CONTEXT_DIM = 8
@@ -51,17 +55,18 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_tiny_shards(root: Path) -> list[str]:
-    """8 real 12x12 PNG pairs -> a manifest -> 4 train shards of 2 samples (storage.shards.write_shards)."""
+def write_tiny_shards(root: Path, val_ids: tuple[str, ...] = ()) -> list[str]:
+    """8 real 12x12 PNG pairs -> a manifest -> 4 train shards of 2 samples (storage.shards.write_shards),
+    plus val shards of ``val_ids``; returns the train shards' URLs (all are under ``root/shards``)."""
     rng = np.random.default_rng(0)
     rows = []
-    for i, sample_id in enumerate(TRAIN_IDS):
+    for i, sample_id in enumerate([*TRAIN_IDS, *val_ids]):
         lq = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
         lq_png, gt_png = _png(lq), _png(255 - lq)
         lq_url, gt_url = str(root / "LQ" / f"{i}.png"), str(root / "GT" / f"{i}.png")
         fs.atomic_write_bytes(lq_url, lq_png)
         fs.atomic_write_bytes(gt_url, gt_png)
-        rows.append({"id": sample_id, "dataset": "tiny", "degradation": "noisy", "split": "train",
+        rows.append({"id": sample_id, "dataset": "tiny", "degradation": "noisy", "split": sample_id.split("/")[0],
                      "lq_path": lq_url, "gt_path": gt_url, "width": 12, "height": 12,
                      "lq_sha256": fs.sha256_bytes(lq_png), "gt_sha256": fs.sha256_bytes(gt_png)})
     out = str(root / "shards")
@@ -69,9 +74,9 @@ def write_tiny_shards(root: Path) -> list[str]:
     return shards.shard_urls(out, split="train")
 
 
-def embeddings() -> dict[str, np.ndarray]:
+def embeddings(ids: list[str] = TRAIN_IDS) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1)
-    return {i: rng.standard_normal(CONTEXT_DIM).astype(np.float32) for i in TRAIN_IDS}
+    return {i: rng.standard_normal(CONTEXT_DIM).astype(np.float32) for i in ids}
 
 
 def free_port() -> int:
@@ -219,3 +224,62 @@ def test_env_is_validated(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ValueError, match="RANK='x' is not an integer"):
         info_from_env()
+
+
+# ---------------------------------------------------------------------------------------------
+# The train stage with train.nproc > 1: torchrun running flows/train_ddp.py, as a user's
+# pipeline run on a several-GPU machine does (gloo processes here: device cpu).
+
+VAL_IDS = ("val/noisy/img.0",)
+
+
+def _restorecls_table(root: Path) -> str:
+    vectors = embeddings([*TRAIN_IDS, *VAL_IDS])
+    url = str(root / "restorecls.parquet")
+    tables.write_table(url, pa.table({"id": list(vectors), "embedding": embed_tables.vector_column(
+        torch.from_numpy(np.stack(list(vectors.values()))))}))
+    return url
+
+
+def test_the_train_stage_with_two_processes_runs_ddp_under_torchrun_and_resumes(tmp_path, caplog):
+    write_tiny_shards(tmp_path, VAL_IDS)
+    restorecls, srm = _restorecls_table(tmp_path), tmp_path / "srm.pt"
+    torch.save({"weight": torch.ones(2)}, srm)
+    cfg = tiny_config(steps=3).model_copy(update={"data_root": str(tmp_path / "data")})
+    cfg.train.nproc = 2
+    args = dict(key="ddp-stage", shards_url=str(tmp_path / "shards"), restorecls_url=restorecls, srm_url=str(srm))
+    with caplog.at_level(logging.INFO, logger="srdiff"):
+        result = train_task.train.fn(cfg, **args)
+    out_dir = Path(result.outputs["checkpoints"]).parent
+    assert result.metrics["train/final_step"] == 3 and result.params["train.nproc"] == 2
+    assert [p.name for p in list_checkpoints(out_dir / "checkpoints")] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    model = (out_dir / "model.pt").read_bytes()
+    assert result.digest == fs.sha256_bytes(model)
+    assert torch.load(io.BytesIO(model), weights_only=True)["srm"]["weight"].tolist() == [1.0, 1.0]
+    streamed = [r.message for r in caplog.records if r.message.startswith("train[torchrun]")]
+    assert any("on cpu x 2 rank(s)" in m for m in streamed), streamed  # rank 0's summary line
+    assert any("train: 3 steps on 2 rank(s)" in m for m in streamed), streamed
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="srdiff"):
+        again = train_task.train.fn(cfg, **args)  # everything done: resumes at step 3, trains nothing
+    assert again.metrics["train/final_step"] == 3 and again.digest == result.digest
+    assert any("resuming from" in r.message and "ckpt-00000003.pt" in r.message for r in caplog.records)
+
+
+def test_a_failed_train_torchrun_names_its_last_lines_and_the_one_process_setting(tmp_path, monkeypatch):
+    failing = [sys.executable, "-c", "import sys; print('rank 1 Error: CUDA out of memory'); sys.exit(1)"]
+    monkeypatch.setattr(launch, "torchrun_command", lambda *args: failing)
+    cfg = tiny_config().model_copy(update={"data_root": str(tmp_path)})
+    cfg.train.nproc = 2
+    with pytest.raises(RuntimeError, match=r"(?s)train: torchrun with 2 processes failed \(exit 1\).*out of memory"
+                                           r".*--set train.nproc=1"):
+        train_task.train.fn(cfg, key="k", shards_url="s", restorecls_url="r", srm_url="m")
+
+
+def test_more_train_processes_than_gpus_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = tiny_config().model_copy(update={"device": "cuda"})
+    with pytest.raises(ValueError, match=r"train.nproc is 2 but only 1 CUDA device\(s\).*lower train.nproc"):
+        launch.run_torchrun(cfg, "train", 2, "flows.train_ddp", [], logging.getLogger("srdiff"))

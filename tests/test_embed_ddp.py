@@ -24,7 +24,7 @@ from flows import embed_ddp
 from srdiff_core.config import ConfigError, load_config
 from srdiff_core.distributed import DistInfo
 from storage import fs, shards, tables
-from tasks import embed, embed_launch, embed_tables
+from tasks import embed, embed_tables, launch
 
 LOG = logging.getLogger("test_embed_ddp")
 TABLES = ("lqcls", "gtcls", "embed_quarantine")
@@ -173,7 +173,7 @@ def test_the_stage_under_torchrun_with_two_gloo_processes_matches_one_process(da
 
 def test_a_failed_torchrun_is_an_error_with_its_last_lines(data, tmp_path, monkeypatch, caplog):
     failing = [sys.executable, "-c", "import sys; print('rank 1 WARNING disk full'); sys.exit(3)"]
-    monkeypatch.setattr(embed_launch, "_torchrun_command", lambda *args: failing)
+    monkeypatch.setattr(launch, "torchrun_command", lambda *args: failing)
     cfg = embed_config(str(tmp_path), data["model"], nproc=2)
     with caplog.at_level(logging.INFO, logger=LOG.name), \
             pytest.raises(RuntimeError, match=r"(?s)2 processes failed \(exit 3\).*disk full.*embed.nproc=1"):
@@ -213,7 +213,7 @@ def test_a_failing_stage_stops_torchrun_and_its_ranks(tmp_path):
 
     start = time.perf_counter()
     with pytest.raises(_Interrupt):
-        embed_launch._run_logged([sys.executable, str(child)], dict(os.environ), Log())
+        launch.run_logged([sys.executable, str(child)], dict(os.environ), Log())
     [rank] = pids
     deadline = time.monotonic() + 10
     while _alive(rank) and time.monotonic() < deadline:
@@ -232,7 +232,7 @@ def test_torchrun_output_that_is_not_utf8_is_logged_not_fatal():
         warning = info
 
     script = "import sys; sys.stdout.buffer.write(b'rank 0 \\xff\\xfe odd bytes\\n'); print('done')"
-    code, tail = embed_launch._run_logged([sys.executable, "-c", script], dict(os.environ), Log())
+    code, tail = launch.run_logged([sys.executable, "-c", script], dict(os.environ), Log())
     assert code == 0 and tail == ["rank 0 \ufffd\ufffd odd bytes", "done"]
 
 

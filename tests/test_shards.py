@@ -642,9 +642,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
+    # Imported, not importorskip'd: both are test dependencies (pyproject's "test" extra), and
+    # a missing one must fail the suite rather than quietly drop the S3 round trip.
     import fsspec.config
+    import moto.server  # noqa: F401
     import s3fs
 
     port = _free_port()

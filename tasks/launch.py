@@ -1,5 +1,6 @@
-"""The embed stage's extraction in several processes on this machine: torchrun running
-flows/embed_ddp.py, its output streamed into the stage's log, stopped with the stage."""
+"""A stage's work in several processes on this machine: torchrun running one of the flows/*_ddp.py
+entry points (one process per GPU), its output streamed into the stage's log, stopped with the
+stage. Used by the embed stage (``embed.nproc``) and the train stage (``train.nproc``)."""
 
 from __future__ import annotations
 
@@ -21,15 +22,17 @@ from tasks.common import pick_device
 STOP_GRACE_S = 10.0  # after SIGTERM, torchrun's time to stop its ranks before SIGKILL
 
 
-def _torchrun_command(cfg_path: str, nproc: int, shards_url: str, out_url: str) -> list[str]:
+def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "flows.embed_ddp", "--config", cfg_path, "--shards", shards_url, "--out", out_url]
+            "-m", module, *args]
 
 
-def check_nproc(cfg: Config) -> None:
-    if pick_device(cfg).type == "cuda" and cfg.embed.nproc > torch.cuda.device_count():
-        raise ValueError(f"embed.nproc is {cfg.embed.nproc} but only {torch.cuda.device_count()} CUDA device(s) "
-                         f"are visible (one process per GPU): lower embed.nproc, or set device: cpu for CPU processes")
+def check_nproc(cfg: Config, setting: str, nproc: int) -> None:
+    """One process per GPU: refuse more processes than visible CUDA devices (``setting``, e.g.
+    "train.nproc", names the config value in the message)."""
+    if pick_device(cfg).type == "cuda" and nproc > torch.cuda.device_count():
+        raise ValueError(f"{setting} is {nproc} but only {torch.cuda.device_count()} CUDA device(s) are "
+                         f"visible (one process per GPU): lower {setting}, or set device: cpu for CPU processes")
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -52,9 +55,9 @@ def _stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _run_logged(cmd: list[str], env: dict[str, str], log) -> tuple[int, list[str]]:
-    """Run ``cmd``, every output line into ``log`` (a Prefect run's log reaches the UI); returns the
-    exit code and the last lines, for the error message.
+def run_logged(cmd: list[str], env: dict[str, str], log, prefix: str = "torchrun") -> tuple[int, list[str]]:
+    """Run ``cmd``, every output line into ``log`` as "<prefix> line" (a Prefect run's log reaches
+    the UI); returns the exit code and the last lines, for the error message.
 
     The child leads a session of its own, so when this process fails, is interrupted or is
     cancelled (any BaseException) the whole group, torchrun's ranks included, is stopped rather
@@ -66,7 +69,7 @@ def _run_logged(cmd: list[str], env: dict[str, str], log) -> tuple[int, list[str
         for line in proc.stdout:
             line = line.rstrip()
             tail.append(line)
-            (log.warning if "WARNING" in line or "Error" in line else log.info)(f"embed[torchrun] {line}")
+            (log.warning if "WARNING" in line or "Error" in line else log.info)(f"{prefix} {line}")
         return proc.wait(), list(tail)
     except BaseException:
         _stop_group(proc)
@@ -75,23 +78,24 @@ def _run_logged(cmd: list[str], env: dict[str, str], log) -> tuple[int, list[str
         proc.stdout.close()
 
 
-def run_ranks(cfg: Config, shards_url: str, out_url: str, log) -> None:
-    """tasks.embed.extract in ``embed.nproc`` processes on this machine under torchrun
-    (flows/embed_ddp.py), their output streamed into ``log``."""
-    check_nproc(cfg)
+def run_torchrun(cfg: Config, stage: str, nproc: int, module: str, args: list[str], log) -> None:
+    """``module`` (a flows/*_ddp.py entry point) in ``nproc`` processes on this machine under
+    torchrun, given ``cfg`` as a config file plus ``args``; its output streamed into ``log``.
+    A failure is an error holding torchrun's last lines."""
+    setting = f"{stage}.nproc"
+    check_nproc(cfg, setting, nproc)
     data = cfg.model_dump(mode="json")
-    data["data_root"] = common.data_root(cfg)  # absolute: the children agree on the cache folder
+    data["data_root"] = common.data_root(cfg)  # absolute: the children agree on every stage folder
     # The children import tasks/ and flows/ from this checkout, wherever they start.
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
-    with tempfile.TemporaryDirectory(prefix="srdiff-embed-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"srdiff-{stage}-") as tmp:
         cfg_path = str(Path(tmp) / "config.yaml")
         Path(cfg_path).write_text(yaml.safe_dump(data, sort_keys=True))
-        cmd = _torchrun_command(cfg_path, cfg.embed.nproc, shards_url, out_url)
-        log.info(f"embed: {cfg.embed.nproc} processes: {' '.join(cmd)}")
-        code, tail = _run_logged(cmd, env, log)
+        cmd = torchrun_command(nproc, module, ["--config", cfg_path, *args])
+        log.info(f"{stage}: {nproc} processes: {' '.join(cmd)}")
+        code, tail = run_logged(cmd, env, log, prefix=f"{stage}[torchrun]")
     if code != 0:
-        raise RuntimeError(f"embed: torchrun with {cfg.embed.nproc} processes failed (exit {code}); its last "
-                           "lines:\n" + "\n".join(tail) + "\nrerun with --set embed.nproc=1 to see the error in "
-                           "one process")
+        raise RuntimeError(f"{stage}: torchrun with {nproc} processes failed (exit {code}); its last lines:\n"
+                           + "\n".join(tail) + f"\nrerun with --set {setting}=1 to see the error in one process")
