@@ -76,6 +76,7 @@ def from_overrides(config_path: str, overrides: list[str], given: list[str]) -> 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import srdiff
     from srdiff_core.config import load_config
+    from tasks.common import RANDOM_WEIGHTS_NOTE, random_clip_weights
     from tasks.tracking import tracking_uri
 
     config_path = resolve_config(args.config)
@@ -86,8 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\nstages:\n" + stage_lines(summary))
     print("\nresults (one seeded sample per image; PSNR/SSIM on RGB with a "
           f"{cfg.evaluate.crop_border}-px border crop):\n" + results_table(summary))
-    if cfg.embed.pretrained == "none":
-        print("\nnote: random CLIP weights (embed.pretrained: none): semantic guidance is not meaningful here")
+    if random_clip_weights(cfg.embed.pretrained):
+        print(f"\nnote: {RANDOM_WEIGHTS_NOTE}")
     print(f"\nMLflow parent run {summary['parent_run_id']}. Open the UI on these runs with:\n"
           f"  srdiff ui --config {args.config}\n"
           f"  (or: mlflow ui --backend-store-uri {tracking_uri(cfg)} --port 5000)")

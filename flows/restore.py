@@ -14,6 +14,7 @@ from srdiff_core import images
 from srdiff_core.config import load_config
 from srdiff_core.restorer import Restorer
 from tasks import tracking
+from tasks.common import RANDOM_WEIGHTS_NOTE, random_clip_weights
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -59,6 +60,8 @@ def restore_path(input_path: str, output_path: str, *, checkpoint: str, config_p
     cfg = load_config(config_path, overrides)
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     restorer = Restorer.from_file(resolve_checkpoint(checkpoint, cfg), device=dev)
+    if random_clip_weights(restorer.clip_pretrained):
+        print(f"note: this model was trained with {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
     inputs = list_inputs(Path(input_path))
     single = Path(input_path).is_file()
     out = Path(output_path)

@@ -178,7 +178,9 @@ def load_checkpoint(path: str | Path, *, weights_only: bool = True) -> dict:
             f"the previous checkpoint in {path.parent}, or set train.resume: never to start over") from e
     if not isinstance(ckpt, dict):
         raise RuntimeError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict: "
-                           f"it was not written by srdiff_core.checkpoint.save_checkpoint")
+                           f"it was not written by srdiff_core.checkpoint.save_checkpoint. Delete or move "
+                           f"it out of {path.parent} to resume from the previous checkpoint, or set "
+                           f"train.resume: never to start over")
     return ckpt
 
 
@@ -225,5 +227,6 @@ def check_compatible(saved_config: dict, current_config: dict, keys: Iterable[st
         raise CheckpointMismatch(
             "the checkpoint to resume from was trained with different settings:\n"
             + "\n".join(differences)
-            + "\nTo start a fresh run, set train.resume: never, or use a new data_root/run name; "
+            + "\nTo start a fresh run, set train.resume: never, or use a new data_root/run name "
+              "(with flows/train_ddp.py the run folder is its --key argument: pass a new --key); "
               "to continue the old run, restore the old values.")

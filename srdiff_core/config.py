@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEGRADATIONS = ("hazy", "rainy", "motion-blurry", "low-light")
 STAGES = ("download", "shard", "embed", "train", "evaluate")
@@ -78,14 +78,16 @@ class ShardConfig(_Section):
 class SRMConfig(_Section):
     """Semantic Refinement Module: residual MLP trained LQ -> GT embedding."""
 
-    hidden: int = 1024
-    depth: int = 2
-    epochs: int = 200
-    batch_size: int = 256
+    # Counts are bounded here so a bad value fails at load, naming its key, not mid-embed
+    # (batch_size 0 divided by zero in train_srm). depth 0 is allowed: only the output projection.
+    hidden: int = Field(default=1024, ge=1)
+    depth: int = Field(default=2, ge=0)
+    epochs: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=256, ge=1)
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup_epochs: int = 5
-    patience: int = 20
+    warmup_epochs: int = Field(default=5, ge=0)
+    patience: int = Field(default=20, ge=1)  # 0 would stop exactly like 1
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     seed: int = 0
 
@@ -115,7 +117,8 @@ class SDEConfig(_Section):
 
     max_sigma: float = Field(default=10.0, gt=0)
     T: int = Field(default=100, ge=2)
-    eps: float = 0.005
+    # Fraction of (x0 - mu) left at t = T; IRSDE takes log(eps) and needs 0 < eps < 1.
+    eps: float = Field(default=0.005, gt=0, lt=1)
     schedule: Literal["cosine"] = "cosine"
 
 
@@ -199,10 +202,35 @@ class Config(_Section):
     evaluate: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    # Checks that span keys run at load, so a config the sampler would refuse after hours of
+    # training is refused before the first stage. All problems are reported at once.
+    @model_validator(mode="after")
+    def _check_cross_keys(self) -> "Config":
+        problems = [p for p in (_evaluate_steps_problem(self), _tile_overlap_problem(self)) if p]
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
     def section_digest(self, *names: str) -> str:
         """sha256 of the named sections' resolved values (a cache-key ingredient)."""
         data = {n: self.model_dump(mode="json")[n] for n in names}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _evaluate_steps_problem(cfg: Config) -> str | None:
+    steps, T = cfg.evaluate.steps, cfg.sde.T
+    if steps <= T:
+        return None
+    return (f"evaluate.steps ({steps}) exceeds sde.T ({T}), the number of SDE steps: "
+            f"set evaluate.steps <= sde.T ({T})")
+
+
+def _tile_overlap_problem(cfg: Config) -> str | None:
+    size, overlap = cfg.evaluate.tile_size, cfg.evaluate.tile_overlap
+    if size == 0 or overlap < size:  # tile_size 0 never tiles, so the overlap is unused
+        return None
+    return (f"evaluate.tile_overlap ({overlap}) must be smaller than evaluate.tile_size ({size}): "
+            f"set evaluate.tile_overlap < {size}, or evaluate.tile_size: 0 to never tile")
 
 
 class ConfigError(ValueError):
@@ -216,6 +244,10 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}': remove it or check its spelling "
                          f"(see the config reference in README.md)")
+        elif not e["loc"]:
+            # A cross-key check on the whole Config: its message names the keys, and the input
+            # would be the entire config.
+            lines.append(f"  {e['ctx']['error'] if 'ctx' in e else e['msg']}")
         else:
             lines.append(f"  '{key}': {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

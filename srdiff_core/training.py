@@ -334,8 +334,9 @@ def train(model: nn.Module, sde, batch_source: Callable[[int], Iterator[Batch]],
         if not is_main_process:
             continue
         if log_fn is not None and step % cfg.log_every == 0:
-            # Throughput over the steps since the last log, excluding sampling and checkpointing.
-            log_fn(step, {**metrics, "images_per_s": images / busy_seconds})
+            # Throughput over the steps since the last log, excluding sampling and checkpointing;
+            # of all ranks together (each steps in lockstep with rank 0 on a batch of its own).
+            log_fn(step, {**metrics, "images_per_s": world_size * images / busy_seconds})
             images, busy_seconds = 0, 0.0
         if sample_fn is not None and step % cfg.sample_every == 0:
             sample_fn(step, state.ema)

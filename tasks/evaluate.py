@@ -21,25 +21,39 @@ from srdiff_core.metrics import MetricAvailability
 from srdiff_core.restorer import Restorer
 from storage import fs, shards, tables
 from tasks import tracking
-from tasks.common import RateLogger, StageResult, pick_device, stage_dir, stage_logger
+from tasks.common import (
+    RANDOM_WEIGHTS_NOTE,
+    RateLogger,
+    StageResult,
+    pick_device,
+    random_clip_weights,
+    stage_dir,
+    stage_logger,
+)
 from tasks.embed_tables import EmbeddedPairDataset, quarantine_rows, read_embeddings, skipped_by_degradation
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips")
 
 
-def protocol(cfg: Config, lpips_reason: str | None, fid_reason: str | None = None) -> dict[str, str]:
-    """The evaluation protocol (metric definitions + sampling), logged with every evaluation run."""
+def protocol(cfg: Config, lpips_reason: str | None, fid_reason: str | None = None,
+             max_sigma: float | None = None) -> dict[str, str]:
+    """The evaluation protocol (metric definitions + sampling), logged with every evaluation run.
+
+    ``max_sigma``: the SDE the model file was trained with, which is what sampling uses (default:
+    the config's, which the train stage wrote into that file)."""
     e = cfg.evaluate
     return {**metrics.protocol_description(e.crop_border, lpips_reason is None, lpips_reason or ""),
             "eval.protocol.fid": (f"pytorch-fid Inception-v3 ({fid_metric.FID_WEIGHTS}), 2048-d pool features, "
                                   f"restored vs GT over each degradation's val images (few images: a noisy figure)"
                                   if fid_reason is None else f"unavailable: {fid_reason}"),
             "eval.seed": str(e.seed), "eval.sampler": "posterior", "eval.steps": str(e.steps),
-            "eval.samples_per_image": str(e.samples_per_image), "eval.max_sigma": str(cfg.sde.max_sigma),
+            "eval.samples_per_image": str(e.samples_per_image), "eval.max_sigma": str(cfg.sde.max_sigma if max_sigma is None else max_sigma),
             "eval.headline_sample": f"the first sample (seed {e.seed}); " + (
                 f"psnr_best_of_{e.samples_per_image} picks the best of {e.samples_per_image} by PSNR against GT "
                 f"(an oracle figure, labelled as such)" if e.samples_per_image > 1 else "no best-of-N figure"),
-            "eval.resolution": "full" if not e.tile_size else f"full, tiles {e.tile_size}/{e.tile_overlap}"}
+            "eval.resolution": "full" if not e.tile_size else f"full, tiles {e.tile_size}/{e.tile_overlap}",
+            "eval.clip_weights": (RANDOM_WEIGHTS_NOTE if random_clip_weights(cfg.embed.pretrained)
+                                  else f"{cfg.embed.arch} {cfg.embed.pretrained}")}
 
 
 def load_lpips(cfg: Config, device: torch.device):
@@ -247,7 +261,7 @@ def evaluate(cfg: Config, key: str, shards_url: str, restorecls_url: str, model_
     if fid_reason:
         log.warning(f"FID unavailable: {fid_reason}")
     skip_ids, skipped, skipped_param = skipped_summary(restorecls_url, log)
-    proto = protocol(cfg, lpips_reason, fid_reason) | skipped_param
+    proto = protocol(cfg, lpips_reason, fid_reason, restorer.sde.max_sigma) | skipped_param
     rows, examples, features = evaluate_samples(restorer, cfg, shards.shard_urls(shards_url, split="val"),
                                                 read_embeddings(restorecls_url), lpips, log, fid, skip_ids)
     means = aggregate(rows) | (fid_by_degradation(features, fid) if fid is not None else {})

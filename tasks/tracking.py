@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from srdiff_core.config import Config
-from tasks.common import data_root
+from tasks.common import data_root, random_clip_weights
 
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "srdiff.stage"
@@ -89,10 +89,17 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: json.dumps(value)[:6000] if not isinstance(value, str) else value[:6000]}
 
 
+def clip_weights_tags(cfg: Config) -> dict[str, str]:
+    """Which CLIP weights the run's semantic guidance comes from, on every run: a run made with
+    random weights (embed.pretrained: none) must say so wherever it is read alone."""
+    return {"clip.pretrained": cfg.embed.pretrained,
+            "clip.random_weights": str(random_clip_weights(cfg.embed.pretrained)).lower()}
+
+
 def start_parent_run(cfg: Config, *, flow_run_id: str | None, stages: list[str],
                      config_path: str | None) -> str:
     client = client_for(cfg)
-    tags = {STAGE_TAG: "pipeline", "srdiff.stages": ",".join(stages), **environment_tags()}
+    tags = {STAGE_TAG: "pipeline", "srdiff.stages": ",".join(stages), **environment_tags(), **clip_weights_tags(cfg)}
     if flow_run_id:
         tags[FLOW_RUN_TAG] = flow_run_id
     if config_path:
@@ -106,7 +113,8 @@ def start_parent_run(cfg: Config, *, flow_run_id: str | None, stages: list[str],
 def start_stage_run(cfg: Config, parent_run_id: str, stage: str, *, flow_run_id: str | None,
                     tags: dict[str, str] | None = None) -> str:
     client = client_for(cfg)
-    all_tags = {PARENT_TAG: parent_run_id, STAGE_TAG: stage, **environment_tags(), **(tags or {})}
+    all_tags = {PARENT_TAG: parent_run_id, STAGE_TAG: stage, **environment_tags(), **clip_weights_tags(cfg),
+                **(tags or {})}
     if flow_run_id:
         all_tags[FLOW_RUN_TAG] = flow_run_id
     run = client.create_run(experiment_id(client, cfg), run_name=stage, tags=all_tags)

@@ -137,6 +137,17 @@ def test_truncated_checkpoint_error_says_what_to_do(tmp_path):
         load_checkpoint(path)
 
 
+def test_non_dict_checkpoint_error_says_what_to_do(tmp_path):
+    path = tmp_path / "ckpt-1.pt"  # a checkpoint name holding a bare tensor
+    torch.save(torch.zeros(2), path)
+    with pytest.raises(RuntimeError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == (
+        f"checkpoint {path} holds a Tensor, not a dict: it was not written by "
+        f"srdiff_core.checkpoint.save_checkpoint. Delete or move it out of {tmp_path} to resume from "
+        f"the previous checkpoint, or set train.resume: never to start over")
+
+
 def test_check_compatible_names_every_differing_key():
     saved = {"unet": {"nf": 64, "ch_mult": [1, 2, 4, 8]}, "sde": {"max_sigma": 10.0}, "train": {"betas": [0.9, 0.99]}}
     current = {"unet": {"nf": 32, "ch_mult": [1, 2, 4, 8]}, "sde": {"max_sigma": 50.0}, "train": {"betas": (0.9, 0.99)}}
@@ -151,6 +162,7 @@ def test_check_compatible_names_every_differing_key():
     assert "  unet.context_dim: checkpoint <absent>, config 512\n" in message
     assert "ch_mult" not in message and "betas" not in message  # equal values, tuple == list
     assert "set train.resume: never, or use a new data_root/run name" in message
+    assert "(with flows/train_ddp.py the run folder is its --key argument: pass a new --key)" in message
     assert "restore the old values" in message
 
 

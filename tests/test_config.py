@@ -71,3 +71,58 @@ def test_null_conditioning_from_yaml_and_overrides(tmp_path):
     assert load_config(None, ["unet.conditioning='null'"]).unet.conditioning == "null"
     (tmp_path / "ablation.yaml").write_text("unet:\n  conditioning: null\n")
     assert load_config(tmp_path / "ablation.yaml").unet.conditioning == "null"
+
+
+@pytest.mark.parametrize("key", ["hidden", "epochs", "batch_size", "patience"])
+def test_srm_counts_must_be_positive(key):
+    # batch_size 0 used to pass here and divide by zero in train_srm.
+    with pytest.raises(ConfigError, match=rf"'embed\.srm\.{key}': Input should be greater than or equal to 1 \(got 0\)"):
+        load_config(None, [f"embed.srm.{key}=0"])
+    assert getattr(load_config(None, [f"embed.srm.{key}=1"]).embed.srm, key) == 1
+
+
+def test_srm_depth_and_warmup_may_be_zero_not_negative():
+    srm = load_config(None, ["embed.srm.depth=0", "embed.srm.warmup_epochs=0"]).embed.srm
+    assert srm.depth == 0 and srm.warmup_epochs == 0
+    for key in ("depth", "warmup_epochs"):
+        with pytest.raises(ConfigError, match=rf"'embed\.srm\.{key}': Input should be greater than or equal to 0"):
+            load_config(None, [f"embed.srm.{key}=-1"])
+
+
+def test_evaluate_steps_must_not_exceed_sde_T():
+    assert load_config(None, ["evaluate.steps=100"]).evaluate.steps == 100  # K = T: every step
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["evaluate.steps=101"])
+    assert str(info.value).splitlines()[1:] == [
+        "  evaluate.steps (101) exceeds sde.T (100), the number of SDE steps: set evaluate.steps <= sde.T (100)"]
+    # The bound follows sde.T, not the default.
+    assert load_config(None, ["sde.T=200", "evaluate.steps=200"]).evaluate.steps == 200
+    with pytest.raises(ConfigError, match=r"set evaluate\.steps <= sde\.T \(20\)"):
+        load_config(None, ["sde.T=20"])
+
+
+def test_tile_overlap_must_be_below_tile_size():
+    assert load_config(None, ["evaluate.tile_size=33"]).evaluate.tile_overlap == 32
+    assert load_config(None, ["evaluate.tile_size=0", "evaluate.tile_overlap=500"]).evaluate.tile_size == 0
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["evaluate.tile_size=32"])
+    assert str(info.value).splitlines()[1:] == [
+        "  evaluate.tile_overlap (32) must be smaller than evaluate.tile_size (32): "
+        "set evaluate.tile_overlap < 32, or evaluate.tile_size: 0 to never tile"]
+
+
+def test_cross_key_problems_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["evaluate.steps=101", "evaluate.tile_size=16"])
+    lines = str(info.value).splitlines()
+    assert len(lines) == 3
+    assert lines[1].startswith("  evaluate.steps (101)") and lines[2].startswith("  evaluate.tile_overlap (32)")
+
+
+@pytest.mark.parametrize(("value", "bound"), [("0", "greater than 0"), ("-0.1", "greater than 0"),
+                                              ("1", "less than 1"), ("2.0", "less than 1")])
+def test_sde_eps_must_lie_strictly_between_0_and_1(value, bound):
+    # IRSDE takes log(eps) for the step length: eps 0 or >= 1 has no schedule.
+    with pytest.raises(ConfigError, match=rf"'sde\.eps': Input should be {bound}"):
+        load_config(None, [f"sde.eps={value}"])
+    assert load_config(None, ["sde.eps=0.999"]).sde.eps == 0.999

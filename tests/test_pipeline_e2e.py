@@ -46,6 +46,36 @@ def test_first_run_runs_every_stage_with_nested_mlflow_runs(pipeline):
     assert set(children) == set(STAGES)
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert children["embed"].data.tags["clip.weights"].startswith("random CLIP weights")
+    # Random CLIP weights (the tiny config) are said on every run, not only the embed stage's.
+    for run in (parent, *children.values()):
+        assert run.data.tags["clip.random_weights"] == "true" and run.data.tags["clip.pretrained"] == "none"
+
+
+def test_train_run_logs_loss_lr_throughput_and_sample_grids(pipeline):
+    client, first = pipeline["client"], pipeline["first"]
+    train = runs_of(client, first["parent_run_id"])["train"]
+    run_id = train.info.run_id
+    for name in ("loss", "lr", "grad_norm", "images_per_s"):  # log_every 2 of 4 steps
+        history = client.get_metric_history(run_id, f"train/{name}")
+        assert [m.step for m in history] == [2, 4] and all(math.isfinite(m.value) for m in history), name
+    assert all(m.value > 0 for m in client.get_metric_history(run_id, "train/images_per_s"))
+    assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step_00000004.png"]
+    assert train.data.params["unet.conditioning"] == "semantic" and train.data.params["train.nproc"] == "1"
+
+
+def test_embed_run_logs_the_srm_cosines_per_degradation_and_the_tables_name_the_model(pipeline):
+    import pyarrow.parquet as pq
+
+    client, first = pipeline["client"], pipeline["first"]
+    embed = runs_of(client, first["parent_run_id"])["embed"]
+    for deg in DEGRADATIONS:
+        before, after = (embed.data.metrics[f"srm/{deg}/val_cos_{w}"] for w in ("before", "after"))
+        assert -1.0 <= before <= 1.0 and -1.0 <= after <= 1.0, deg
+    outputs = first["stages"]["embed"]["outputs"]
+    for name in ("lqcls", "gtcls", "restorecls"):
+        meta = {k.decode(): v.decode() for k, v in pq.read_schema(outputs[name]).metadata.items()}
+        assert meta["arch"] == "ViT-B-32" and meta["random_weights"] == "true", name
+        assert meta["weights"].startswith("random") and meta["weights_digest"] and meta["preprocessing"], name
 
 
 def test_evaluation_metrics_are_finite_and_named_per_degradation(pipeline):
@@ -57,6 +87,8 @@ def test_evaluation_metrics_are_finite_and_named_per_degradation(pipeline):
             assert math.isfinite(value), (deg, name, value)
     assert ev.data.params["eval.protocol.border_crop"] == "4"
     assert ev.data.params["eval.steps"] == "2" and ev.data.params["eval.seed"] == "0"
+    assert ev.data.params["eval.max_sigma"] == str(pipeline["cfg"].sde.max_sigma)  # the model file's SDE
+    assert ev.data.params["eval.clip_weights"].startswith("random CLIP weights")
     # LPIPS weights are not in this machine's torch hub cache: reported, never faked.
     assert "eval/hazy/lpips" not in ev.data.metrics
     assert ev.data.params["eval.protocol.lpips"].startswith("unavailable")
@@ -72,6 +104,7 @@ def test_artifacts_grids_report_and_model(pipeline):
     assert model == ["model/model.pt"]
     text = (Path(first["stages"]["evaluate"]["outputs"]["report"])).read_text()
     assert all(d in text for d in DEGRADATIONS)
+    assert "- eval.clip_weights: random CLIP weights (embed.pretrained: none)" in text
 
 
 def test_seed_layout_manifest_and_pt_export(pipeline):
@@ -133,6 +166,7 @@ def test_cli_run_prints_the_results_table(pipeline, capsys):
     for deg in DEGRADATIONS:
         assert deg in out
     assert "srdiff ui" in out
+    assert "note: random CLIP weights (embed.pretrained: none)" in out
 
 
 def test_restore_cli_on_a_folder_by_path_and_by_run_id(pipeline, tmp_path, capsys):
@@ -154,6 +188,7 @@ def test_restore_cli_on_a_folder_by_path_and_by_run_id(pipeline, tmp_path, capsy
                          "--steps", "2", *set_args]) == 0
         err = capsys.readouterr().err
         assert "notes.txt: not an image file" in err and "grey.png: L image converted to RGB" in err
+        assert "note: this model was trained with random CLIP weights" in err
         assert sorted(p.name for p in out.iterdir()) == ["colour.png", "grey.png"]
         assert Image.open(out / "colour.png").size == (52, 40) and Image.open(out / "grey.png").mode == "RGB"
     assert (np.asarray(Image.open(tmp_path / "out_path" / "colour.png")) ==

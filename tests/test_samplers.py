@@ -15,6 +15,7 @@ from srdiff_core.samplers import (
     restore,
     sampling_timesteps,
     tile_starts,
+    tiled_model,
 )
 from srdiff_core.sde import IRSDE
 from srdiff_core.unet import ConditionalUNet
@@ -182,9 +183,21 @@ def test_tile_starts_and_blend_window():
 
 
 def test_one_tile_equals_untiled_exactly(sde, unet):
+    """An image that fits in one tile, run through the tiled wrapper itself (restore would skip it):
+    the single tile is the whole image and its blend weight cancels exactly (float64 w * p / w), so
+    the result is bit-identical to untiled sampling even with a raised-cosine ramp in the window."""
     lq, context = images(1, 16, 24)
-    untiled = restore(unet, lq, sde, context, steps=4, generator=torch.Generator().manual_seed(5))
-    tiled = restore(unet, lq, sde, context, steps=4, generator=torch.Generator().manual_seed(5), tile_size=24)
+    seen = []
+
+    def spy(xt, mu, t, ctx):
+        seen.append(tuple(xt.shape))
+        return unet(xt, mu, t, ctx)
+
+    tiled_net = tiled_model(spy, tile_size=24, tile_overlap=6)
+    assert blend_window(16, 24, 6).min() < 0.1  # the weight is not all ones: cancelling it is tested
+    untiled = posterior_sample(unet, lq, sde, context, steps=4, generator=torch.Generator().manual_seed(5))
+    tiled = posterior_sample(tiled_net, lq, sde, context, steps=4, generator=torch.Generator().manual_seed(5))
+    assert seen == [(1, 3, 16, 24)] * 4  # one whole-image tile per jump, through the blend
     assert torch.equal(untiled, tiled)
 
 
