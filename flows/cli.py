@@ -155,6 +155,28 @@ def cmd_verify_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_embeddings(args: argparse.Namespace) -> int:
+    """The original SR-Diff per-image layout (<id>.pt files) as one of our embedding tables."""
+    from storage import tables
+    from tasks.embed import import_pt_layout
+
+    samples = None
+    if args.manifest:
+        samples = tables.read_table(args.manifest, hint="the download stage writes it: data_root/manifests/pairs.parquet")
+    try:
+        table = import_pt_layout(args.folder, samples=samples,
+                                 metadata={"imported_from": str(args.folder), "weights": "unknown (imported)"})
+    except (FileNotFoundError, ValueError) as e:
+        print(f"srdiff import-embeddings: {e}", file=sys.stderr)
+        return 1
+    tables.write_table(args.output, table)
+    dim = table.schema.field("embedding").type.list_size
+    unlabelled = "" if samples is not None else " (no --manifest: split and degradation are empty)"
+    print(f"imported {table.num_rows} embeddings of size {dim} from {args.folder} -> {args.output}"
+          f"{unlabelled}")
+    return 0
+
+
 def add_config_args(p: argparse.ArgumentParser, default: str = "configs/default.yaml") -> argparse.ArgumentParser:
     p.add_argument("--config", default=default, help="YAML config (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -208,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify-shards", help="re-read every shard and check it against its index")
     verify.add_argument("shards", help="a shard folder, e.g. data/shards/<key>")
     verify.set_defaults(func=cmd_verify_shards)
+    imp = sub.add_parser("import-embeddings",
+                         help="turn an SR-Diff per-image export (LQCLS/ or RestoreCLS/ of <id>.pt files) into an "
+                              "embedding table, e.g. for flows/train_ddp.py --restorecls")
+    imp.add_argument("folder", help="the folder of <id>.pt files (ids with '/' in subfolders)")
+    imp.add_argument("output", help="the Parquet table to write, e.g. restorecls.parquet")
+    imp.add_argument("--manifest", help="the pairs manifest the embeddings belong to (fills split and degradation, "
+                                        "and refuses ids it does not hold)")
+    imp.set_defaults(func=cmd_import_embeddings)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,30 @@ def test_pt_layout_export_then_import_is_identical(embedded, tmp_path):
         imported = embed.import_pt_layout(str(tmp_path / folder), samples=expected, metadata=meta)
         assert imported.equals(expected, check_metadata=True)  # ids, splits, bit-identical vectors
         assert embed.import_pt_layout(str(tmp_path / folder)).column("split").null_count == 4
+
+
+def test_import_embeddings_cli_writes_the_table_the_train_stage_reads(embedded, tmp_path, capsys):
+    from flows import cli
+
+    embed.export_pt_layout(str(tmp_path), "RestoreCLS", embedded.ids, embedded.gt)
+    samples = embed.embedding_table(embedded, embedded.gt, {}).select(["id", "split", "degradation"])
+    manifest = str(tmp_path / "pairs.parquet")
+    tables.write_table(manifest, samples)
+    out = str(tmp_path / "restorecls.parquet")
+    assert cli.main(["import-embeddings", str(tmp_path / "RestoreCLS"), out, "--manifest", manifest]) == 0
+    assert f"imported 4 embeddings of size {embedded.gt.shape[1]}" in capsys.readouterr().out
+    table = tables.read_table(out)
+    assert table.column("split").null_count == 0 and table.schema.metadata[b"imported_from"]
+    vectors = embed_tables.read_embeddings(out)  # what the train and evaluate stages read
+    for i, sample_id in enumerate(embedded.ids):
+        assert np.array_equal(vectors[sample_id], embedded.gt[i].numpy())
+    # Ids the manifest does not hold, or no .pt files at all: a message, exit 1, nothing written.
+    other = str(tmp_path / "other.parquet")
+    tables.write_table(manifest, samples.slice(0, 2))
+    assert cli.main(["import-embeddings", str(tmp_path / "RestoreCLS"), other, "--manifest", manifest]) == 1
+    assert "2 imported id(s) are not in the samples table" in capsys.readouterr().err
+    assert cli.main(["import-embeddings", str(tmp_path / "empty"), other]) == 1
+    assert "no .pt files under" in capsys.readouterr().err and not os.path.exists(other)
 
 
 def test_pt_layout_import_takes_flat_vectors_and_names_bad_files(tmp_path):
