@@ -341,7 +341,11 @@ def read_extracted(out_url: str) -> tuple[Embeddings, dict[str, str], dict[str, 
         raise ValueError(f"{out_url}/lqcls.parquet and gtcls.parquet list different ids: rerun the embed stage "
                          f"(srdiff run --stages embed --refresh embed)")
     quarantine = tables.read_table(f"{out_url}/{QUARANTINE_NAME}", hint=hint).to_pylist()
-    counts = json.loads(fs.read_bytes(f"{out_url}/{COUNTS_NAME}"))
+    try:
+        counts = json.loads(fs.read_bytes(f"{out_url}/{COUNTS_NAME}"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{out_url}/{COUNTS_NAME} is missing: the extraction did not finish; rerun the "
+                                f"embed stage (srdiff run --stages embed --refresh embed)") from None
     emb = Embeddings(ids, lq.column("split").to_pylist(), lq.column("degradation").to_pylist(),
                      column_vectors(lq, "embedding"), column_vectors(gt, "embedding"), quarantine,
                      int(counts["embed/computed"]), int(counts["embed/cache_hits"]))

@@ -283,6 +283,14 @@ def test_the_evaluate_stage_counts_the_skipped_val_images(stage_result, corrupt_
         "eval/all/skipped": 0.0, "eval/hazy/skipped": 0.0}
 
 
+def test_an_unfinished_extraction_says_to_rerun_the_stage(stage_result, tmp_path):
+    folder = tmp_path / "embeddings"
+    shutil.copytree(stage_result[1].outputs["embeddings"], folder)
+    (folder / embed.COUNTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=r"extraction.json is missing.*--stages embed --refresh embed"):
+        embed.read_extracted(str(folder))
+
+
 def test_no_quarantine_table_means_nothing_to_skip(tmp_path):
     assert embed_tables.quarantined_ids(str(tmp_path / "restorecls.parquet"), "train", LOG) == frozenset()
 
