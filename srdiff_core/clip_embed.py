@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import QuickGELU
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from torch import Tensor
 
 RANDOM_WEIGHTS = "none"
@@ -212,6 +215,8 @@ class _WeightsSource:
     weights: str
     digest: str | None  # None: random init, digest of the state_dict after construction
     quick_gelu: bool  # the tag was trained with QuickGELU (e.g. OpenAI's ViT-B-32)
+    files: tuple[Path, ...] = ()  # the weights file(s) open_clip reads: named when one is unreadable
+    local_dir: bool = False  # the architecture comes from the folder's open_clip_config.json, not arch
 
 
 def _resolve_source(arch: str, pretrained: str, seed: int) -> _WeightsSource:
@@ -229,22 +234,70 @@ def _resolve_source(arch: str, pretrained: str, seed: int) -> _WeightsSource:
             raise _unavailable(arch, pretrained, f"{folder} holds no .safetensors/.bin/.pth weights file")
         return _WeightsSource(f"{LOCAL_DIR_PREFIX}{folder}", None,
                               f"local-dir {folder} ({', '.join(p.name for p in files)})",
-                              _sha256_files([config, *files]), False)
+                              _sha256_files([config, *files]), False, tuple(files), local_dir=True)
 
     tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if tag_cfg:
         path = _resolve_tag_file(arch, pretrained)
         return _WeightsSource(arch, pretrained, f"{pretrained} (pretrained tag)", _sha256_files([path]),
-                              bool(tag_cfg.get("quick_gelu", False)))
+                              bool(tag_cfg.get("quick_gelu", False)), (path,))
 
     path = Path(pretrained).expanduser()
     if path.is_file():
-        return _WeightsSource(arch, str(path), f"local file {path}", _sha256_files([path]), False)
+        return _WeightsSource(arch, str(path), f"local file {path}", _sha256_files([path]), False, (path,))
     if path.suffix in WEIGHT_FILE_SUFFIXES or os.sep in pretrained:
         raise _unavailable(arch, pretrained, f"no such file {path}")
     tags = open_clip.list_pretrained_tags_by_model(arch)
     raise _unavailable(arch, pretrained, f"it is neither an open_clip pretrained tag for {arch} "
                                          f"(known tags: {tags or 'none'}) nor an existing file")
+
+
+def _first_detail(error: Exception, limit: int = 200) -> str:
+    """The first indented line of torch's load_state_dict error (its full list can run to thousands
+    of keys; the chained exception keeps all of it)."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    detail = (lines[0] if lines else str(error)).rstrip(".")  # it goes inside our own sentence
+    return detail if len(detail) <= limit else detail[:limit] + " ..."
+
+
+def _unreadable_weights(error: Exception, source: _WeightsSource, arch: str) -> str | None:
+    """Why open_clip could not read the weights file(s), with the fix, for the three ways an
+    existing file fails inside open_clip; None for any other error, which is raised unchanged."""
+    if not source.files:
+        return None
+    file = str(source.files[0]) if len(source.files) == 1 else f"one of {', '.join(map(str, source.files))}"
+    if isinstance(error, SafetensorError):
+        return f"{file} is not a readable safetensors file ({error}): it is truncated or corrupt; download it again"
+    # torch's text for this advises weights_only=False, which srdiff never uses: it is replaced, not quoted.
+    if isinstance(error, pickle.UnpicklingError) and str(error).startswith("Weights only load failed"):
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        return (f"{file} holds pickled Python objects{f' ({refused.group(1)})' if refused else ''}, which srdiff "
+                f"does not load for safety; re-save it as a plain state dict (torch.save(model.state_dict(), path)) "
+                f"or as .safetensors")
+    if isinstance(error, RuntimeError) and str(error).startswith("Error(s) in loading state_dict"):
+        if source.local_dir:
+            config = source.files[0].parent / "open_clip_config.json"
+            return (f"{file} does not fit the model_cfg of {config} ({_first_detail(error)}); put the model_cfg "
+                    f"of the architecture the weights were saved from in that file, or the matching weights "
+                    f"in the folder")
+        return (f"{file} does not fit embed.arch {arch!r} ({_first_detail(error)}); set embed.arch to the "
+                f"architecture the file was saved from, or point embed.pretrained at weights for {arch}")
+    return None
+
+
+def _create_model(source: _WeightsSource, arch: str, pretrained: str, device: torch.device) -> torch.nn.Module:
+    """open_clip's model with the source's weights, fp32 (open_clip's "bf16" casts the weights,
+    whereas we keep fp32 weights and autocast: embed_batch)."""
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(
+            source.model_name, pretrained=source.pretrained, precision="fp32", device=device,
+            force_quick_gelu=source.quick_gelu, weights_only=True)
+    except Exception as e:
+        reason = _unreadable_weights(e, source, arch)
+        if reason is None:
+            raise
+        raise _unavailable(arch, pretrained, reason) from e
+    return model
 
 
 # ---------------------------------------------------------------- model
@@ -268,7 +321,9 @@ def load_clip(arch: str = "ViT-B-32", pretrained: str = "openai", *, device: str
     "state_dict" and "module." prefixes; read with ``torch.load(weights_only=True)``),
     "local-dir:/path" (open_clip_config.json + weights), or an open_clip pretrained tag (read
     from the Hugging Face cache; downloaded only when the hub is reachable). Raises
-    :class:`ClipWeightsUnavailable`, naming the three offline ways, when weights cannot be had.
+    :class:`ClipWeightsUnavailable`, naming the three offline ways, when weights cannot be had,
+    and naming the file and the fix when it is corrupt, pickles Python objects, or holds weights
+    of another architecture.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
@@ -281,11 +336,7 @@ def load_clip(arch: str = "ViT-B-32", pretrained: str = "openai", *, device: str
     # global generator, and random weights must be the same for the same seed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        # precision="fp32" here on purpose: open_clip's "bf16" casts the weights, whereas we
-        # keep fp32 weights and autocast (embed_batch).
-        model, _, _ = open_clip.create_model_and_transforms(
-            source.model_name, pretrained=source.pretrained, precision="fp32", device=device,
-            force_quick_gelu=source.quick_gelu, weights_only=True)
+        model = _create_model(source, arch, pretrained, device)
     model.eval().requires_grad_(False)
     if device.type == "cuda" and precision == "bf16":
         model = model.to(memory_format=torch.channels_last)
@@ -367,7 +418,8 @@ def _check_uint8_image(img: Tensor, ndim: int) -> None:
 
 def preprocess_batch(images: Tensor | list[Tensor], encoder: ClipEncoder) -> Tensor:
     """uint8 [N,3,H,W] (one size) or a list of uint8 [3,H,W] (any sizes) -> float32 [N,3,S,S]
-    model input on the encoder's device, matching open_clip's PIL preprocessing."""
+    model input on the encoder's device, matching open_clip's PIL preprocessing. A list is
+    preprocessed one batch per image size (the same values as one image at a time), in input order."""
     if isinstance(images, Tensor):
         _check_uint8_image(images, 4)
         return _to_model_input(images, encoder)
@@ -375,7 +427,20 @@ def preprocess_batch(images: Tensor | list[Tensor], encoder: ClipEncoder) -> Ten
         raise ValueError("preprocess_batch got an empty list of images")
     for img in images:
         _check_uint8_image(img, 3)
-    return torch.cat([_to_model_input(img.unsqueeze(0), encoder) for img in images])
+    groups = _indices_by_size(images)
+    parts = [_to_model_input(torch.stack([images[i] for i in indices]), encoder) for indices in groups]
+    if len(groups) == 1:
+        return parts[0]
+    grouped_order = torch.tensor([i for indices in groups for i in indices], device=parts[0].device)
+    return torch.cat(parts)[grouped_order.argsort()]
+
+
+def _indices_by_size(images: list[Tensor]) -> list[list[int]]:
+    """Positions of the images grouped by (H, W), groups in order of first appearance."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape[-2:]), []).append(i)
+    return list(groups.values())
 
 
 # ---------------------------------------------------------------- embedding

@@ -282,6 +282,31 @@ def _next_batch(batches: Iterator[Batch], step: int) -> Batch:
                            f"forever (e.g. resampled WebDataset shards or an endless loop)") from None
 
 
+def segmented_batches(batch_source: Callable[[int], Iterator[Batch]], start_step: int,
+                      every: int) -> Iterator[Batch]:
+    """The batches of steps ``start_step``, ``start_step`` + 1, ...: ``batch_source(s)`` restarted at
+    every step ``s`` that is a multiple of ``every`` (the checkpoint interval).
+
+    A resume starts at a checkpoint step with ``batch_source(step)``. Restarting the uninterrupted
+    run's stream at the same steps makes it draw the very batches a resumed run draws, so N steps
+    straight equal N/2 + resume + N/2 on real data too (whose sampler is seeded by its start step),
+    not only on a stream that is a function of the step. A restart costs a new DataLoader (worker
+    start-up, shuffle buffer refill) once per checkpoint interval.
+    """
+    step = start_step
+    while True:
+        source = batch_source(step)
+        stop = (step // every + 1) * every
+        try:
+            while step < stop:
+                yield _next_batch(source, step)
+                step += 1
+        finally:
+            close = getattr(source, "close", None)  # a generator: stop its DataLoader's workers now
+            if close is not None:
+                close()
+
+
 def train(model: nn.Module, sde, batch_source: Callable[[int], Iterator[Batch]], cfg: TrainConfig, *,
           checkpoint_dir: str | Path, config_dict: dict, device: str | torch.device = "cpu",
           log_fn: Callable[[int, dict], None] | None = None,
@@ -290,8 +315,9 @@ def train(model: nn.Module, sde, batch_source: Callable[[int], Iterator[Batch]],
           rank: int = 0, world_size: int = 1) -> TrainState:
     """Train ``model`` to ``cfg.steps``, resuming from ``checkpoint_dir`` when ``cfg.resume == "auto"``.
 
-    ``batch_source(start_step)`` must yield batches ``{"lq", "gt", "context"}`` forever, starting
-    where step ``start_step`` would be, so a resumed run sees the same data stream.
+    ``batch_source(start_step)`` yields the batches ``{"lq", "gt", "context"}`` from step
+    ``start_step`` on; it is called again at every checkpoint step (:func:`segmented_batches`), so
+    a resumed run sees the data stream the uninterrupted run saw.
     ``log_fn(step, {"loss", "lr", "grad_norm", "images_per_s"})`` runs every ``cfg.log_every``
     steps, ``sample_fn(step, ema)`` every ``cfg.sample_every``; checkpoints every
     ``cfg.checkpoint_every`` steps and at the end. Returns the final state (``model`` is the
@@ -321,11 +347,11 @@ def train(model: nn.Module, sde, batch_source: Callable[[int], Iterator[Batch]],
     if cfg.compile and not hasattr(model, "_orig_mod"):
         state.model = torch.compile(model)
 
-    batches = batch_source(state.step)
+    batches = segmented_batches(batch_source, state.step, cfg.checkpoint_every)
     images, busy_seconds = 0, 0.0
     while state.step < cfg.steps:
         started = time.perf_counter()
-        batch = _next_batch(batches, state.step)
+        batch = next(batches)
         metrics = train_step(state, sde, batch, cfg, device=device)
         # train_step's .item() waits for the device, so this interval is real work done.
         busy_seconds += time.perf_counter() - started

@@ -7,6 +7,7 @@ real "openai" tag of ViT-B-32 from a pre-filled Hugging Face cache.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ import open_clip.pretrained
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from srdiff_core.clip_embed import (
@@ -129,6 +131,33 @@ def test_same_size_tensor_batch_equals_list_path():
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, 256, (3, 3, 50, 90), generator=g, dtype=torch.uint8)
     assert torch.allclose(embed_batch(encoder, batch), embed_batch(encoder, list(batch)), atol=1e-6)
+
+
+def mixed_size_list() -> list[torch.Tensor]:
+    """Seven noise images of three sizes (one already 64 x 64, i.e. not resized) in interleaved order."""
+    g = torch.Generator().manual_seed(2)
+    sizes = [(48, 80), (131, 97), (48, 80), (64, 64), (131, 97), (48, 80), (64, 64)]
+    return [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+
+
+def test_list_of_mixed_sizes_equals_per_image_preprocessing():
+    # Same-size images are resized as one batch: that must not change a single value.
+    encoder = load_clip(TINY_ARCH, "none")
+    images = mixed_size_list()
+    per_image = torch.cat([preprocess_batch(img.unsqueeze(0), encoder) for img in images])
+    assert torch.equal(preprocess_batch(images, encoder), per_image)
+
+
+def test_list_preprocessing_keeps_the_input_order():
+    # Flat grey images stay flat through resize and crop, so each output names its input by its value.
+    encoder = load_clip(TINY_ARCH, "none")
+    sizes = [(48, 80), (131, 97), (48, 80), (64, 64), (131, 97), (48, 80)]
+    levels = [10, 200, 60, 120, 30, 250]
+    images = [torch.full((3, h, w), level, dtype=torch.uint8) for (h, w), level in zip(sizes, levels)]
+    out = preprocess_batch(images, encoder)
+    mean, std = torch.tensor(encoder.mean).view(3, 1, 1), torch.tensor(encoder.std).view(3, 1, 1)
+    for pixels, level in zip(out, levels):
+        assert torch.allclose(pixels, ((level / 255.0 - mean) / std).expand(3, 64, 64), atol=1e-6)
 
 
 def test_preprocess_rejects_float_images():
@@ -255,3 +284,82 @@ def test_missing_file_and_weightless_local_dir_are_refused(tmp_path):
         load_clip(TINY_ARCH, f"local-dir:{tmp_path}")
     with pytest.raises(ClipWeightsUnavailable, match="known tags: .*openai"):
         load_clip("ViT-B-32", "not-a-tag")
+
+
+def register_tiny_variant(tmp_path: Path, name: str, **changes) -> str:
+    """Another tiny architecture: the tiny config with top-level or vision_cfg entries changed."""
+    cfg = json.loads(json.dumps(TINY_MODEL_CFG))
+    for key, value in changes.items():
+        (cfg if key in cfg else cfg["vision_cfg"])[key] = value
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    return name
+
+
+@pytest.mark.parametrize("changes, write, torch_detail", [
+    ({"embed_dim": 16}, write_state_dict_bin, "size mismatch for text_projection"),
+    ({"layers": 3}, write_safetensors, "Unexpected key(s)"),
+    ({"layers": 1}, write_training_checkpoint, "Missing key(s)"),
+], ids=["embed-dim-bin", "more-layers-safetensors", "fewer-layers-checkpoint"])
+def test_weights_of_another_arch_are_refused_naming_file_and_arch(changes, write, torch_detail, tmp_path):
+    other = register_tiny_variant(tmp_path, f"srdiff-test-tiny-{'-'.join(map(str, changes.items()))}", **changes)
+    path = write(tmp_path, load_clip(other, "none").model.state_dict())
+    with pytest.raises(ClipWeightsUnavailable) as info:
+        load_clip(TINY_ARCH, path)
+    message = str(info.value)
+    assert f"{path} does not fit embed.arch '{TINY_ARCH}'" in message and torch_detail in message
+    assert (f"set embed.arch to the architecture the file was saved from, or point embed.pretrained at "
+            f"weights for {TINY_ARCH}") in message
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's full list stays in the traceback
+
+
+def test_local_dir_whose_config_does_not_fit_its_weights_is_refused(tmp_path):
+    other = register_tiny_variant(tmp_path, "srdiff-test-tiny-embed-16", embed_dim=16)
+    pretrained = write_local_dir(tmp_path, load_clip(other, "none").model.state_dict())
+    folder = pretrained[len("local-dir:"):]
+    with pytest.raises(ClipWeightsUnavailable) as info:
+        load_clip(TINY_ARCH, pretrained)
+    message = str(info.value)
+    weights, config = f"{folder}/open_clip_model.safetensors", f"{folder}/open_clip_config.json"
+    assert f"{weights} does not fit the model_cfg of {config}" in message
+    assert "size mismatch for text_projection" in message and "embed.arch" not in message
+
+
+def test_file_holding_pickled_objects_is_refused_for_safety(tmp_path):
+    # A trainer's checkpoint with its argparse arguments: torch's weights_only=True refuses it, and its
+    # own advice (weights_only=False) is exactly what srdiff never does, so the message must replace it.
+    path = tmp_path / "trainer.pt"
+    state_dict = load_clip(TINY_ARCH, "none").model.state_dict()
+    torch.save({"state_dict": state_dict, "args": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(ClipWeightsUnavailable) as info:
+        load_clip(TINY_ARCH, str(path))
+    message = str(info.value)
+    assert (f"{path} holds pickled Python objects (argparse.Namespace), which srdiff does not load for safety; "
+            f"re-save it as a plain state dict (torch.save(model.state_dict(), path)) or as .safetensors") in message
+    assert f"'{TINY_ARCH}'" in message and "weights_only=False" not in message
+
+
+@pytest.mark.parametrize("cut, safetensors_says", [
+    (lambda data: b"abc", "header too small"),
+    (lambda data: data[:1000], "invalid header length"),
+    (lambda data: data[:-1000], "incomplete metadata"),
+], ids=["3-bytes", "first-1000-bytes", "last-1000-bytes-missing"])
+def test_corrupt_safetensors_file_is_refused_naming_file_and_arch(cut, safetensors_says, tmp_path):
+    path = Path(write_safetensors(tmp_path, load_clip(TINY_ARCH, "none").model.state_dict()))
+    path.write_bytes(cut(path.read_bytes()))
+    with pytest.raises(ClipWeightsUnavailable) as info:
+        load_clip(TINY_ARCH, str(path))
+    message = str(info.value)
+    assert f"{path} is not a readable safetensors file" in message and safetensors_says in message
+    assert "download it again" in message and f"'{TINY_ARCH}'" in message
+    assert isinstance(info.value.__cause__, SafetensorError)
+
+
+def test_corrupt_safetensors_in_the_hf_cache_names_the_cached_file(offline_hf_cache, monkeypatch):
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY_ARCH,
+                        {FAKE_TAG: open_clip.pretrained._pcfg(hf_hub=f"{FAKE_HF_REPO}/")})
+    path = write_hf_snapshot(offline_hf_cache, FAKE_HF_REPO, "open_clip_model.safetensors",
+                             load_clip(TINY_ARCH, "none").model.state_dict())
+    path.write_bytes(path.read_bytes()[:-1000])  # an interrupted copy of the cache
+    with pytest.raises(ClipWeightsUnavailable, match=f"{path} is not a readable safetensors file"):
+        load_clip(TINY_ARCH, FAKE_TAG)

@@ -23,6 +23,7 @@ from embed_data import DAMAGE, TINY_ARCH, embed_config, lq_tensor, register_tiny
 from srdiff_core import clip_embed
 from srdiff_core.config import Config
 from srdiff_core.distributed import DistInfo
+from srdiff_core.sde import IRSDE
 from storage import fs, shards, tables
 from tasks import embed, embed_tables
 from tasks import evaluate as evaluate_task
@@ -175,6 +176,7 @@ class IdentityRestorer:
     """A stand-in for srdiff_core.restorer.Restorer: returns the LQ input."""
 
     device = torch.device("cpu")
+    sde = IRSDE(10.0)  # what the model file says it was trained with (the protocol logs its max_sigma)
 
     def restore(self, lq, context, **kwargs):
         return lq

@@ -23,6 +23,7 @@ from srdiff_core.training import (
     build_optimizer,
     cosine_lr,
     load_train_state,
+    segmented_batches,
     train,
     train_state_dict,
     train_step,
@@ -246,7 +247,7 @@ def test_resume_is_bit_exact(tmp_path):
         # The first attempt dies after step 2's checkpoint (its data stream ends there).
         torch.manual_seed(0)
         with pytest.raises(RuntimeError, match="ran out of batches at step 2"):
-            train(tiny_unet(), sde, lambda start: itertools.islice(random_batches(start), 2), cfg,
+            train(tiny_unet(), sde, lambda start: random_batches(start) if start < 2 else iter(()), cfg,
                   checkpoint_dir=tmp_path / "resumed", config_dict=CONFIG, compatible_keys=COMPATIBLE_KEYS)
         assert latest_checkpoint(tmp_path / "resumed").name == "ckpt-00000002.pt"
 
@@ -364,3 +365,17 @@ def test_training_backend_settings_are_restored_after_training():
         assert torch.backends.cudnn.benchmark == before[0]
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_segmented_batches_restart_the_source_at_every_checkpoint_step():
+    starts = []
+
+    def source(start: int):
+        starts.append(start)
+        return ({"step": s} for s in itertools.count(start))
+
+    batches = segmented_batches(source, 3, every=4)
+    assert [next(batches)["step"] for _ in range(7)] == [3, 4, 5, 6, 7, 8, 9]
+    assert starts == [3, 4, 8]  # the resumed start, then each checkpoint step
+    with pytest.raises(RuntimeError, match="ran out of batches at step 5"):
+        list(segmented_batches(lambda start: iter([{"step": start}]), 4, every=8))
