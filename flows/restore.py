@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from srdiff_core import images
 from srdiff_core.config import load_config
-from srdiff_core.restorer import Restorer
+from srdiff_core.clip_embed import ClipWeightsUnavailable
+from srdiff_core.restorer import ModelFileMismatch, Restorer
 from tasks import tracking
 from tasks.common import RANDOM_WEIGHTS_NOTE, random_clip_weights
 
@@ -59,7 +60,13 @@ def restore_path(input_path: str, output_path: str, *, checkpoint: str, config_p
                  steps: int | None, seed: int, tile_size: int | None, device: str) -> int:
     cfg = load_config(config_path, overrides)
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    restorer = Restorer.from_file(resolve_checkpoint(checkpoint, cfg), device=dev)
+    try:
+        restorer = Restorer.from_file(resolve_checkpoint(checkpoint, cfg), device=dev)
+        if restorer.conditioning != "null":
+            restorer.encoder()  # CLIP now: weights other than the model's are refused before any image
+    except (ModelFileMismatch, ClipWeightsUnavailable) as e:
+        print(f"srdiff restore: {e}", file=sys.stderr)
+        return 1
     if random_clip_weights(restorer.clip_pretrained):
         print(f"note: this model was trained with {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
     inputs = list_inputs(Path(input_path))

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         out_dir = Path(fs.local_path(stage_dir(cfg, "runs/train", args.key)))
         state = fit(cfg, out_dir, args.shards, args.restorecls, args.run_id, log, info)
         if is_main(info):
-            write_model(state.ema, cfg, args.srm, out_dir, args.run_id)
+            write_model(state.ema, cfg, args.srm, out_dir, args.run_id, args.restorecls)
             log.info(f"train: {state.step} steps on {info.world_size} rank(s) in "
                      f"{time.perf_counter() - start:.1f} s -> {out_dir / 'model.pt'}")
         barrier(info)  # no rank leaves (and tears down the group) before model.pt is written

@@ -7,10 +7,13 @@ image needs nothing precomputed: CLIP embeds the LQ, the SRM refines it, the UNe
 
 from __future__ import annotations
 
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ValidationError
 
 from srdiff_core import clip_embed, samplers, srm
 from srdiff_core.config import SDEConfig, SRMConfig, UNetConfig
@@ -18,6 +21,81 @@ from srdiff_core.sde import IRSDE
 from srdiff_core.unet import ConditionalUNet
 
 MODEL_FORMAT = "srdiff-model-v1"
+MODEL_FORMAT_FAMILY = "srdiff-model-"
+# What a training checkpoint (srdiff_core.training.train_state_dict) holds and a model file does not.
+TRAINING_CHECKPOINT_KEYS = frozenset({"model", "ema", "optimizer", "step"})
+PASS_A_MODEL_FILE = ("pass the model.pt that the train stage wrote (data_root/runs/train/<key>/model.pt) "
+                     "or the MLflow run id of a train run")
+OTHER_VERSION_FIX = "retrain with this srdiff, or restore with the srdiff version that wrote it"
+
+
+class ModelFileMismatch(ValueError):
+    """A file this srdiff cannot restore with: not a model.pt, a model.pt written by another srdiff
+    version or for another architecture, or CLIP weights other than those the model was trained with."""
+
+
+def _not_a_model_file(path: Path, what: str) -> ModelFileMismatch:
+    return ModelFileMismatch(f"{path} is not an srdiff model file ({MODEL_FORMAT}): {what}; {PASS_A_MODEL_FILE}")
+
+
+def _other_version(path: Path, what: str) -> ModelFileMismatch:
+    return ModelFileMismatch(f"{path} was written by another srdiff version or for another architecture: {what}; "
+                             f"{OTHER_VERSION_FIX}")
+
+
+def _why_unreadable(error: Exception) -> str:
+    if isinstance(error, pickle.UnpicklingError):
+        # torch's text advises weights_only=False, which srdiff never uses: it is not quoted.
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if refused:
+            return f"it holds pickled Python objects ({refused.group(1)}), which srdiff does not load for safety"
+        return "it is not a torch file, or is damaged (the unpickler refused its bytes)"
+    # A cut zip gives RuntimeError; stray bytes give whatever the pickle opcodes trip on (IndexError, ...).
+    return f"it is not a readable torch file, or is damaged or truncated ({type(error).__name__}: {error})"
+
+
+def _read_model_file(path: Path) -> dict:
+    """The model file's dict, with a fix named for every file that is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise  # a missing or unreadable file: its own message names it
+    except Exception as e:
+        raise _not_a_model_file(path, _why_unreadable(e)) from e
+    if not isinstance(state, dict):
+        raise _not_a_model_file(path, f"it holds a {type(state).__name__}, not a dict")
+    found = state.get("format")
+    if found == MODEL_FORMAT:
+        return state
+    if isinstance(found, str) and found.startswith(MODEL_FORMAT_FAMILY):
+        raise _other_version(path, f"its format is {found!r}, this srdiff reads {MODEL_FORMAT!r}")
+    if TRAINING_CHECKPOINT_KEYS <= state.keys():
+        # The train stage writes <run>/checkpoints/ckpt-*.pt and, when it finishes, <run>/model.pt.
+        run_model = path.parent.parent / "model.pt"
+        this_run = f" (this run's: {run_model})" if run_model.is_file() else ""
+        raise _not_a_model_file(path, f"this is a training checkpoint (step {state['step']}), which the train "
+                                      f"stage turns into model.pt when it finishes{this_run}")
+    raise _not_a_model_file(path, f"it has no format {MODEL_FORMAT!r} (keys: {sorted(map(str, state))[:8]})")
+
+
+def _settings(path: Path, section: str, value: object, cls: type[BaseModel]) -> BaseModel:
+    try:
+        return cls.model_validate(value)
+    except ValidationError as e:
+        detail = "; ".join(f"{'.'.join(map(str, (section, *err['loc'])))}: {err['msg']}" for err in e.errors())
+        raise _other_version(path, f"its {section} settings do not fit this srdiff ({detail})") from e
+
+
+def _load_weights(path: Path, module: torch.nn.Module, weights: object, what: str) -> None:
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, TypeError) as e:
+        # torch lists every key (thousands for a large UNet); the first line after the header says enough.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        raise _other_version(path, f"its {what} weights do not fit the network its settings describe "
+                                   f"({detail})") from e
 
 
 @dataclass
@@ -29,6 +107,10 @@ class Restorer:
     clip_pretrained: str
     device: torch.device
     _encoder: clip_embed.ClipEncoder | None = None
+    # What the model file says the embeddings were made with (weights_digest None: an older file).
+    trained_clip_pretrained: str | None = None
+    trained_clip_digest: str | None = None
+    path: Path | None = None
 
     @property
     def conditioning(self) -> str:
@@ -37,25 +119,47 @@ class Restorer:
     @classmethod
     def from_file(cls, path: str | Path, *, device: str | torch.device = "cpu",
                   clip_pretrained: str | None = None) -> "Restorer":
-        """Load `model.pt`; ``clip_pretrained`` overrides where the CLIP weights come from."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{path} is not an srdiff model file (format {MODEL_FORMAT}); pass the model.pt "
-                             f"that the train stage wrote, or an MLflow run id of a train run")
+        """Load `model.pt`; ``clip_pretrained`` overrides where the CLIP weights come from.
+
+        Raises :class:`ModelFileMismatch`, naming the file and the fix, for a file that is not a
+        model.pt (a training checkpoint, any other file) or one of another srdiff version."""
+        path = Path(path)
+        state = _read_model_file(path)
+        try:
+            srm_state, embed = state["srm"], state["embed"]
+            unet = ConditionalUNet.from_config(_settings(path, "unet", state["unet"], UNetConfig))
+            sde = IRSDE.from_config(_settings(path, "sde", state["sde"], SDEConfig))
+            refiner = srm.SemanticRefinementModule.from_config(
+                int(srm_state["dim"]), _settings(path, "srm", srm_state["srm"], SRMConfig))
+            _load_weights(path, unet, state["ema"], "UNet (EMA)")
+            _load_weights(path, refiner, srm_state["state_dict"], "SRM")
+            arch, pretrained = embed["arch"], embed["pretrained"]
+        except KeyError as e:
+            raise _other_version(path, f"it has no entry {e}") from e
+        except TypeError as e:  # an entry of another type, e.g. a list where a dict was written
+            raise _other_version(path, f"its entries are laid out differently ({e})") from e
         device = torch.device(device)
-        unet = ConditionalUNet.from_config(UNetConfig.model_validate(state["unet"]))
-        unet.load_state_dict(state["ema"])
-        srm_state = state["srm"]
-        refiner = srm.SemanticRefinementModule.from_config(srm_state["dim"], SRMConfig.model_validate(srm_state["srm"]))
-        refiner.load_state_dict(srm_state["state_dict"])
-        return cls(unet=unet.to(device).eval(), sde=IRSDE.from_config(SDEConfig.model_validate(state["sde"])),
-                   srm=refiner.to(device).eval(), clip_arch=state["embed"]["arch"],
-                   clip_pretrained=clip_pretrained or state["embed"]["pretrained"], device=device)
+        return cls(unet=unet.to(device).eval(), sde=sde, srm=refiner.to(device).eval(), clip_arch=arch,
+                   clip_pretrained=clip_pretrained or pretrained, device=device, trained_clip_pretrained=pretrained,
+                   trained_clip_digest=embed.get("weights_digest"), path=path)
 
     def encoder(self) -> clip_embed.ClipEncoder:
+        """The CLIP encoder; refused when its weights are not those the model file records."""
         if self._encoder is None:
-            self._encoder = clip_embed.load_clip(self.clip_arch, self.clip_pretrained, device=self.device)
+            encoder = clip_embed.load_clip(self.clip_arch, self.clip_pretrained, device=self.device)
+            self._check_clip_weights(encoder)
+            self._encoder = encoder
         return self._encoder
+
+    def _check_clip_weights(self, encoder: clip_embed.ClipEncoder) -> None:
+        # Other weights give other RestoreCLS vectors: the UNet would be guided by semantics it never saw.
+        if self.trained_clip_digest is None or encoder.weights_digest == self.trained_clip_digest:
+            return
+        raise ModelFileMismatch(
+            f"the CLIP weights {self.clip_pretrained!r} ({encoder.weights}, digest {encoder.weights_digest}) are not "
+            f"those the embeddings of {self.path} were made with (embed.pretrained {self.trained_clip_pretrained!r}, "
+            f"digest {self.trained_clip_digest}): the semantic guidance would not match what the model was trained "
+            f"on. Point embed.pretrained (or clip_pretrained=) at the same weights, or retrain with these")
 
     @torch.no_grad()
     def context_for(self, lq_uint8: list[torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,9 @@ the parts. :meth:`EmbeddingCache.compact` folds many parts into one and deletes 
 has read, so a concurrent compaction or append never loses a row.
 
 The cache only saves recomputation: a part that cannot be read is renamed ``*.bad`` with a
-warning and its rows count as misses, never stopping the stage.
+warning and its rows count as misses, never stopping the stage. A damaged ``model.json`` sets
+the whole folder aside the same way (``model.json.<time>.bad`` and every part ``*.bad``): all
+of that model's embeddings are then misses, recomputed and cached anew.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ class EmbeddingCache:
         return fs.glob(fs.join(self.url, f"{PART_PREFIX}*{PART_SUFFIX}"))
 
     def load(self) -> dict[str, np.ndarray]:
-        """{sha256: float32 [D] vector} of every cached image (empty for a new model)."""
-        self._check_descriptor()
+        """{sha256: float32 [D] vector} of every cached image (empty for a new model, or one whose
+        model.json is damaged: the folder is set aside)."""
+        if not self._check_descriptor():
+            return {}
         out: dict[str, np.ndarray] = {}
         seen: set[str] = set()
         for _ in range(2):
@@ -157,27 +161,54 @@ class EmbeddingCache:
             return {}
 
     @staticmethod
-    def _set_aside(url: str, error: Exception) -> None:
-        """Rename an unreadable part to ``*.bad`` (out of every later listing), with a warning."""
+    def _rename_aside(url: str, target: str) -> str:
+        """Rename ``url`` to ``target`` (out of every later listing); returns what happened, for a warning."""
         filesystem, path = fs.resolve(url)
         try:
-            filesystem.mv(path, path + BAD_SUFFIX)
-            where = f"renamed to {url}{BAD_SUFFIX}"
+            filesystem.mv(path, fs.resolve(target)[1])
+            return f"renamed to {target}"
         except FileNotFoundError:
-            where = "another process already set it aside"
+            return "another process already set it aside"
         except OSError as e:  # e.g. read-only storage: it stays, and is skipped again next time
-            where = f"could not rename it ({type(e).__name__}: {e})"
+            return f"could not rename it ({type(e).__name__}: {e})"
+
+    @classmethod
+    def _set_aside(cls, url: str, error: Exception) -> None:
+        """Rename an unreadable part to ``*.bad``, with a warning."""
+        where = cls._rename_aside(url, url + BAD_SUFFIX)
         log.warning(f"embedding cache part {url} is unreadable ({type(error).__name__}: {error}); its rows "
                     f"count as misses and are recomputed; {where}")
 
-    def _check_descriptor(self) -> None:
+    def _set_aside_folder(self, descriptor_url: str, why: str) -> None:
+        """A damaged model.json: set it and every part aside, with one warning. Storage that damaged
+        the record may have damaged the parts where parquet cannot tell (a flipped float), and the
+        cache only saves recomputation, so nothing in the folder is trusted. The time in the name
+        keeps an earlier damaged copy; the next append writes a fresh model.json."""
+        where = self._rename_aside(descriptor_url, f"{descriptor_url}.{time.time_ns()}{BAD_SUFFIX}")
+        parts = self.parts()
+        for url in parts:
+            self._rename_aside(url, url + BAD_SUFFIX)
+        log.warning(f"embedding cache {self.url}: {DESCRIPTOR_NAME} is damaged ({why}), so the folder's "
+                    f"{len(parts)} part(s) are set aside too (*{BAD_SUFFIX}) and every embedding of this model "
+                    f"counts as a miss and is recomputed; {DESCRIPTOR_NAME} {where}")
+
+    def _check_descriptor(self) -> bool:
+        """Refuse a folder of another model; False (all misses) when model.json is damaged (set aside)."""
         url = fs.join(self.url, DESCRIPTOR_NAME)
-        if not fs.exists(url):
-            return
-        stored = json.loads(fs.read_bytes(url))
+        try:
+            stored = json.loads(fs.read_bytes(url))
+        except FileNotFoundError:  # a new model, or another process set a damaged one aside
+            return True
+        except ValueError as e:  # not JSON, or not UTF-8 (JSONDecodeError, UnicodeDecodeError)
+            self._set_aside_folder(url, f"{type(e).__name__}: {e}")
+            return False
+        if not isinstance(stored, dict):
+            self._set_aside_folder(url, f"a JSON {type(stored).__name__}, not a descriptor")
+            return False
         if stored != self.descriptor:
             raise ValueError(f"the embedding cache {self.url} holds another model's embeddings ({stored}, "
                              f"expected {self.descriptor}); delete that folder and rerun")
+        return True
 
     def _write_descriptor(self) -> None:
         url = fs.join(self.url, DESCRIPTOR_NAME)

@@ -20,7 +20,7 @@ from srdiff_core.config import Config
 from srdiff_core.distributed import DistInfo, device_for, is_main, wrap_ddp
 from srdiff_core.sde import IRSDE
 from srdiff_core.unet import ConditionalUNet
-from storage import fs, shards
+from storage import fs, shards, tables
 from tasks import launch, tracking
 from tasks.common import StageResult, pick_device, stage_dir, stage_logger
 from tasks.embed_tables import EmbeddedPairDataset, quarantined_ids, read_embeddings
@@ -30,12 +30,26 @@ from tasks.embed_tables import EmbeddedPairDataset, quarantined_ids, read_embedd
 ARCHITECTURE_KEYS = ("unet", "sde")
 
 
-def model_file_state(ema: torch.nn.Module, cfg: Config, srm_url: str) -> dict:
-    """Everything `srdiff restore` needs: EMA weights, model + SDE config, CLIP + SRM."""
+def model_file_state(ema: torch.nn.Module, cfg: Config, srm_url: str, *, clip_meta: dict | None = None) -> dict:
+    """Everything `srdiff restore` needs: EMA weights, model + SDE config, CLIP + SRM.
+
+    ``clip_meta``: the embedding tables' metadata (tasks.embed.table_metadata, str or the parquet
+    schema's bytes). Its weights_digest is recorded so that restoring with other CLIP weights than
+    the embeddings were made with is refused (srdiff_core.restorer); None (not known) records None,
+    and the check is skipped."""
     srm_state = torch.load(io.BytesIO(fs.read_bytes(srm_url)), weights_only=True)
+    weights_digest = None
+    if clip_meta is not None:
+        meta = {(k.decode() if isinstance(k, bytes) else k): v for k, v in clip_meta.items()}
+        if "weights_digest" not in meta:  # a silent None would switch the check off
+            raise ValueError(f"clip_meta has no weights_digest (keys {sorted(meta)}); pass the embedding "
+                             f"tables' metadata (tasks.embed.table_metadata), or None where it is not known")
+        digest = meta["weights_digest"]
+        weights_digest = digest.decode() if isinstance(digest, bytes) else str(digest)
     return {"format": "srdiff-model-v1", "ema": ema.state_dict(),
             "unet": cfg.unet.model_dump(mode="json"), "sde": cfg.sde.model_dump(mode="json"),
-            "embed": {"arch": cfg.embed.arch, "pretrained": cfg.embed.pretrained}, "srm": srm_state}
+            "embed": {"arch": cfg.embed.arch, "pretrained": cfg.embed.pretrained, "weights_digest": weights_digest},
+            "srm": srm_state}
 
 
 def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
@@ -131,11 +145,22 @@ def _fit_on(device: torch.device, cfg: Config, out_dir: Path, shards_url: str, r
         compatible_keys=ARCHITECTURE_KEYS, is_main_process=main, rank=info.rank, world_size=info.world_size)
 
 
-def write_model(ema: torch.nn.Module, cfg: Config, srm_url: str, out_dir: Path, run_id: str | None) -> bytes:
-    """Write ``out_dir/model.pt`` (atomically) and log it to MLflow; returns its bytes."""
+def embedding_clip_meta(restorecls_url: str) -> dict[str, str] | None:
+    """The CLIP model the RestoreCLS table was made with (its metadata, tasks.embed.table_metadata),
+    or None for a table that does not say (e.g. one made by `srdiff import-embeddings`)."""
+    columns = tables.read_table(restorecls_url, columns=["id"]).schema.metadata or {}
+    meta = {k.decode(): v.decode() for k, v in columns.items()}
+    return meta if meta.get("weights_digest") else None
+
+
+def write_model(ema: torch.nn.Module, cfg: Config, srm_url: str, out_dir: Path, run_id: str | None,
+                restorecls_url: str) -> bytes:
+    """Write ``out_dir/model.pt`` (atomically) and log it to MLflow; returns its bytes. It records
+    the digest of the CLIP weights the RestoreCLS table was made with, so restoring with other
+    weights is refused (srdiff_core.restorer)."""
     model_path = out_dir / "model.pt"
     buf = io.BytesIO()
-    torch.save(model_file_state(ema, cfg, srm_url), buf)
+    torch.save(model_file_state(ema, cfg, srm_url, clip_meta=embedding_clip_meta(restorecls_url)), buf)
     fs.atomic_write_bytes(str(model_path), buf.getvalue())
     if run_id:
         tracking.log_artifact(cfg, run_id, model_path, "model")
@@ -153,7 +178,7 @@ def train(cfg: Config, key: str, shards_url: str, restorecls_url: str, srm_url: 
         step, model_bytes = fit_in_processes(cfg, key, out_dir, shards_url, restorecls_url, srm_url, run_id, log)
     else:
         state = fit(cfg, out_dir, shards_url, restorecls_url, run_id, log)
-        step, model_bytes = state.step, write_model(state.ema, cfg, srm_url, out_dir, run_id)
+        step, model_bytes = state.step, write_model(state.ema, cfg, srm_url, out_dir, run_id, restorecls_url)
     model_path = out_dir / "model.pt"
     seconds = time.perf_counter() - start
     log.info(f"train: {step} steps in {seconds:.1f} s on {cfg.train.nproc} process(es) -> {model_path}")

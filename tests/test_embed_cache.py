@@ -7,6 +7,7 @@ or another training config computes nothing new; another model computes everythi
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -133,6 +134,30 @@ def test_a_damaged_part_is_set_aside_with_a_warning_and_its_rows_are_misses(tmp_
     # Compaction leaves it aside too (it holds no rows to fold).
     cache.append(vectors("c", seed=2))
     assert cache.compact(above=1) and sorted(cache.load()) == ["a", "c"] and fs.exists(bad + BAD_SUFFIX)
+
+
+@pytest.mark.parametrize("damage, why", [(b'{"arch": "A", "weigh', "JSONDecodeError"),
+                                         (b"\x80\x81 garbage", "UnicodeDecodeError"),
+                                         (b"[1, 2]", "a JSON list, not a descriptor")])
+def test_a_damaged_model_json_sets_the_folder_aside_with_a_warning_and_all_are_misses(damage, why, tmp_path,
+                                                                                     caplog):
+    cache = EmbeddingCache(str(tmp_path), DESCRIPTOR)
+    parts = [cache.append(vectors("a")), cache.append(vectors("b", seed=1))]
+    descriptor_url = fs.join(cache.url, DESCRIPTOR_NAME)
+    fs.atomic_write_bytes(descriptor_url, damage)
+    with caplog.at_level(logging.WARNING, logger="storage.embed_cache"):
+        assert cache.load() == {}
+    [record] = caplog.records
+    assert record.message.startswith(f"embedding cache {cache.url}: {DESCRIPTOR_NAME} is damaged ({why}")
+    assert "2 part(s) are set aside too (*.bad)" in record.message and "counts as a miss" in record.message
+    [aside] = fs.glob(fs.join(cache.url, f"{DESCRIPTOR_NAME}.*{BAD_SUFFIX}"))
+    assert record.message.endswith(f"{DESCRIPTOR_NAME} renamed to {aside}") and fs.read_bytes(aside) == damage
+    assert not fs.exists(descriptor_url) and cache.parts() == []
+    assert all(fs.exists(part + BAD_SUFFIX) for part in parts)
+    # The next append starts the folder afresh: a new model.json, and only the new rows.
+    cache.append(vectors("c", seed=2))
+    assert json.loads(fs.read_bytes(descriptor_url)) == DESCRIPTOR
+    assert_same(cache.load(), vectors("c", seed=2))
 
 
 def test_the_descriptor_covers_weights_quick_gelu_preprocessing_compute_and_versions(tmp_path, monkeypatch):
@@ -274,6 +299,21 @@ def test_a_damaged_cache_part_does_not_stop_the_stage(data, tmp_path, one_thread
     with caplog.at_level(logging.WARNING, logger="storage.embed_cache"):
         counts = embed.extract(cfg, data["shards2"], str(tmp_path / "again"), DistInfo(), LOG)
     assert counts["embed/computed"] == 8 and any("is unreadable" in r.message for r in caplog.records)
+    first, again = read_outputs(str(tmp_path / "first")), read_outputs(str(tmp_path / "again"))
+    for name in first:
+        assert first[name].equals(again[name], check_metadata=True), name
+    assert embed.extract(cfg, data["shards2"], str(tmp_path / "third"), DistInfo(), LOG)["embed/computed"] == 0
+
+
+def test_a_damaged_model_json_does_not_stop_the_stage(data, tmp_path, one_thread, caplog):
+    cfg = embed_config(str(tmp_path / "root"), data["model0"])
+    embed.extract(cfg, data["shards2"], str(tmp_path / "first"), DistInfo(), LOG)
+    [descriptor] = fs.glob(str(tmp_path / "root" / "cache" / "embeddings" / "*" / DESCRIPTOR_NAME))
+    fs.atomic_write_bytes(descriptor, b"{torn")
+    with caplog.at_level(logging.WARNING, logger="storage.embed_cache"):
+        counts = embed.extract(cfg, data["shards2"], str(tmp_path / "again"), DistInfo(), LOG)
+    assert counts["embed/computed"] == 8 and counts["embed/cache_hits"] == 0
+    assert any(f"{DESCRIPTOR_NAME} is damaged" in r.message for r in caplog.records)
     first, again = read_outputs(str(tmp_path / "first")), read_outputs(str(tmp_path / "again"))
     for name in first:
         assert first[name].equals(again[name], check_metadata=True), name

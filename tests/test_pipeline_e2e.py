@@ -201,6 +201,24 @@ def test_restore_cli_rejects_an_unknown_checkpoint(pipeline, tmp_path):
                   "--config", TINY, *sum((["--set", o] for o in pipeline["overrides"]), [])])
 
 
+def test_restore_cli_names_a_training_checkpoint_given_for_a_model(pipeline, tmp_path, capsys):
+    checkpoints = Path(pipeline["first"]["stages"]["train"]["outputs"]["checkpoints"])
+    code = cli.main(["restore", str(tmp_path), str(tmp_path / "o"), "--checkpoint", str(checkpoints / "ckpt-00000004.pt"),
+                     "--config", TINY, *sum((["--set", o] for o in pipeline["overrides"]), [])])
+    err = capsys.readouterr().err
+    assert code == 1 and "is not an srdiff model file" in err and "model.pt" in err
+
+
+def test_model_file_records_the_clip_weights_of_its_embeddings(pipeline):
+    import torch
+
+    client, first = pipeline["client"], pipeline["first"]
+    embed = runs_of(client, first["parent_run_id"])["embed"]
+    state = torch.load(first["stages"]["train"]["outputs"]["model"], weights_only=True)
+    assert state["embed"]["pretrained"] == "none"
+    assert state["embed"]["weights_digest"] == embed.data.params["clip.weights_digest"]
+
+
 def test_a_real_mlflow_server_serves_the_runs(pipeline, tmp_path):
     """`mlflow server` (what `srdiff ui` starts) on the pipeline's store: its REST API returns the
     parent and nested runs with the stable metric names."""
