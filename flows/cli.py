@@ -76,7 +76,8 @@ def from_overrides(config_path: str, overrides: list[str], given: list[str]) -> 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import srdiff
     from srdiff_core.config import load_config
-    from tasks.common import RANDOM_WEIGHTS_NOTE, random_clip_weights
+    from srdiff_core.config import random_clip_weights
+    from tasks.common import RANDOM_WEIGHTS_NOTE
     from tasks.tracking import tracking_uri
 
     config_path = resolve_config(args.config)
@@ -140,7 +141,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from flows.restore import restore_path
     return restore_path(args.input, args.output, checkpoint=args.checkpoint, config_path=resolve_config(args.config),
                         overrides=args.set, steps=args.steps, seed=args.seed, tile_size=args.tile_size,
-                        device=args.device)
+                        device=args.device, clip_pretrained=args.clip_pretrained)
 
 
 def cmd_verify_shards(args: argparse.Namespace) -> int:
@@ -160,10 +161,10 @@ def cmd_import_embeddings(args: argparse.Namespace) -> int:
     from storage import tables
     from tasks.embed import import_pt_layout
 
-    samples = None
-    if args.manifest:
-        samples = tables.read_table(args.manifest, hint="the download stage writes it: data_root/manifests/pairs.parquet")
     try:
+        samples = None
+        if args.manifest:
+            samples = tables.read_table(args.manifest, hint="the download stage (data_root/manifests/pairs.parquet)")
         table = import_pt_layout(args.folder, samples=samples,
                                  metadata={"imported_from": str(args.folder), "weights": "unknown (imported)"})
     except (FileNotFoundError, ValueError) as e:
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--seed", type=int, default=0)
     restore.add_argument("--tile-size", type=int, default=None, help="tile large images (default: evaluate.tile_size)")
     restore.add_argument("--device", default="auto")
+    restore.add_argument("--clip-pretrained", default=None, metavar="WEIGHTS",
+                         help="where the CLIP weights come from (a tag, a local file, local-dir:PATH); default: what "
+                              "the model file records. They must be the weights the model was trained with")
     restore.set_defaults(func=cmd_restore)
     verify = sub.add_parser("verify-shards", help="re-read every shard and check it against its index")
     verify.add_argument("shards", help="a shard folder, e.g. data/shards/<key>")

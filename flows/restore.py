@@ -11,11 +11,11 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from srdiff_core import images
-from srdiff_core.config import load_config
+from srdiff_core.config import load_config, random_clip_weights
 from srdiff_core.clip_embed import ClipWeightsUnavailable
 from srdiff_core.restorer import ModelFileMismatch, Restorer
 from tasks import tracking
-from tasks.common import RANDOM_WEIGHTS_NOTE, random_clip_weights
+from tasks.common import RANDOM_WEIGHTS_NOTE
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -56,19 +56,32 @@ def load_rgb(path: Path) -> tuple[np.ndarray | None, str]:
         return None, f"skipped {path.name}: cannot be read as an image ({e})"
 
 
+def load_restorer(checkpoint: str, cfg, device: str, clip_pretrained: str | None, steps: int) -> Restorer:
+    """The model file's restorer with its CLIP encoder loaded (so weights other than those the
+    model was trained with are refused before any image); a ModelFileMismatch,
+    ClipWeightsUnavailable or ValueError names what to change."""
+    restorer = Restorer.from_file(resolve_checkpoint(checkpoint, cfg), device=device, clip_pretrained=clip_pretrained)
+    if not 1 <= steps <= restorer.sde.T:  # the model's own SDE, which may differ from the config's
+        raise ValueError(f"--steps {steps} is outside 1..{restorer.sde.T}, the SDE steps this model was trained "
+                         f"with: pass --steps between 1 and {restorer.sde.T}")
+    if restorer.conditioning != "null":
+        restorer.encoder()
+        if random_clip_weights(restorer.clip_pretrained):
+            print(f"note: this model was trained with {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
+    return restorer
+
+
 def restore_path(input_path: str, output_path: str, *, checkpoint: str, config_path: str, overrides: list[str],
-                 steps: int | None, seed: int, tile_size: int | None, device: str) -> int:
+                 steps: int | None, seed: int, tile_size: int | None, device: str,
+                 clip_pretrained: str | None = None) -> int:
     cfg = load_config(config_path, overrides)
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    steps = steps or cfg.evaluate.steps
     try:
-        restorer = Restorer.from_file(resolve_checkpoint(checkpoint, cfg), device=dev)
-        if restorer.conditioning != "null":
-            restorer.encoder()  # CLIP now: weights other than the model's are refused before any image
-    except (ModelFileMismatch, ClipWeightsUnavailable) as e:
+        restorer = load_restorer(checkpoint, cfg, dev, clip_pretrained, steps)
+    except (ModelFileMismatch, ClipWeightsUnavailable, ValueError) as e:
         print(f"srdiff restore: {e}", file=sys.stderr)
         return 1
-    if random_clip_weights(restorer.clip_pretrained):
-        print(f"note: this model was trained with {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
     inputs = list_inputs(Path(input_path))
     single = Path(input_path).is_file()
     out = Path(output_path)
@@ -82,7 +95,7 @@ def restore_path(input_path: str, output_path: str, *, checkpoint: str, config_p
             continue
         lq_uint8 = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
         context = restorer.context_for([lq_uint8])
-        restored = restorer.restore(images.to_tensor(img)[None], context, steps=steps or cfg.evaluate.steps,
+        restored = restorer.restore(images.to_tensor(img)[None], context, steps=steps,
                                     seed=seed, tile_size=cfg.evaluate.tile_size if tile_size is None else tile_size,
                                     tile_overlap=cfg.evaluate.tile_overlap)
         target = out if single else out / f"{path.stem}.png"

@@ -97,6 +97,22 @@ def _atomic_write(path: Path, write: Any) -> None:
     _fsync_directory(path.parent)
 
 
+def refused_global(error: Exception) -> str | None:
+    """The global ``torch.load(weights_only=True)`` refused to unpickle, when ``error`` is that
+    refusal. Its text advises weights_only=False, which srdiff never uses: callers name the
+    global instead of quoting the advice."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    return found.group(1) if found else None
+
+
+def state_dict_mismatch(error: Exception, limit: int = 200) -> str:
+    """The first detail line of ``load_state_dict``'s error (its full list can run to thousands of
+    keys; the chained exception keeps all of it), to go inside a sentence."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    detail = (lines[0] if lines else str(error) or type(error).__name__).rstrip(".")
+    return detail if len(detail) <= limit else detail[:limit] + " ..."
+
+
 def checkpoint_step(path: Path) -> int | None:
     """The step in a checkpoint's file name (``ckpt-<step>.pt``), None for any other name."""
     match = _CKPT_PATTERN.match(path.name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,9 @@ from PIL import Image
 from safetensors import SafetensorError
 from torch import Tensor
 
-RANDOM_WEIGHTS = "none"
+from srdiff_core.checkpoint import refused_global, state_dict_mismatch
+from srdiff_core.config import random_clip_weights
+
 LOCAL_DIR_PREFIX = "local-dir:"
 WEIGHT_FILE_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 _HASH_CHUNK = 1 << 22
@@ -220,7 +221,7 @@ class _WeightsSource:
 
 
 def _resolve_source(arch: str, pretrained: str, seed: int) -> _WeightsSource:
-    if pretrained.lower() == RANDOM_WEIGHTS:
+    if random_clip_weights(pretrained):
         return _WeightsSource(arch, None, f"random CLIP weights (seed {seed}; not for real results)", None, False)
 
     if pretrained.startswith(LOCAL_DIR_PREFIX):
@@ -252,14 +253,6 @@ def _resolve_source(arch: str, pretrained: str, seed: int) -> _WeightsSource:
                                          f"(known tags: {tags or 'none'}) nor an existing file")
 
 
-def _first_detail(error: Exception, limit: int = 200) -> str:
-    """The first indented line of torch's load_state_dict error (its full list can run to thousands
-    of keys; the chained exception keeps all of it)."""
-    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
-    detail = (lines[0] if lines else str(error)).rstrip(".")  # it goes inside our own sentence
-    return detail if len(detail) <= limit else detail[:limit] + " ..."
-
-
 def _unreadable_weights(error: Exception, source: _WeightsSource, arch: str) -> str | None:
     """Why open_clip could not read the weights file(s), with the fix, for the three ways an
     existing file fails inside open_clip; None for any other error, which is raised unchanged."""
@@ -268,19 +261,18 @@ def _unreadable_weights(error: Exception, source: _WeightsSource, arch: str) -> 
     file = str(source.files[0]) if len(source.files) == 1 else f"one of {', '.join(map(str, source.files))}"
     if isinstance(error, SafetensorError):
         return f"{file} is not a readable safetensors file ({error}): it is truncated or corrupt; download it again"
-    # torch's text for this advises weights_only=False, which srdiff never uses: it is replaced, not quoted.
     if isinstance(error, pickle.UnpicklingError) and str(error).startswith("Weights only load failed"):
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        return (f"{file} holds pickled Python objects{f' ({refused.group(1)})' if refused else ''}, which srdiff "
+        refused = refused_global(error)
+        return (f"{file} holds pickled Python objects{f' ({refused})' if refused else ''}, which srdiff "
                 f"does not load for safety; re-save it as a plain state dict (torch.save(model.state_dict(), path)) "
                 f"or as .safetensors")
     if isinstance(error, RuntimeError) and str(error).startswith("Error(s) in loading state_dict"):
         if source.local_dir:
             config = source.files[0].parent / "open_clip_config.json"
-            return (f"{file} does not fit the model_cfg of {config} ({_first_detail(error)}); put the model_cfg "
+            return (f"{file} does not fit the model_cfg of {config} ({state_dict_mismatch(error)}); put the model_cfg "
                     f"of the architecture the weights were saved from in that file, or the matching weights "
                     f"in the folder")
-        return (f"{file} does not fit embed.arch {arch!r} ({_first_detail(error)}); set embed.arch to the "
+        return (f"{file} does not fit embed.arch {arch!r} ({state_dict_mismatch(error)}); set embed.arch to the "
                 f"architecture the file was saved from, or point embed.pretrained at weights for {arch}")
     return None
 

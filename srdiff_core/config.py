@@ -18,6 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEGRADATIONS = ("hazy", "rainy", "motion-blurry", "low-light")
 STAGES = ("download", "shard", "embed", "train", "evaluate")
+RANDOM_WEIGHTS = "none"  # embed.pretrained for random CLIP weights (demo, tests), in any letter case
+
+
+def random_clip_weights(pretrained: str) -> bool:
+    """Whether ``embed.pretrained`` asks for random CLIP weights: the one test every stage, the
+    MLflow tags and srdiff_core.clip_embed.load_clip share."""
+    return pretrained.lower() == RANDOM_WEIGHTS
 
 Precision = Literal["fp32", "bf16"]
 

@@ -8,7 +8,6 @@ image needs nothing precomputed: CLIP embeds the LQ, the SRM refines it, the UNe
 from __future__ import annotations
 
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from srdiff_core import clip_embed, samplers, srm
+from srdiff_core.checkpoint import refused_global, state_dict_mismatch
 from srdiff_core.config import SDEConfig, SRMConfig, UNetConfig
 from srdiff_core.sde import IRSDE
 from srdiff_core.unet import ConditionalUNet
@@ -45,10 +45,9 @@ def _other_version(path: Path, what: str) -> ModelFileMismatch:
 
 def _why_unreadable(error: Exception) -> str:
     if isinstance(error, pickle.UnpicklingError):
-        # torch's text advises weights_only=False, which srdiff never uses: it is not quoted.
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        refused = refused_global(error)
         if refused:
-            return f"it holds pickled Python objects ({refused.group(1)}), which srdiff does not load for safety"
+            return f"it holds pickled Python objects ({refused}), which srdiff does not load for safety"
         return "it is not a torch file, or is damaged (the unpickler refused its bytes)"
     # A cut zip gives RuntimeError; stray bytes give whatever the pickle opcodes trip on (IndexError, ...).
     return f"it is not a readable torch file, or is damaged or truncated ({type(error).__name__}: {error})"
@@ -90,12 +89,8 @@ def _load_weights(path: Path, module: torch.nn.Module, weights: object, what: st
     try:
         module.load_state_dict(weights)
     except (RuntimeError, TypeError) as e:
-        # torch lists every key (thousands for a large UNet); the first line after the header says enough.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
-        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
         raise _other_version(path, f"its {what} weights do not fit the network its settings describe "
-                                   f"({detail})") from e
+                                   f"({state_dict_mismatch(e, limit=300)})") from e
 
 
 @dataclass
@@ -159,7 +154,8 @@ class Restorer:
             f"the CLIP weights {self.clip_pretrained!r} ({encoder.weights}, digest {encoder.weights_digest}) are not "
             f"those the embeddings of {self.path} were made with (embed.pretrained {self.trained_clip_pretrained!r}, "
             f"digest {self.trained_clip_digest}): the semantic guidance would not match what the model was trained "
-            f"on. Point embed.pretrained (or clip_pretrained=) at the same weights, or retrain with these")
+            f"on. Load the same weights (the evaluate stage: embed.pretrained; srdiff restore: --clip-pretrained, "
+            f"e.g. a local copy of them), or retrain with these")
 
     @torch.no_grad()
     def context_for(self, lq_uint8: list[torch.Tensor]) -> torch.Tensor:

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -278,8 +278,9 @@ def _next_batch(batches: Iterator[Batch], step: int) -> Batch:
     try:
         return next(batches)
     except StopIteration:
-        raise RuntimeError(f"batch_source ran out of batches at step {step}: it must yield batches "
-                           f"forever (e.g. resampled WebDataset shards or an endless loop)") from None
+        raise RuntimeError(f"batch_source ran out of batches at step {step}: from any start step it must "
+                           f"yield batches at least up to the next checkpoint step (e.g. resampled WebDataset "
+                           f"shards or an endless loop)") from None
 
 
 def segmented_batches(batch_source: Callable[[int], Iterator[Batch]], start_step: int,
@@ -291,7 +292,9 @@ def segmented_batches(batch_source: Callable[[int], Iterator[Batch]], start_step
     run's stream at the same steps makes it draw the very batches a resumed run draws, so N steps
     straight equal N/2 + resume + N/2 on real data too (whose sampler is seeded by its start step),
     not only on a stream that is a function of the step. A restart costs a new DataLoader (worker
-    start-up, shuffle buffer refill) once per checkpoint interval.
+    start-up, shuffle buffer refill) once per checkpoint interval. A run extended past a final
+    checkpoint that is not a multiple of ``every`` (train.steps raised) restarts off that grid:
+    it is still deterministic, but no longer equal to a run that had the larger budget from the start.
     """
     step = start_step
     while True:
@@ -347,25 +350,27 @@ def train(model: nn.Module, sde, batch_source: Callable[[int], Iterator[Batch]],
     if cfg.compile and not hasattr(model, "_orig_mod"):
         state.model = torch.compile(model)
 
-    batches = segmented_batches(batch_source, state.step, cfg.checkpoint_every)
-    images, busy_seconds = 0, 0.0
-    while state.step < cfg.steps:
-        started = time.perf_counter()
-        batch = next(batches)
-        metrics = train_step(state, sde, batch, cfg, device=device)
-        # train_step's .item() waits for the device, so this interval is real work done.
-        busy_seconds += time.perf_counter() - started
-        images += batch["gt"].shape[0]
-        step = state.step
-        if not is_main_process:
-            continue
-        if log_fn is not None and step % cfg.log_every == 0:
-            # Throughput over the steps since the last log, excluding sampling and checkpointing;
-            # of all ranks together (each steps in lockstep with rank 0 on a batch of its own).
-            log_fn(step, {**metrics, "images_per_s": world_size * images / busy_seconds})
-            images, busy_seconds = 0, 0.0
-        if sample_fn is not None and step % cfg.sample_every == 0:
-            sample_fn(step, state.ema)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(checkpoint_dir, train_state_dict(state, config_dict), step)
+    # closing(): an error mid-segment must not leave that segment's DataLoader workers running
+    # (the traceback keeps the generator, and with it the workers, alive).
+    with closing(segmented_batches(batch_source, state.step, cfg.checkpoint_every)) as batches:
+        images, busy_seconds = 0, 0.0
+        while state.step < cfg.steps:
+            started = time.perf_counter()
+            batch = next(batches)
+            metrics = train_step(state, sde, batch, cfg, device=device)
+            # train_step's .item() waits for the device, so this interval is real work done.
+            busy_seconds += time.perf_counter() - started
+            images += batch["gt"].shape[0]
+            step = state.step
+            if not is_main_process:
+                continue
+            if log_fn is not None and step % cfg.log_every == 0:
+                # Throughput over the steps since the last log, excluding sampling and checkpointing;
+                # of all ranks together (each steps in lockstep with rank 0 on a batch of its own).
+                log_fn(step, {**metrics, "images_per_s": world_size * images / busy_seconds})
+                images, busy_seconds = 0, 0.0
+            if sample_fn is not None and step % cfg.sample_every == 0:
+                sample_fn(step, state.ema)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(checkpoint_dir, train_state_dict(state, config_dict), step)
     return state

@@ -197,8 +197,11 @@ class EmbeddingCache:
         url = fs.join(self.url, DESCRIPTOR_NAME)
         try:
             stored = json.loads(fs.read_bytes(url))
-        except FileNotFoundError:  # a new model, or another process set a damaged one aside
-            return True
+        except FileNotFoundError:
+            # A new model, or another process (an embed rank) has just set a damaged one aside,
+            # maybe still renaming its parts: then nothing here is trusted until a fresh
+            # model.json is written (the next append).
+            return not fs.glob(f"{url}.*{BAD_SUFFIX}")
         except ValueError as e:  # not JSON, or not UTF-8 (JSONDecodeError, UnicodeDecodeError)
             self._set_aside_folder(url, f"{type(e).__name__}: {e}")
             return False

@@ -69,12 +69,6 @@ def stage_key(stage: str, cfg: Config, sections: tuple[str, ...], upstream: dict
     })
 
 
-def random_clip_weights(pretrained: str) -> bool:
-    """Whether ``embed.pretrained`` asks for random CLIP weights (the same test as
-    srdiff_core.clip_embed.load_clip, which this module must not import: it loads open_clip)."""
-    return pretrained.strip().lower() == "none"
-
-
 RANDOM_WEIGHTS_NOTE = "random CLIP weights (embed.pretrained: none): semantic guidance is not meaningful"
 
 

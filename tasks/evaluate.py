@@ -16,7 +16,7 @@ from prefect import task
 
 from srdiff_core import fid as fid_metric
 from srdiff_core import images, metrics
-from srdiff_core.config import Config
+from srdiff_core.config import Config, random_clip_weights
 from srdiff_core.metrics import MetricAvailability
 from srdiff_core.restorer import Restorer
 from storage import fs, shards, tables
@@ -26,7 +26,6 @@ from tasks.common import (
     RateLogger,
     StageResult,
     pick_device,
-    random_clip_weights,
     stage_dir,
     stage_logger,
 )
@@ -47,7 +46,8 @@ def protocol(cfg: Config, lpips_reason: str | None, fid_reason: str | None = Non
                                   f"restored vs GT over each degradation's val images (few images: a noisy figure)"
                                   if fid_reason is None else f"unavailable: {fid_reason}"),
             "eval.seed": str(e.seed), "eval.sampler": "posterior", "eval.steps": str(e.steps),
-            "eval.samples_per_image": str(e.samples_per_image), "eval.max_sigma": str(cfg.sde.max_sigma if max_sigma is None else max_sigma),
+            "eval.samples_per_image": str(e.samples_per_image),
+            "eval.max_sigma": str(cfg.sde.max_sigma if max_sigma is None else max_sigma),
             "eval.headline_sample": f"the first sample (seed {e.seed}); " + (
                 f"psnr_best_of_{e.samples_per_image} picks the best of {e.samples_per_image} by PSNR against GT "
                 f"(an oracle figure, labelled as such)" if e.samples_per_image > 1 else "no best-of-N figure"),

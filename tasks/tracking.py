@@ -21,8 +21,8 @@ import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from srdiff_core.config import Config
-from tasks.common import data_root, random_clip_weights
+from srdiff_core.config import Config, random_clip_weights
+from tasks.common import data_root
 
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "srdiff.stage"

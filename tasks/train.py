@@ -33,19 +33,15 @@ ARCHITECTURE_KEYS = ("unet", "sde")
 def model_file_state(ema: torch.nn.Module, cfg: Config, srm_url: str, *, clip_meta: dict | None = None) -> dict:
     """Everything `srdiff restore` needs: EMA weights, model + SDE config, CLIP + SRM.
 
-    ``clip_meta``: the embedding tables' metadata (tasks.embed.table_metadata, str or the parquet
-    schema's bytes). Its weights_digest is recorded so that restoring with other CLIP weights than
-    the embeddings were made with is refused (srdiff_core.restorer); None (not known) records None,
-    and the check is skipped."""
+    ``clip_meta``: the embedding tables' metadata (tasks.embed.table_metadata, as
+    :func:`embedding_clip_meta` reads it). Its weights_digest is recorded so that restoring with
+    other CLIP weights than the embeddings were made with is refused (srdiff_core.restorer); None
+    (not known, e.g. imported embeddings) records None, and the check is skipped."""
     srm_state = torch.load(io.BytesIO(fs.read_bytes(srm_url)), weights_only=True)
-    weights_digest = None
-    if clip_meta is not None:
-        meta = {(k.decode() if isinstance(k, bytes) else k): v for k, v in clip_meta.items()}
-        if "weights_digest" not in meta:  # a silent None would switch the check off
-            raise ValueError(f"clip_meta has no weights_digest (keys {sorted(meta)}); pass the embedding "
-                             f"tables' metadata (tasks.embed.table_metadata), or None where it is not known")
-        digest = meta["weights_digest"]
-        weights_digest = digest.decode() if isinstance(digest, bytes) else str(digest)
+    if clip_meta is not None and "weights_digest" not in clip_meta:  # a silent None would switch the check off
+        raise ValueError(f"clip_meta has no weights_digest (keys {sorted(clip_meta)}); pass the embedding "
+                         f"tables' metadata (tasks.embed.table_metadata), or None where it is not known")
+    weights_digest = None if clip_meta is None else clip_meta["weights_digest"]
     return {"format": "srdiff-model-v1", "ema": ema.state_dict(),
             "unet": cfg.unet.model_dump(mode="json"), "sde": cfg.sde.model_dump(mode="json"),
             "embed": {"arch": cfg.embed.arch, "pretrained": cfg.embed.pretrained, "weights_digest": weights_digest},
@@ -112,6 +108,7 @@ def fit(cfg: Config, out_dir: Path, shards_url: str, restorecls_url: str, run_id
         info: DistInfo = DistInfo()) -> training.TrainState:
     """The train stage's training on this rank: model (in DDP when ``info`` has several ranks),
     this rank's shards, checkpoints under ``out_dir``. Only rank 0 logs, samples and checkpoints."""
+    check_embeddings_fit(cfg, restorecls_url)
     device = device_for(info, pick_device(cfg))
     with training.cuda_backends_for_training() if device.type == "cuda" else nullcontext():
         return _fit_on(device, cfg, out_dir, shards_url, restorecls_url, run_id, log, info)
@@ -148,9 +145,19 @@ def _fit_on(device: torch.device, cfg: Config, out_dir: Path, shards_url: str, r
 def embedding_clip_meta(restorecls_url: str) -> dict[str, str] | None:
     """The CLIP model the RestoreCLS table was made with (its metadata, tasks.embed.table_metadata),
     or None for a table that does not say (e.g. one made by `srdiff import-embeddings`)."""
-    columns = tables.read_table(restorecls_url, columns=["id"]).schema.metadata or {}
-    meta = {k.decode(): v.decode() for k, v in columns.items()}
+    schema = tables.read_table(restorecls_url, columns=["id"]).schema
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     return meta if meta.get("weights_digest") else None
+
+
+def check_embeddings_fit(cfg: Config, restorecls_url: str) -> None:
+    """Refuse, before training, a RestoreCLS table made by another CLIP architecture than
+    embed.arch (model.pt records embed.arch: restoring would embed new images differently)."""
+    meta = embedding_clip_meta(restorecls_url)
+    if meta is not None and meta.get("arch") not in (None, cfg.embed.arch):
+        raise ValueError(f"{restorecls_url} was made with CLIP {meta['arch']!r} but embed.arch is "
+                         f"{cfg.embed.arch!r}: set embed.arch: {meta['arch']}, or pass the RestoreCLS table "
+                         f"of an embed run with {cfg.embed.arch}")
 
 
 def write_model(ema: torch.nn.Module, cfg: Config, srm_url: str, out_dir: Path, run_id: str | None,

@@ -233,11 +233,14 @@ def test_env_is_validated(monkeypatch):
 VAL_IDS = ("val/noisy/img.0",)
 
 
-def _restorecls_table(root: Path) -> str:
+def _restorecls_table(root: Path, arch: str = "ViT-B-32") -> str:
+    """A RestoreCLS table as the embed stage writes it, with the metadata naming its CLIP model."""
     vectors = embeddings([*TRAIN_IDS, *VAL_IDS])
     url = str(root / "restorecls.parquet")
-    tables.write_table(url, pa.table({"id": list(vectors), "embedding": embed_tables.vector_column(
-        torch.from_numpy(np.stack(list(vectors.values()))))}))
+    table = pa.table({"id": list(vectors), "embedding": embed_tables.vector_column(
+        torch.from_numpy(np.stack(list(vectors.values()))))})
+    tables.write_table(url, table.replace_schema_metadata({"arch": arch, "weights": "a test's",
+                                                           "weights_digest": "d1g357"}))
     return url
 
 
@@ -255,7 +258,8 @@ def test_the_train_stage_with_two_processes_runs_ddp_under_torchrun_and_resumes(
     assert [p.name for p in list_checkpoints(out_dir / "checkpoints")] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
     model = (out_dir / "model.pt").read_bytes()
     assert result.digest == fs.sha256_bytes(model)
-    assert torch.load(io.BytesIO(model), weights_only=True)["srm"]["weight"].tolist() == [1.0, 1.0]
+    saved = torch.load(io.BytesIO(model), weights_only=True)
+    assert saved["srm"]["weight"].tolist() == [1.0, 1.0] and saved["embed"]["weights_digest"] == "d1g357"
     streamed = [r.message for r in caplog.records if r.message.startswith("train[torchrun]")]
     assert any("on cpu x 2 rank(s)" in m for m in streamed), streamed  # rank 0's summary line
     assert any("train: 3 steps on 2 rank(s)" in m for m in streamed), streamed
@@ -265,6 +269,14 @@ def test_the_train_stage_with_two_processes_runs_ddp_under_torchrun_and_resumes(
         again = train_task.train.fn(cfg, **args)  # everything done: resumes at step 3, trains nothing
     assert again.metrics["train/final_step"] == 3 and again.digest == result.digest
     assert any("resuming from" in r.message and "ckpt-00000003.pt" in r.message for r in caplog.records)
+
+
+def test_embeddings_of_another_clip_arch_are_refused_before_training(tmp_path):
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match=r"made with CLIP 'RN50' but embed.arch is 'ViT-B-32': set embed.arch: RN50"):
+        train_task.fit(cfg, tmp_path / "run", str(tmp_path / "shards"), _restorecls_table(tmp_path, "RN50"), None,
+                       logging.getLogger("srdiff"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_failed_train_torchrun_names_its_last_lines_and_the_one_process_setting(tmp_path, monkeypatch):

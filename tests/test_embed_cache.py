@@ -154,6 +154,10 @@ def test_a_damaged_model_json_sets_the_folder_aside_with_a_warning_and_all_are_m
     assert record.message.endswith(f"{DESCRIPTOR_NAME} renamed to {aside}") and fs.read_bytes(aside) == damage
     assert not fs.exists(descriptor_url) and cache.parts() == []
     assert all(fs.exists(part + BAD_SUFFIX) for part in parts)
+    # Another rank loading while the folder is being set aside (a part not yet renamed) trusts nothing.
+    fs.atomic_write_bytes(parts[0], fs.read_bytes(parts[0] + BAD_SUFFIX))
+    assert EmbeddingCache(str(tmp_path), DESCRIPTOR).load() == {}
+    fs.remove(parts[0])
     # The next append starts the folder afresh: a new model.json, and only the new rows.
     cache.append(vectors("c", seed=2))
     assert json.loads(fs.read_bytes(descriptor_url)) == DESCRIPTOR

@@ -142,6 +142,8 @@ def test_import_embeddings_cli_writes_the_table_the_train_stage_reads(embedded, 
     assert "2 imported id(s) are not in the samples table" in capsys.readouterr().err
     assert cli.main(["import-embeddings", str(tmp_path / "empty"), other]) == 1
     assert "no .pt files under" in capsys.readouterr().err and not os.path.exists(other)
+    assert cli.main(["import-embeddings", str(tmp_path / "RestoreCLS"), other, "--manifest", str(tmp_path / "no.parquet")]) == 1
+    assert "no.parquet does not exist; it is written by the download stage" in capsys.readouterr().err
 
 
 def test_pt_layout_import_takes_flat_vectors_and_names_bad_files(tmp_path):

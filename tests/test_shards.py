@@ -110,21 +110,25 @@ def _fake_rows(n: int, gt_size: int = 600) -> tuple[list[dict], dict[str, int]]:
     return rows, sizes
 
 
+def _plan_rows(rows: list[dict], sizes: dict[str, int], **limits) -> list[shards.ShardPlan]:
+    return shards.plan_shards(pa.Table.from_pylist(rows, schema=tables.PAIRS_SCHEMA), sizes=sizes, **limits)
+
+
 def test_plan_sizes_are_exact_tar_arithmetic():
     rows, sizes = _fake_rows(5)
     # Per sample: lq 512+512, gt 512+1024, json 512+512 = 3584 bytes; a tar adds two 512-byte
     # end blocks and pads to a 10240-byte record.
-    plans = shards.plan_group(rows, sizes, split="train", degradation="hazy", maxcount=3, maxsize=1 << 30)
-    assert [p.ids for p in plans] == [("s0", "s1", "s2"), ("s3", "s4")]
+    plans = _plan_rows(rows, sizes, maxcount=3, maxsize=1 << 30)
+    assert [p.samples.ids for p in plans] == [["s0", "s1", "s2"], ["s3", "s4"]]
     assert [p.size for p in plans] == [20480, 10240]  # 3*3584+1024 -> 20480; 2*3584+1024 -> 10240
     assert plans[1].name == "train/hazy/pairs-000001.tar"
     # maxsize 10240 fits two samples (8192 -> 10240) but not three (11776 -> 20480).
-    by_size = shards.plan_group(rows, sizes, split="train", degradation="hazy", maxcount=99, maxsize=10240)
-    assert [len(p.ids) for p in by_size] == [2, 2, 1]
+    by_size = _plan_rows(rows, sizes, maxcount=99, maxsize=10240)
+    assert [len(p.samples.ids) for p in by_size] == [2, 2, 1]
     # A sample larger than maxsize still gets a shard, alone.
     big_rows, big_sizes = _fake_rows(2, gt_size=50_000)
-    alone = shards.plan_group(big_rows, big_sizes, split="train", degradation="hazy", maxcount=99, maxsize=10240)
-    assert [len(p.ids) for p in alone] == [1, 1]
+    alone = _plan_rows(big_rows, big_sizes, maxcount=99, maxsize=10240)
+    assert [len(p.samples.ids) for p in alone] == [1, 1]
 
 
 def test_sample_keys_have_no_dots_or_slashes():
@@ -342,7 +346,7 @@ def test_changed_source_file_is_refused(source, tmp_path):
     # Sizes come from the plan: a file that grew or shrank since is caught while copying.
     sizes = fs.sizes([r[k] for r in src.to_pylist() for k in ("lq_path", "gt_path")])
     plan = next(p for p in shards.plan_shards(src, maxcount=3, sizes=sizes)
-                if victim in {m.source for m in p.members})
+                if victim in {m.source for m in p.samples.members()})
     for delta, word in [(1, "longer"), (-1, "shorter")]:
         fs.atomic_write_bytes(victim, b"x" * (sizes[victim] + delta))
         with pytest.raises(RuntimeError, match=f"{victim} is {word} than {sizes[victim]} bytes"):
@@ -762,22 +766,41 @@ def test_shard_bytes_are_pinned(tmp_path):
     assert index.column("sha256").to_pylist() == PINNED_SHARD_SHA256
 
 
-def test_manifest_plan_equals_row_by_row_plan(tmp_path):
-    # plan_shards works column by column; plan_group takes manifest rows one by one (and
-    # sample_json, sample_key and member_tar_size per member): both must plan the same shards.
+def _reference_plan(rows: list[dict], sizes: dict[str, int], *, maxcount: int,
+                    maxsize: int) -> list[tuple[str, list[str], int]]:
+    """(name, ids, bytes) of each shard, sample by sample as the issue describes the cut, every
+    member sized on its own (member_tar_size: tarfile's own header where PAX records are needed)."""
+    plans = []
+    for split, degradation in sorted({(r["split"], r["degradation"]) for r in rows}):
+        group = sorted((r for r in rows if (r["split"], r["degradation"]) == (split, degradation)),
+                       key=lambda r: r["id"])
+        current, current_bytes, count = [], 0, 0
+
+        def close() -> None:
+            plans.append((f"{split}/{degradation}/pairs-{count:06d}.tar", current, shards.tar_size(current_bytes)))
+
+        for row in group:
+            key, meta = shards.sample_key(row["id"]), shards.sample_json(row)
+            nbytes = sum(shards.member_tar_size(shards.Member(name, size)) for name, size in (
+                (f"{key}.lq.png", sizes[row["lq_path"]]), (f"{key}.gt.png", sizes[row["gt_path"]]),
+                (f"{key}.json", len(meta))))
+            if current and (len(current) >= maxcount or shards.tar_size(current_bytes + nbytes) > maxsize):
+                close()
+                current, current_bytes, count = [], 0, count + 1
+            current, current_bytes = current + [row["id"]], current_bytes + nbytes
+        close()
+    return plans
+
+
+def test_manifest_plan_equals_a_sample_by_sample_reference(tmp_path):
+    # plan_shards sizes samples with numpy and cuts with searchsorted over Arrow columns; the
+    # reference walks the rows one by one and sizes every member on its own.
     everything = _fixed_manifest(tmp_path)
-    sizes = fs.sizes([r[k] for r in everything.to_pylist() for k in ("lq_path", "gt_path")])
+    rows = everything.to_pylist()
+    sizes = fs.sizes([r[k] for r in rows for k in ("lq_path", "gt_path")])
     safe_ids_only = everything.take([0, 2, 3])  # their keys are the ids themselves (a shortcut)
     for manifest, maxcount, maxsize in [(everything, 2, 1 << 30), (everything, 99, 1 << 16),
                                         (everything, 99, 10240), (safe_ids_only, 2, 1 << 30)]:
         planned = shards.plan_shards(manifest, maxcount=maxcount, maxsize=maxsize)
-        by_rows = []
-        for degradation in ("hazy", "rainy"):
-            rows = sorted((r for r in manifest.to_pylist() if r["degradation"] == degradation), key=lambda r: r["id"])
-            by_rows += shards.plan_group(rows, sizes, split="train", degradation=degradation,
-                                         maxcount=maxcount, maxsize=maxsize)
-        assert [(p.name, p.ids, p.size, p.members, p.digest) for p in planned] == \
-               [(p.name, p.ids, p.size, p.members, p.digest) for p in by_rows]
-        for plan in planned:
-            members_bytes = sum(shards.member_tar_size(m) for m in plan.members)
-            assert plan.size == shards.tar_size(members_bytes)
+        assert [(p.name, p.samples.ids, p.size) for p in planned] == \
+            _reference_plan(manifest.to_pylist(), sizes, maxcount=maxcount, maxsize=maxsize)

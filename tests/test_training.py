@@ -368,15 +368,21 @@ def test_training_backend_settings_are_restored_after_training():
 
 
 def test_segmented_batches_restart_the_source_at_every_checkpoint_step():
-    starts = []
+    starts, closed = [], []
 
     def source(start: int):
         starts.append(start)
-        return ({"step": s} for s in itertools.count(start))
+        try:
+            yield from ({"step": s} for s in itertools.count(start))
+        finally:  # a DataLoader's workers stop here
+            closed.append(start)
 
     batches = segmented_batches(source, 3, every=4)
     assert [next(batches)["step"] for _ in range(7)] == [3, 4, 5, 6, 7, 8, 9]
     assert starts == [3, 4, 8]  # the resumed start, then each checkpoint step
+    assert closed == [3, 4]  # each source is closed when the next one starts...
+    batches.close()
+    assert closed == [3, 4, 8]  # ...and the current one when the batches are closed (train does)
     with pytest.raises(RuntimeError, match="ran out of batches at step 5"):
         list(segmented_batches(lambda start: iter([{"step": start}]), 4, every=8))
 
