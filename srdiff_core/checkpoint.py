@@ -18,6 +18,7 @@ so they load with ``torch.load(weights_only=True)``: loading one never executes 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 from collections.abc import Iterable
@@ -103,6 +104,18 @@ def refused_global(error: Exception) -> str | None:
     global instead of quoting the advice."""
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
     return found.group(1) if found else None
+
+
+def unreadable_torch_file(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` could not read a file, as a clause ("it holds ..."),
+    from the error it raised."""
+    if isinstance(error, pickle.UnpicklingError):
+        refused = refused_global(error)
+        if refused:
+            return f"it holds pickled Python objects ({refused}), which srdiff does not load for safety"
+        return "it is not a torch file, or is damaged (the unpickler refused its bytes)"
+    # A cut zip gives RuntimeError; stray bytes give whatever the pickle opcodes trip on (IndexError, ...).
+    return f"it is not a readable torch file, or is damaged or truncated ({type(error).__name__}: {error})"
 
 
 def state_dict_mismatch(error: Exception, limit: int = 200) -> str:

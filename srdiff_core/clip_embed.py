@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from torch import Tensor
 
-from srdiff_core.checkpoint import refused_global, state_dict_mismatch
+from srdiff_core.checkpoint import refused_global, state_dict_mismatch, unreadable_torch_file
 from srdiff_core.config import random_clip_weights
 
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -261,9 +261,9 @@ def _unreadable_weights(error: Exception, source: _WeightsSource, arch: str) -> 
     file = str(source.files[0]) if len(source.files) == 1 else f"one of {', '.join(map(str, source.files))}"
     if isinstance(error, SafetensorError):
         return f"{file} is not a readable safetensors file ({error}): it is truncated or corrupt; download it again"
-    if isinstance(error, pickle.UnpicklingError) and str(error).startswith("Weights only load failed"):
-        refused = refused_global(error)
-        return (f"{file} holds pickled Python objects{f' ({refused})' if refused else ''}, which srdiff "
+    refused = refused_global(error) if isinstance(error, pickle.UnpicklingError) else None
+    if refused:
+        return (f"{file} holds pickled Python objects ({refused}), which srdiff "
                 f"does not load for safety; re-save it as a plain state dict (torch.save(model.state_dict(), path)) "
                 f"or as .safetensors")
     if isinstance(error, RuntimeError) and str(error).startswith("Error(s) in loading state_dict"):
@@ -274,6 +274,20 @@ def _unreadable_weights(error: Exception, source: _WeightsSource, arch: str) -> 
                     f"in the folder")
         return (f"{file} does not fit embed.arch {arch!r} ({state_dict_mismatch(error)}); set embed.arch to the "
                 f"architecture the file was saved from, or point embed.pretrained at weights for {arch}")
+    return _damaged_torch_file(source.files)
+
+
+def _damaged_torch_file(files: tuple[Path, ...]) -> str | None:
+    """For another error from inside open_clip: whether one of the torch weight files is itself
+    unreadable (truncated, random bytes: torch raises RuntimeError, EOFError, KeyError, ... there),
+    found by loading it alone; None when they all load, so the original error stands."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            continue  # safetensors' own errors are translated above
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            return f"{path}: {unreadable_torch_file(e)}; download it again, or re-save it with torch.save(state_dict)"
     return None
 
 

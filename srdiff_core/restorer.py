@@ -7,7 +7,6 @@ image needs nothing precomputed: CLIP embeds the LQ, the SRM refines it, the UNe
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from srdiff_core import clip_embed, samplers, srm
-from srdiff_core.checkpoint import refused_global, state_dict_mismatch
+from srdiff_core.checkpoint import state_dict_mismatch, unreadable_torch_file
 from srdiff_core.config import SDEConfig, SRMConfig, UNetConfig
 from srdiff_core.sde import IRSDE
 from srdiff_core.unet import ConditionalUNet
@@ -43,16 +42,6 @@ def _other_version(path: Path, what: str) -> ModelFileMismatch:
                              f"{OTHER_VERSION_FIX}")
 
 
-def _why_unreadable(error: Exception) -> str:
-    if isinstance(error, pickle.UnpicklingError):
-        refused = refused_global(error)
-        if refused:
-            return f"it holds pickled Python objects ({refused}), which srdiff does not load for safety"
-        return "it is not a torch file, or is damaged (the unpickler refused its bytes)"
-    # A cut zip gives RuntimeError; stray bytes give whatever the pickle opcodes trip on (IndexError, ...).
-    return f"it is not a readable torch file, or is damaged or truncated ({type(error).__name__}: {error})"
-
-
 def _read_model_file(path: Path) -> dict:
     """The model file's dict, with a fix named for every file that is not one."""
     try:
@@ -60,7 +49,7 @@ def _read_model_file(path: Path) -> dict:
     except (OSError, MemoryError):
         raise  # a missing or unreadable file: its own message names it
     except Exception as e:
-        raise _not_a_model_file(path, _why_unreadable(e)) from e
+        raise _not_a_model_file(path, unreadable_torch_file(e)) from e
     if not isinstance(state, dict):
         raise _not_a_model_file(path, f"it holds a {type(state).__name__}, not a dict")
     found = state.get("format")

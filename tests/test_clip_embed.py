@@ -339,6 +339,20 @@ def test_file_holding_pickled_objects_is_refused_for_safety(tmp_path):
     assert f"'{TINY_ARCH}'" in message and "weights_only=False" not in message
 
 
+@pytest.mark.parametrize("damage", [lambda data: data[: len(data) // 2], lambda data: b"not torch" * 50,
+                                    lambda data: b"\x80\x02garbage" * 50],
+                         ids=["truncated", "random-bytes", "pickle-header-then-garbage"])
+def test_damaged_torch_weights_file_is_refused_naming_it(damage, tmp_path):
+    path = tmp_path / "weights.bin"
+    torch.save(load_clip(TINY_ARCH, "none").model.state_dict(), path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ClipWeightsUnavailable) as info:
+        load_clip(TINY_ARCH, str(path))
+    message = str(info.value)
+    assert f"{path}: it is not a " in message and "download it again, or re-save it with torch.save" in message
+    assert f"'{TINY_ARCH}'" in message
+
+
 @pytest.mark.parametrize("cut, safetensors_says", [
     (lambda data: b"abc", "header too small"),
     (lambda data: data[:1000], "invalid header length"),
