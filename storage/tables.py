@@ -9,7 +9,8 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from typing import Any
+from contextlib import contextmanager
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -73,6 +74,13 @@ def read_table(url: str | os.PathLike, hint: str | None = None,
     ``hint`` names what writes the file (e.g. "the download stage"), so the message can say
     what to run next.
     """
+    with _open_written(url, hint) as f:
+        return pq.read_table(f, columns=columns)
+
+
+@contextmanager
+def _open_written(url: str | os.PathLike, hint: str | None) -> Iterator[IO[bytes]]:
+    """``url`` opened for reading; a missing file raises FileNotFoundError naming what writes it."""
     url = os.fspath(url)
     if not fs.exists(url):
         writer = hint or "an earlier pipeline stage"
@@ -80,7 +88,14 @@ def read_table(url: str | os.PathLike, hint: str | None = None,
                                 f"first (or check data_root)")
     filesystem, path = fs.resolve(url)
     with filesystem.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+        yield f
+
+
+def read_metadata(url: str | os.PathLike, hint: str | None = None) -> dict[str, str]:
+    """A Parquet file's schema metadata as text, read from its footer alone (not its rows)."""
+    with _open_written(url, hint) as f:
+        metadata = pq.read_schema(f).metadata or {}
+    return {k.decode(): v.decode() for k, v in metadata.items()}
 
 
 # ---------------------------------------------------------------------------------------------

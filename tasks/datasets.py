@@ -126,14 +126,20 @@ def parse_gopro(parts: tuple[str, ...], lq_folder: str = "blur") -> Member | Non
                   "GT" if folder == "sharp" else "LQ")
 
 
-def parse_reside6k(parts: tuple[str, ...], **_) -> Member | None:
-    """``{train,test}/{hazy,GT}/<name>``, the same name (stem) on both sides."""
+def _split_side_name(parts: tuple[str, ...], splits: dict[str, str], sides: dict[str, str]) -> Member | None:
+    """``<split>/<side>/<name>`` with the same name (stem) on both sides; ``splits`` and ``sides``
+    map the dataset's folder names to ours (train/val, LQ/GT)."""
     if len(parts) < 3 or not _image(parts):
         return None
     split, side, name = parts[-3:]
-    if split not in ("train", "test") or side not in ("hazy", "GT"):
+    if split not in splits or side not in sides:
         return None
-    return Member("train" if split == "train" else "val", _stem(name), "LQ" if side == "hazy" else "GT")
+    return Member(splits[split], _stem(name), sides[side])
+
+
+def parse_reside6k(parts: tuple[str, ...], **_) -> Member | None:
+    """``{train,test}/{hazy,GT}/<name>``."""
+    return _split_side_name(parts, {"train": "train", "test": "val"}, {"hazy": "LQ", "GT": "GT"})
 
 
 _RAIN = re.compile(r"(no)?rain-(\d+)", re.IGNORECASE)
@@ -161,13 +167,8 @@ def _rain_split(folders: tuple[str, ...]) -> str:
 
 
 def parse_lol(parts: tuple[str, ...], **_) -> Member | None:
-    """``{our485,eval15}/{low,high}/N.png``, the same name on both sides."""
-    if len(parts) < 3 or not _image(parts):
-        return None
-    split, side, name = parts[-3:]
-    if split not in ("our485", "eval15") or side not in ("low", "high"):
-        return None
-    return Member("train" if split == "our485" else "val", _stem(name), "LQ" if side == "low" else "GT")
+    """``{our485,eval15}/{low,high}/N.png``."""
+    return _split_side_name(parts, {"our485": "train", "eval15": "val"}, {"low": "LQ", "high": "GT"})
 
 
 LAYOUTS: dict[str, Callable[..., Member | None]] = {

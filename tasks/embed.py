@@ -537,8 +537,8 @@ def embed(cfg: Config, key: str, shards_url: str, run_id: str | None = None) -> 
     metrics |= {"srm/val_cos_before": result.val_cos_before, "srm/val_cos_after": result.val_cos_after,
                 "srm/best_epoch": float(result.best_epoch), **counts}
     if run_id:
-        tracking.set_tags(cfg, run_id, {"clip.weights": meta["weights"], "clip.arch": meta["arch"],
-                                        "clip.random_weights": meta["random_weights"]})
+        # clip.pretrained / clip.random_weights are on every run already (tracking.clip_weights_tags).
+        tracking.set_tags(cfg, run_id, {"clip.weights": meta["weights"], "clip.arch": meta["arch"]})
     seconds = time.perf_counter() - start
     log.info(f"embed: {len(emb.ids)} pairs, {meta['arch']} ({meta['weights']}) in {seconds:.1f} s -> {out_url}")
     return StageResult(stage="embed", key=key, digest=tables.table_digest(restore_table),

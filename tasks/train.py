@@ -145,8 +145,7 @@ def _fit_on(device: torch.device, cfg: Config, out_dir: Path, shards_url: str, r
 def embedding_clip_meta(restorecls_url: str) -> dict[str, str] | None:
     """The CLIP model the RestoreCLS table was made with (its metadata, tasks.embed.table_metadata),
     or None for a table that does not say (e.g. one made by `srdiff import-embeddings`)."""
-    schema = tables.read_table(restorecls_url, columns=["id"]).schema
-    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    meta = tables.read_metadata(restorecls_url, hint="the embed stage")
     return meta if meta.get("weights_digest") else None
 
 

@@ -65,22 +65,23 @@ def reside_members(train: list[str], test: list[str]) -> dict[str, bytes]:
     return out
 
 
-def rain_train_members(numbers: list[int]) -> dict[str, bytes]:
-    """RainTrainH.zip: flat ``rain-N.png`` / ``norain-N.png``."""
+def _rain_members(numbers: list[int], lq: str, gt: str, seed: int) -> dict[str, bytes]:
+    """``lq.format(n)`` and ``gt.format(n)`` for each number, distinct images (seeds seed + n, seed + 100 + n)."""
     out = {}
     for n in numbers:
-        out[f"RainTrainH/rain-{n}.png"] = image_bytes(200 + n)
-        out[f"RainTrainH/norain-{n}.png"] = image_bytes(300 + n)
+        out[lq.format(n)] = image_bytes(seed + n)
+        out[gt.format(n)] = image_bytes(seed + 100 + n)
     return out
+
+
+def rain_train_members(numbers: list[int]) -> dict[str, bytes]:
+    """RainTrainH.zip: flat ``rain-N.png`` / ``norain-N.png``."""
+    return _rain_members(numbers, "RainTrainH/rain-{}.png", "RainTrainH/norain-{}.png", 200)
 
 
 def rain_test_members(numbers: list[int]) -> dict[str, bytes]:
     """Rain100H.zip: ``rainy/rain-NNN.png`` + ``norain-NNN.png``."""
-    out = {}
-    for n in numbers:
-        out[f"Rain100H/rainy/rain-{n:03d}.png"] = image_bytes(400 + n)
-        out[f"Rain100H/norain-{n:03d}.png"] = image_bytes(500 + n)
-    return out
+    return _rain_members(numbers, "Rain100H/rainy/rain-{:03d}.png", "Rain100H/norain-{:03d}.png", 400)
 
 
 def lol_members(train: list[int], val: list[int]) -> dict[str, bytes]:

@@ -256,15 +256,20 @@ def test_resume_after_kill_writes_only_missing_shards(source, written, tmp_path,
         f.write(b"half a shard")
     kept = os.stat(os.path.join(out, "train/hazy/pairs-000000.tar")).st_mtime_ns
 
-    rewritten = []
-    real_start = shards.start_shard
-    monkeypatch.setattr(shards, "start_shard",
-                        lambda plan, url, side, **kw: rewritten.append(plan.name) or real_start(plan, url, side, **kw))
+    rewritten = _record_rewrites(monkeypatch)
     shards.write_shards(source, out, maxcount=3, workers=2)
 
     assert sorted(rewritten) == ["val/hazy/pairs-000000.tar", "val/rainy/pairs-000000.tar"]
     assert os.stat(os.path.join(out, "train/hazy/pairs-000000.tar")).st_mtime_ns == kept
     assert snapshot(out) == snapshot(written)
+
+
+def _record_rewrites(monkeypatch) -> list[str]:
+    """The names of the shards the writer (re)writes from now on, in a list it fills."""
+    rewritten, real_start = [], shards.start_shard
+    monkeypatch.setattr(shards, "start_shard",
+                        lambda plan, url, side, **kw: rewritten.append(plan.name) or real_start(plan, url, side, **kw))
+    return rewritten
 
 
 def _kill_after_copies(monkeypatch, n: int):
@@ -306,10 +311,7 @@ def test_empty_or_torn_sidecar_means_the_shard_is_rewritten(source, written, tmp
             data = f.read()
         with open(path, "wb") as f:
             f.write(data[:keep])
-    rewritten = []
-    real_start = shards.start_shard
-    monkeypatch.setattr(shards, "start_shard",
-                        lambda plan, url, side, **kw: rewritten.append(plan.name) or real_start(plan, url, side, **kw))
+    rewritten = _record_rewrites(monkeypatch)
     shards.write_shards(source, out, maxcount=3, workers=1)
     assert sorted(rewritten) == ["train/hazy/pairs-000000.tar", "val/rainy/pairs-000000.tar"]
     assert snapshot(out) == snapshot(written)

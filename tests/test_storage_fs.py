@@ -145,6 +145,16 @@ def test_read_table_missing_names_url_and_stage(tmp_path):
         tables.read_table(url)
 
 
+def test_read_metadata_gives_the_schema_metadata_as_text(root):
+    url = fs.join(root, "emb.parquet")
+    tables.write_table(url, pa.table({"id": ["a"]}).replace_schema_metadata({"arch": "ViT-B-32", "n": "3"}))
+    assert tables.read_metadata(url) == {"arch": "ViT-B-32", "n": "3"}
+    tables.write_table(url, pa.table({"id": ["a"]}))
+    assert tables.read_metadata(url) == {}
+    with pytest.raises(FileNotFoundError, match="written by the embed stage"):
+        tables.read_metadata(fs.join(root, "missing.parquet"), hint="the embed stage")
+
+
 def _digest_table() -> pa.Table:
     return pa.table({"id": ["a", "b", None], "n": pa.array([1, 2, 3], pa.int32()),
                      "x": [0.5, float("nan"), -1.0], "blob": [b"\x00", b"", b"z"],

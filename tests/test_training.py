@@ -327,7 +327,7 @@ def _psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
 def test_tiny_unet_learns_to_brighten(tmp_path):
     """400 steps on 4 fixed pairs of 32 px (GT smooth colour fields, LQ = GT / 2, a low-light
     degradation) lift the 20-step posterior sample >= 3 dB above the LQ input (measured: 20.45 vs
-    11.61 dB at seed 0; at 16 px seeds 0-4 all gained >= 6 dB). ~35 s on the 2-core box.
+    11.61 dB at seed 0; at 16 px seeds 0-4 all gained >= 6 dB). ~42 s on the 2-core box.
 
     max_sigma = 50: at the default 10, x0 is recovered from x_t through a factor
     lambda * e^{thetabar_T} ~ 8 applied to the noise estimate, and this budget leaves the estimate
