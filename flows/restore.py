@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -20,20 +23,26 @@ from tasks.common import RANDOM_WEIGHTS_NOTE
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def resolve_checkpoint(checkpoint: str, cfg) -> Path:
-    """A model.pt path, or an MLflow run id whose `model/model.pt` artifact is downloaded."""
+@contextmanager
+def model_file(checkpoint: str, cfg) -> Iterator[Path]:
+    """A model.pt path, or an MLflow run id whose `model/model.pt` artifact is downloaded into a
+    temporary folder that is removed once the model is loaded (MLflow's own default folder is
+    never removed, and a real model is hundreds of MB)."""
     path = Path(checkpoint)
     if path.is_file():
-        return path
+        yield path
+        return
     if path.is_dir() and (path / "model.pt").is_file():
-        return path / "model.pt"
-    try:
-        local = tracking.client_for(cfg).download_artifacts(checkpoint, "model/model.pt")
-    except Exception as e:  # MLflow raises several types for an unknown run or artifact
-        raise SystemExit(f"srdiff restore: {checkpoint} is neither a model.pt file nor an MLflow train run with a "
-                         f"model/model.pt artifact in {tracking.tracking_uri(cfg)} ({e}). Pass the model.pt the "
-                         f"train stage wrote (data/runs/train/<key>/model.pt) or a train run id from the MLflow UI.")
-    return Path(local)
+        yield path / "model.pt"
+        return
+    with tempfile.TemporaryDirectory(prefix=f"srdiff-run-{path.name}-") as tmp:
+        try:
+            local = tracking.client_for(cfg).download_artifacts(checkpoint, "model/model.pt", dst_path=tmp)
+        except Exception as e:  # MLflow raises several types for an unknown run or artifact
+            raise SystemExit(f"srdiff restore: {checkpoint} is neither a model.pt file nor an MLflow train run with a "
+                             f"model/model.pt artifact in {tracking.tracking_uri(cfg)} ({e}). Pass the model.pt the "
+                             f"train stage wrote (data/runs/train/<key>/model.pt) or a train run id from the MLflow UI.")
+        yield Path(local)
 
 
 def list_inputs(input_path: Path) -> list[Path]:
@@ -60,14 +69,15 @@ def load_restorer(checkpoint: str, cfg, device: str, clip_pretrained: str | None
     """The model file's restorer with its CLIP encoder loaded (so weights other than those the
     model was trained with are refused before any image); a ModelFileMismatch,
     ClipWeightsUnavailable or ValueError names what to change."""
-    restorer = Restorer.from_file(resolve_checkpoint(checkpoint, cfg), device=device, clip_pretrained=clip_pretrained)
-    if not 1 <= steps <= restorer.sde.T:  # the model's own SDE, which may differ from the config's
-        raise ValueError(f"--steps {steps} is outside 1..{restorer.sde.T}, the SDE steps this model was trained "
-                         f"with: pass --steps between 1 and {restorer.sde.T}")
-    if restorer.conditioning != "null":
-        restorer.encoder()
-        if random_clip_weights(restorer.clip_pretrained):
-            print(f"note: this model was trained with {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
+    with model_file(checkpoint, cfg) as path:  # open while errors may name the file
+        restorer = Restorer.from_file(path, device=device, clip_pretrained=clip_pretrained)
+        if not 1 <= steps <= restorer.sde.T:  # the model's own SDE, which may differ from the config's
+            raise ValueError(f"--steps {steps} is outside 1..{restorer.sde.T}, the SDE steps this model was trained "
+                             f"with: pass --steps between 1 and {restorer.sde.T}")
+        if restorer.conditioning != "null":
+            restorer.encoder()
+    if restorer.conditioning != "null" and random_clip_weights(restorer.clip_pretrained):
+        print(f"note: this model was trained with {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
     return restorer
 
 

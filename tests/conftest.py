@@ -1,13 +1,23 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 # No hub downloads, ever, in tests; Prefect's telemetry off.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every temporary file of the session (ours, MLflow's downloads, torchrun's torchelastic_*
+# folders, servers' scratch) goes under one folder removed at exit, so repeated runs do not fill
+# the disk; pytest's own tmp_path folders stay where pytest keeps (and prunes) them.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+SESSION_TMP = tempfile.mkdtemp(prefix="srdiff-tests-")
+os.environ["TMPDIR"] = SESSION_TMP  # subprocesses (torchrun, servers) inherit it
+tempfile.tempdir = SESSION_TMP
+atexit.register(shutil.rmtree, SESSION_TMP, ignore_errors=True)
 # A torch hub cache of the tests' own: LPIPS is "unavailable" unless a test writes weights there,
 # whatever the developer's ~/.cache/torch holds.
-os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="srdiff-torch-home-")
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="torch-home-")
 
 import pytest  # noqa: E402
 

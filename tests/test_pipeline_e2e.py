@@ -1,6 +1,8 @@
 """The `srdiff` flow end to end on the tiny config, under prefect_test_harness."""
 
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -184,6 +186,7 @@ def test_restore_cli_on_a_folder_by_path_and_by_run_id(pipeline, tmp_path, capsy
     first = pipeline["first"]["stages"]["train"]
     set_args = sum((["--set", o] for o in pipeline["overrides"]), [])
     for checkpoint, out in ((first["outputs"]["model"], tmp_path / "out_path"), (first["run_id"], tmp_path / "out_run")):
+        temp_before = set(os.listdir(tempfile.gettempdir()))
         assert cli.main(["restore", str(src), str(out), "--checkpoint", checkpoint, "--config", TINY,
                          "--steps", "2", *set_args]) == 0
         err = capsys.readouterr().err
@@ -191,6 +194,7 @@ def test_restore_cli_on_a_folder_by_path_and_by_run_id(pipeline, tmp_path, capsy
         assert "note: this model was trained with random CLIP weights" in err
         assert sorted(p.name for p in out.iterdir()) == ["colour.png", "grey.png"]
         assert Image.open(out / "colour.png").size == (52, 40) and Image.open(out / "grey.png").mode == "RGB"
+        assert set(os.listdir(tempfile.gettempdir())) == temp_before  # the run's model.pt download is removed
     assert (np.asarray(Image.open(tmp_path / "out_path" / "colour.png")) ==
             np.asarray(Image.open(tmp_path / "out_run" / "colour.png"))).all()  # same seed, same model
 
