@@ -146,10 +146,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_verify_shards(args: argparse.Namespace) -> int:
     from storage.shards import ShardVerificationError, verify_shards
+    from storage.tables import UnreadableTable
 
     try:
         verify_shards(args.shards)
-    except (ShardVerificationError, FileNotFoundError) as e:
+    except (ShardVerificationError, FileNotFoundError, UnreadableTable) as e:
         print(f"srdiff verify-shards: {e}", file=sys.stderr)
         return 1
     print(f"{args.shards}: every shard matches index.parquet")
@@ -164,7 +165,7 @@ def cmd_import_embeddings(args: argparse.Namespace) -> int:
     try:
         samples = None
         if args.manifest:
-            samples = tables.read_table(args.manifest, hint="the download stage (data_root/manifests/pairs.parquet)")
+            samples = tables.read_table(args.manifest, hint="the download stage (`srdiff run --stages download`, which writes data_root/manifests/pairs.parquet)")
         table = import_pt_layout(args.folder, samples=samples,
                                  metadata={"imported_from": str(args.folder), "weights": "unknown (imported)"})
     except (FileNotFoundError, ValueError) as e:

@@ -57,6 +57,10 @@ SHARD_PATTERN = "pairs-%06d.tar"
 SIDECAR_SUFFIX = ".json"
 COPY_BUFSIZE = 1 << 20
 REFRESH_HINT = "rerun the shard stage with --refresh shard"
+# A damaged shard of the right size still looks finished to the writer (its sidecar matches), so
+# a reader's error sends the user through verify_shards, which marks the damaged ones unfinished.
+REPAIR_HINT = ("run `srdiff verify-shards` on the shard folder (it marks damaged shards for rewriting), "
+               "then rerun the shard stage with --refresh shard")
 
 INDEX_SCHEMA = pa.schema([
     pa.field("shard", pa.string(), nullable=False),  # relative to out_url
@@ -991,7 +995,7 @@ def _report(progress: Callable[[int, int], None] | None, done: int, total: int) 
 # Reading.
 
 def read_index(out_url: str) -> pa.Table:
-    return read_table(fs.join(out_url, INDEX_NAME), hint="the shard stage (srdiff/shard)")
+    return read_table(fs.join(out_url, INDEX_NAME), hint="the shard stage (`srdiff run --stages shard`)")
 
 
 def shard_urls(out_url: str, *, split: str, degradations: list[str] | None = None) -> list[str]:
@@ -1026,7 +1030,7 @@ def _read_exact(stream: IO[bytes], n: int, url: str) -> bytes:
     while len(data) < n and (more := stream.read(n - len(data))):
         data += more
     if len(data) < n:
-        raise ValueError(f"{url} ends in the middle of a tar member (truncated); {REFRESH_HINT}")
+        raise ValueError(f"{url} ends in the middle of a tar member (truncated); {REPAIR_HINT}")
     return data
 
 
@@ -1057,7 +1061,7 @@ def _iter_members(stream: IO[bytes], url: str) -> Iterator[tuple[str, bytes]]:
         try:
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
         except tarfile.HeaderError as e:
-            raise ValueError(f"{url}: damaged tar header ({e}); {REFRESH_HINT}") from None
+            raise ValueError(f"{url}: damaged tar header ({e}); {REPAIR_HINT}") from None
         data = _read_exact(stream, info.size, url)
         _read_exact(stream, _padded(info.size, tarfile.BLOCKSIZE) - info.size, url)
         if info.type == tarfile.XHDTYPE:
@@ -1076,10 +1080,10 @@ def _check_end(stream: IO[bytes], url: str) -> None:
     rest = 0
     while block := stream.read(COPY_BUFSIZE):
         if block.count(0) != len(block):
-            raise ValueError(f"{url}: data after the tar end marker; {REFRESH_HINT}")
+            raise ValueError(f"{url}: data after the tar end marker; {REPAIR_HINT}")
         rest += len(block)
     if rest < tarfile.BLOCKSIZE:
-        raise ValueError(f"{url}: no tar end marker (truncated); {REFRESH_HINT}")
+        raise ValueError(f"{url}: no tar end marker (truncated); {REPAIR_HINT}")
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -1105,7 +1109,7 @@ def _samples_from_stream(stream: IO[bytes], url: str) -> Iterator[dict]:
 def _assemble(key: str, parts: dict[str, bytes], url: str) -> dict:
     missing = [p for p in _SAMPLE_PARTS if p not in parts]
     if missing:
-        raise ValueError(f"{url}: sample '{key}' lacks {missing}; the shard is damaged: {REFRESH_HINT}")
+        raise ValueError(f"{url}: sample '{key}' lacks {missing}; the shard is damaged: {REPAIR_HINT}")
     meta = json.loads(parts["json"])
     return {"id": meta["id"], "lq_png": parts["lq.png"], "gt_png": parts["gt.png"], "meta": meta}
 
@@ -1129,7 +1133,7 @@ def _verify_one(out_url: str, row: dict) -> str | None:
     except FileNotFoundError:
         return "missing"
     except (ValueError, KeyError, OSError) as e:
-        return f"unreadable ({str(e).removesuffix('; ' + REFRESH_HINT)})"
+        return f"unreadable ({str(e).removesuffix('; ' + REPAIR_HINT).removesuffix(': ' + REPAIR_HINT)})"
     problems = []
     if reader.count != row["bytes"]:
         problems.append(f"{reader.count} bytes, index says {row['bytes']}")
@@ -1143,15 +1147,28 @@ def _verify_one(out_url: str, row: dict) -> str | None:
 
 
 def verify_shards(out_url: str, *, workers: int = 0) -> None:
-    """Re-read every shard and check bytes, sha256, count and ids against index.parquet."""
+    """Re-read every shard and check bytes, sha256, count and ids against index.parquet.
+
+    A shard that fails loses its sidecar, the writer's "finished" marker, so the next run of
+    the shard stage rewrites exactly the failed shards: a damaged shard of the right size would
+    otherwise be kept (write_shards trusts a sidecar that matches the plan and the size).
+    """
     out_url = os.fspath(out_url)
     rows = read_index(out_url).to_pylist()
     reasons = _run_parallel(lambda r: _verify_one(out_url, r), rows, workers or os.cpu_count() or 1,
                             lambda: None)
-    bad = [f"  {r['shard']}: {why}" for r, why in zip(rows, reasons) if why]
-    if bad:
-        raise ShardVerificationError(f"{len(bad)} of {len(rows)} shard(s) under {out_url} failed "
-                                     f"verification:\n" + "\n".join(bad) + f"\n{REFRESH_HINT}")
+    failed = [(r["shard"], why) for r, why in zip(rows, reasons) if why]
+    if failed:
+        for shard, _ in failed:
+            try:
+                fs.remove(fs.join(out_url, shard + SIDECAR_SUFFIX))
+            except FileNotFoundError:
+                pass
+        raise ShardVerificationError(
+            f"{len(failed)} of {len(rows)} shard(s) under {out_url} failed verification:\n"
+            + "".join(f"  {shard}: {why}\n" for shard, why in failed)
+            + "they are marked for rewriting: rerun the shard stage with --refresh shard "
+              "(`srdiff run --stages shard --refresh shard`), which rewrites only these")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,26 +74,41 @@ def read_table(url: str | os.PathLike, hint: str | None = None,
     ``hint`` names what writes the file (e.g. "the download stage"), so the message can say
     what to run next.
     """
-    with _open_written(url, hint) as f:
+    with _open_written(url, hint) as f, _parquet_errors_named(url, hint):
         return pq.read_table(f, columns=columns)
+
+
+class UnreadableTable(ValueError):
+    """A file that exists but is not a Parquet table (truncated, overwritten, another format)."""
 
 
 @contextmanager
 def _open_written(url: str | os.PathLike, hint: str | None) -> Iterator[IO[bytes]]:
-    """``url`` opened for reading; a missing file raises FileNotFoundError naming what writes it."""
+    """``url`` opened for reading; a missing file raises FileNotFoundError naming what writes
+    it (``hint``, e.g. "the shard stage (`srdiff run --stages shard`)")."""
     url = os.fspath(url)
     if not fs.exists(url):
-        writer = hint or "an earlier pipeline stage"
-        raise FileNotFoundError(f"{url} does not exist; it is written by {writer}: run that "
-                                f"first (or check data_root)")
+        raise FileNotFoundError(f"{url} does not exist; it is written by {hint or 'an earlier pipeline stage'}: "
+                                f"run that first (or check data_root)")
     filesystem, path = fs.resolve(url)
     with filesystem.open(path, "rb") as f:
         yield f
 
 
+@contextmanager
+def _parquet_errors_named(url: str | os.PathLike, hint: str | None) -> Iterator[None]:
+    """pyarrow's parse errors (ArrowInvalid: "Parquet magic bytes not found...") as an
+    UnreadableTable naming the file and what rewrites it."""
+    try:
+        yield
+    except pa.ArrowInvalid as e:
+        raise UnreadableTable(f"{os.fspath(url)} is not a readable Parquet table ({e}); it is written by "
+                              f"{hint or 'an earlier pipeline stage'}: rerun that with --refresh") from e
+
+
 def read_metadata(url: str | os.PathLike, hint: str | None = None) -> dict[str, str]:
     """A Parquet file's schema metadata as text, read from its footer alone (not its rows)."""
-    with _open_written(url, hint) as f:
+    with _open_written(url, hint) as f, _parquet_errors_named(url, hint):
         metadata = pq.read_schema(f).metadata or {}
     return {k.decode(): v.decode() for k, v in metadata.items()}
 

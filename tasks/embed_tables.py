@@ -41,7 +41,7 @@ def column_vectors(table: pa.Table, name: str) -> torch.Tensor:
 
 def read_embeddings(url: str) -> dict[str, np.ndarray]:
     """An embedding table as {id: float32 vector}."""
-    table = tables.read_table(url, hint="the embed stage writes it: run `srdiff run --stages embed`")
+    table = tables.read_table(url, hint="the embed stage (`srdiff run --stages embed`)")
     values = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
     return dict(zip(table.column("id").to_pylist(), values.astype(np.float32)))
 

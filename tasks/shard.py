@@ -16,7 +16,7 @@ def shard(cfg: Config, key: str, manifest_url: str, run_id: str | None = None) -
     """Write WebDataset shards (lq.png, gt.png, json) and their index from the manifest."""
     log = stage_logger()
     start = time.perf_counter()
-    manifest = tables.read_table(manifest_url, hint="the download stage writes it: run `srdiff run --stages download`")
+    manifest = tables.read_table(manifest_url, hint="the download stage (`srdiff run --stages download`)")
     out_url = stage_dir(cfg, "shards", key)
     progress = RateLogger(log, "shards", None, "shards")
     index = shards.write_shards(manifest, out_url, maxcount=cfg.shard.maxcount, maxsize=cfg.shard.maxsize,

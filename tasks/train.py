@@ -145,7 +145,7 @@ def _fit_on(device: torch.device, cfg: Config, out_dir: Path, shards_url: str, r
 def embedding_clip_meta(restorecls_url: str) -> dict[str, str] | None:
     """The CLIP model the RestoreCLS table was made with (its metadata, tasks.embed.table_metadata),
     or None for a table that does not say (e.g. one made by `srdiff import-embeddings`)."""
-    meta = tables.read_metadata(restorecls_url, hint="the embed stage")
+    meta = tables.read_metadata(restorecls_url, hint="the embed stage (`srdiff run --stages embed`)")
     return meta if meta.get("weights_digest") else None
 
 

@@ -501,7 +501,46 @@ def test_verify_names_corrupted_and_missing_shards(written, tmp_path):
     assert lines[1] == "  train/rainy/pairs-000000.tar: sha256 differs from the index"
     assert lines[2].startswith("  train/rainy/pairs-000001.tar: unreadable (") and "damaged tar header" in lines[2]
     assert lines[3] == "  val/rainy/pairs-000000.tar: missing"
-    assert lines[4] == "rerun the shard stage with --refresh shard" and len(lines) == 5
+    assert lines[4].startswith("they are marked for rewriting: rerun the shard stage with --refresh shard")
+    assert len(lines) == 5
+
+
+def test_verify_marks_damaged_shards_so_the_rerun_rewrites_only_them(source, written, tmp_path, monkeypatch):
+    """The repair verify's message promises: a damaged shard of the right size (which the
+    writer would otherwise keep, its sidecar matching) is rewritten by the next run, and only it."""
+    out = str(tmp_path / "shards")
+    shutil.copytree(written, out)
+    intact = snapshot(out)
+    _flip_byte(os.path.join(out, "train/rainy/pairs-000000.tar"), 612)  # same size, other bytes
+    _flip_byte(os.path.join(out, "val/hazy/pairs-000000.tar"), 1500)
+    rewritten = _record_rewrites(monkeypatch)
+    shards.write_shards(source, out, maxcount=3, workers=2)
+    assert rewritten == []  # without verify, the damage goes unnoticed: that is why verify marks
+    with pytest.raises(shards.ShardVerificationError):
+        shards.verify_shards(out)
+    shards.write_shards(source, out, maxcount=3, workers=2)
+    assert sorted(rewritten) == ["train/rainy/pairs-000000.tar", "val/hazy/pairs-000000.tar"]
+    shards.verify_shards(out)
+    assert snapshot(out) == intact
+
+
+def test_verify_shards_cli(written, tmp_path, capsys):
+    """`srdiff verify-shards DIR`: 0 when intact; 1 naming the damaged shard, a missing index or
+    an unreadable one (no traceback)."""
+    from flows import cli
+
+    out = str(tmp_path / "shards")
+    shutil.copytree(written, out)
+    assert cli.main(["verify-shards", out]) == 0
+    assert capsys.readouterr().out == f"{out}: every shard matches index.parquet\n"
+    _flip_byte(os.path.join(out, "train/hazy/pairs-000001.tar"), 600)  # same size, other bytes
+    assert cli.main(["verify-shards", out]) == 1
+    assert "  train/hazy/pairs-000001.tar: sha256 differs from the index" in capsys.readouterr().err
+    fs.atomic_write_bytes(os.path.join(out, "index.parquet"), b"not parquet")
+    assert cli.main(["verify-shards", out]) == 1
+    assert "index.parquet is not a readable Parquet table" in capsys.readouterr().err
+    assert cli.main(["verify-shards", str(tmp_path / "nothing")]) == 1
+    assert "index.parquet does not exist; it is written by the shard stage" in capsys.readouterr().err
 
 
 def test_reader_refuses_damaged_or_truncated_shards(written, tmp_path):
@@ -512,7 +551,8 @@ def test_reader_refuses_damaged_or_truncated_shards(written, tmp_path):
     for name, damaged in cases.items():
         path = str(tmp_path / f"{name}.tar")
         fs.atomic_write_bytes(path, bytes(damaged))
-        with pytest.raises(ValueError, match="rerun the shard stage with --refresh shard"):
+        with pytest.raises(ValueError, match=r"run `srdiff verify-shards` on the shard folder \(it marks damaged "
+                                              r"shards for rewriting\), then rerun the shard stage with --refresh shard"):
             list(shards.iter_samples([path]))
 
 

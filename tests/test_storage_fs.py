@@ -145,6 +145,29 @@ def test_read_table_missing_names_url_and_stage(tmp_path):
         tables.read_table(url)
 
 
+def test_unreadable_table_names_the_file_and_its_writer(root):
+    url = fs.join(root, "index.parquet")
+    fs.atomic_write_bytes(url, b"PAR1 this is not a parquet file")
+    for read in (tables.read_table, tables.read_metadata):
+        with pytest.raises(tables.UnreadableTable) as err:
+            read(url, hint="the shard stage (`srdiff run --stages shard`)")
+        assert str(err.value).startswith(f"{url} is not a readable Parquet table (")
+        assert str(err.value).endswith("; it is written by the shard stage (`srdiff run --stages shard`): "
+                                       "rerun that with --refresh")
+
+
+def test_shard_task_names_a_missing_manifest(tmp_path):
+    from srdiff_core.config import load_config
+    from tasks.shard import shard
+
+    cfg = load_config(None, [f"data_root={tmp_path}"])
+    url = str(tmp_path / "manifests" / "pairs.parquet")
+    with pytest.raises(FileNotFoundError) as err:
+        shard.fn(cfg, "key", url)
+    assert str(err.value) == (f"{url} does not exist; it is written by the download stage "
+                              f"(`srdiff run --stages download`): run that first (or check data_root)")
+
+
 def test_read_metadata_gives_the_schema_metadata_as_text(root):
     url = fs.join(root, "emb.parquet")
     tables.write_table(url, pa.table({"id": ["a"]}).replace_schema_metadata({"arch": "ViT-B-32", "n": "3"}))
