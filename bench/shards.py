@@ -15,8 +15,8 @@ see tests/test_bench_shards.py).
 
     python bench/shards.py [--pairs 1000,10000] [--repeats 3] [--out bench/out/shards.json] [--toy] [--workdir DIR]
 
-Targets (issue 4): writer throughput >= 0.8x `tar -cf`; writer peak memory at 10,000 pairs
-within 10% of that at 1,000 pairs.
+Targets (issue 4): writer throughput >= 0.8x `tar -cf`; the writer's own peak memory (above
+the process's RSS before write_shards) at 10,000 pairs within 10% of that at 1,000 pairs.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ GROUPS = (("hazy", "RESIDE-6k"), ("rainy", "Rain100H"), ("motion-blurry", "GoPro
 SPLIT = "train"
 MB = 1e6  # throughput in decimal megabytes, as `dd` and most disk benchmarks report it
 WRITE_TARGET = 0.8   # ours / tar
-MEMORY_TARGET = 1.10  # peak at the largest / peak at the smallest pair count
+MEMORY_TARGET = 1.10  # the writer's own peak at the largest / at the smallest pair count
 CACHE_NOTE = ("page cache warm: dropping it needs root, so every variant runs once untimed "
               "before its timed runs")
 
@@ -280,20 +280,40 @@ def reset_peak_rss() -> bool:
 def child_write(manifest_url: str, out_dir: str, workers: int) -> dict:
     """Run in the fresh process: read the manifest and write the shards; report memory in MiB.
 
-    Imports (torch, pyarrow) are done before the baseline, so ``writer_mib`` is what the shard
-    stage itself adds; ``peak_mib`` (ru_maxrss) is the whole process, imports included.
+    ``writer_mib`` is the writer's own share: the peak while write_shards runs above the RSS
+    just before it, with the imports (torch, pyarrow) done and the manifest, its input, read.
+    ``manifest_mib`` is what reading the manifest added (Parquet decoding; it grows with the
+    pair count as the table does), and ``peak_mib`` (ru_maxrss) the whole process.
     """
+    import_kib = proc_status_kib("VmRSS")
+    manifest = tables.read_table(manifest_url)
+    warm_parquet_writer(Path(out_dir).with_name(Path(out_dir).name + "-warm.parquet"))
+    # Arrow's allocator keeps the pages of the reader's freed buffers for its own reuse; they
+    # are not the writer's, so they go back before its baseline.
+    pa.default_memory_pool().release_unused()
     baseline_kib = proc_status_kib("VmRSS")
     hwm_reset = reset_peak_rss()
-    manifest = tables.read_table(manifest_url)
     write_ours(manifest, Path(out_dir), workers)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     hwm_kib = proc_status_kib("VmHWM")
     row = {"pairs": manifest.num_rows, "peak_mib": peak_kib / 1024}
-    if baseline_kib is not None and hwm_kib is not None:
-        row.update(after_import_mib=baseline_kib / 1024, writer_mib=(hwm_kib - baseline_kib) / 1024,
-                   hwm_reset=hwm_reset)
+    if baseline_kib is not None and hwm_kib is not None and hwm_reset:
+        row.update(after_import_mib=import_kib / 1024, manifest_mib=(baseline_kib - import_kib) / 1024,
+                   writer_mib=(hwm_kib - baseline_kib) / 1024)
     return row
+
+
+def warm_parquet_writer(path: Path) -> None:
+    """Write (and delete) a one-row Parquet file, as the writer's index is written.
+
+    Arrow's Parquet writer takes ~2 MiB on its first use in a process, whatever it writes, and
+    the shard stage's process has read Parquet but not written it: like the imports, that
+    one-time cost comes before the writer's baseline. Left in, it counted at 1,000 pairs but
+    not at 10,000, whose larger manifest read had left pages the index write reused.
+    """
+    tables.write_table(str(path), [{"shard": "", "count": 0}],
+                       schema=pa.schema([("shard", pa.string()), ("count", pa.int64())]))
+    path.unlink()
 
 
 def measure_writer_memory(manifest: pa.Table, scratch: Path, workers: int) -> dict:
@@ -384,13 +404,18 @@ def run(sizes: Sizes, workdir: Path) -> dict:
 
 def targets(results: dict) -> dict:
     write = {p: w["ratio_vs_tar"] for p, w in results["write"].items()}
-    peaks = [results["memory"][p]["peak_mib"] for p in sorted(results["memory"], key=int)]
-    memory_ratio = peaks[-1] / peaks[0]
-    # The whole-process peak is mostly imports; the writer's own share shows how the stage scales.
-    own = [results["memory"][p].get("writer_mib", math.nan) for p in sorted(results["memory"], key=int)]
+    rows = [results["memory"][p] for p in sorted(results["memory"], key=int)]
+    # The writer's own share: the whole-process peak is ~560 MiB of imports (torch) plus the
+    # manifest, which would hide a writer that grows with the dataset.
+    memory_ratio = ratio([row.get("writer_mib", math.nan) for row in rows])
     return {"write_ratio_vs_tar": write, "write_met": all(r >= WRITE_TARGET for r in write.values()),
             "memory_ratio": memory_ratio, "memory_met": memory_ratio <= MEMORY_TARGET,
-            "writer_own_memory_ratio": own[-1] / own[0] if own[0] > 0 else math.nan}
+            "process_memory_ratio": ratio([row["peak_mib"] for row in rows])}
+
+
+def ratio(values: list[float]) -> float:
+    """Last over first (NaN where the first is not positive or either is missing)."""
+    return values[-1] / values[0] if values[0] > 0 else math.nan
 
 
 def table(results: dict) -> str:
@@ -412,12 +437,15 @@ def table(results: dict) -> str:
             lines.append(f"{label:<28} {pairs:>6} {row['seconds']:>8.3f} {row['cpu_seconds']:>7.3f} {row['mb_per_s']:>8.1f} "
                          f"{row['pairs_per_s']:>9.0f} {row['mb_per_s'] / w['rows']['tar']['mb_per_s']:>6.2f} "
                          f"{row['mb_per_s'] / w['rows']['tar+fsync']['mb_per_s']:>11.2f}")
-    lines += ["", "memory: peak = ru_maxrss of a fresh process; imports = its RSS before the stage (torch, "
-                  "pyarrow...); writer = its peak above that",
-              f"{'writer memory (fresh proc)':<26} {'pairs':>6} {'peak MiB':>9} {'imports':>8} {'writer':>8}"]
+    lines += ["", "memory: peak = ru_maxrss of a fresh process; imports = its RSS after importing (torch, "
+                  "pyarrow...); manifest = what reading the manifest added; writer = the peak while "
+                  "write_shards runs above the RSS just before it",
+              f"{'writer memory (fresh proc)':<26} {'pairs':>6} {'peak MiB':>9} {'imports':>8} {'manifest':>8} "
+              f"{'writer':>8}"]
     for pairs, row in results["memory"].items():
         lines.append(f"{'write_shards':<26} {pairs:>6} {row['peak_mib']:>9.1f} "
-                     f"{row.get('after_import_mib', math.nan):>8.1f} {row.get('writer_mib', math.nan):>8.1f}")
+                     f"{row.get('after_import_mib', math.nan):>8.1f} {row.get('manifest_mib', math.nan):>8.1f} "
+                     f"{row.get('writer_mib', math.nan):>8.1f}")
     r = results["read"]
     lines += ["", f"read: one pass over {r['pairs']} pairs in {r['shards']} shards, worker start-up included, "
                   f"{m['cpus']} CPUs; tensors/s counts LQ and GT",
@@ -431,9 +459,9 @@ def table(results: dict) -> str:
                        for p, v in t["write_ratio_vs_tar"].items())
     lines += ["", f"target write_shards >= {WRITE_TARGET}x tar -cf: {ratios} -> "
                   f"{'met' if t['write_met'] else 'NOT met'}",
-              f"target peak memory at {max(results['memory'], key=int)} pairs within "
+              f"target writer's own peak memory at {max(results['memory'], key=int)} pairs within "
               f"{MEMORY_TARGET - 1:.0%} of {min(results['memory'], key=int)}: ratio {t['memory_ratio']:.3f} -> "
-              f"{'met' if t['memory_met'] else 'NOT met'} (writer's own share: {t['writer_own_memory_ratio']:.2f}x)",
+              f"{'met' if t['memory_met'] else 'NOT met'} (whole process: {t['process_memory_ratio']:.3f}x)",
               f"checks: {json.dumps(results['checks'])}"]
     return "\n".join(lines)
 

@@ -34,7 +34,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import IO, Any, NamedTuple
 from urllib.parse import quote
@@ -97,11 +97,11 @@ class Member(NamedTuple):
 
 
 class Samples(NamedTuple):
-    """Samples column by column, in id order: a (split, degradation) group, or a shard's slice of one.
+    """Samples column by column, in id order: a chunk of a shard's (ShardPlan.chunks).
 
-    Columns rather than a row object per sample: planning is then a few list slices and vector
-    sums per shard instead of ~7 us of Python per sample (7 ms of the writer's ~45 ms at 1,000
-    pairs, before any byte was read), and members are built only while their shard is written.
+    Columns rather than a row object per sample: a chunk is then a few Arrow-to-list calls
+    instead of ~7 us of Python per sample (7 ms of the writer's ~45 ms at 1,000 pairs), and
+    members are built only while they are written.
     """
 
     ids: list[str]
@@ -125,21 +125,124 @@ class Samples(NamedTuple):
             yield Member(f"{key}.json", len(meta), None, meta)
 
 
+# The manifest columns a sample is built from (its members and its json).
+_SAMPLE_COLUMNS = ["id", "dataset", "degradation", "split", "width", "height",
+                   "lq_path", "gt_path", "lq_sha256", "gt_sha256", "lq_bytes", "gt_bytes"]
+# The writer's Arrow temporaries (planning's columns, a chunk's rows) come from the system
+# allocator, whose freed pages Python and numpy reuse. Arrow's default (mimalloc) kept them for
+# itself: one 8,192-row take of a 30,000-row id column left 2.3 MB resident (0.3 MB here).
+SCRATCH_POOL = pa.system_memory_pool()
+# Planning's Arrow work over the whole manifest goes this many rows at a time, so that its
+# temporaries stay a few hundred kB whatever the manifest's size.
+PLAN_SLICE_ROWS = 8192
+# Samples built at once while a shard is written: ~2 kB of Python objects each (paths, digests,
+# json), so the writer's memory is bounded by this, not by the shard's count or the dataset.
+CHUNK_ROWS = 256
+
+
 @dataclass(frozen=True)
+class SampleTable:
+    """A checked manifest's sample columns, shared by its plans."""
+
+    # _SAMPLE_COLUMNS of the manifest, in its row order, with every source's size in lq_bytes and
+    # gt_bytes: the manifest's own columns where it recorded them all (no copy).
+    table: pa.Table
+    safe_keys: bool  # every id is its own sample_key
+
+    def samples(self, rows: np.ndarray) -> Samples:
+        """The samples of the given rows, in that order."""
+        column = pc.take(self.table, rows, memory_pool=SCRATCH_POOL).to_pydict()
+        ids = column["id"]
+        return Samples(ids, ids if self.safe_keys else [sample_key(i) for i in ids],
+                       column["lq_path"], column["lq_bytes"], [s or None for s in column["lq_sha256"]],
+                       column["gt_path"], column["gt_bytes"], [s or None for s in column["gt_sha256"]],
+                       sample_jsons(column))
+
+
+def _in_chunks(rows: np.ndarray) -> Iterator[np.ndarray]:
+    for start in range(0, len(rows), CHUNK_ROWS):
+        yield rows[start:start + CHUNK_ROWS]
+
+
+@dataclass(frozen=True, eq=False)  # rows is an array: a plan equals itself only
 class ShardPlan:
+    """One shard: its name, its rows of the manifest and its exact size.
+
+    A plan holds row numbers (a view of the planned order), not samples: their paths, digests
+    and json are built a chunk at a time while the shard is written (chunks), so what the
+    writer holds from planning to the end is a few bytes per sample, not ~1 kB.
+    """
+
     name: str  # "<split>/<degradation>/pairs-000000.tar"
     split: str
     degradation: str
-    samples: Samples
+    rows: np.ndarray  # rows of source.table, in id order
     size: int  # exact bytes of the finished tar
+    source: SampleTable = field(repr=False)
 
-    @cached_property  # asked for when a shard is finished and when its sidecar is checked
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def chunks(self) -> Iterator[Samples]:
+        """The shard's samples in order, at most CHUNK_ROWS at a time."""
+        for rows in _in_chunks(self.rows):
+            yield self.source.samples(rows)
+
+    @property
+    def samples(self) -> Samples:
+        """All the shard's samples at once (tools and tests; the writer goes by chunks)."""
+        return self.source.samples(self.rows)
+
+    def first_last_ids(self) -> tuple[str, str]:
+        first, last = self.source.table.column("id").take(self.rows[[0, -1]]).to_pylist()
+        return first, last
+
+    @cached_property  # asked for when an existing shard's sidecar is checked
     def digest(self) -> str:
-        """sha256 over everything that determines the shard's bytes."""
-        spec = {"format": SHARD_FORMAT, "name": self.name, "size": self.size,
-                "members": [[m.name, m.size, m.sha256 if m.source else fs.sha256_bytes(m.data)]
-                            for m in self.samples.members()]}
-        return fs.sha256_bytes(json.dumps(spec, sort_keys=True).encode())
+        """sha256 over everything that determines the shard's bytes (_PlanDigest)."""
+        digest = _PlanDigest(self)
+        for samples in self.chunks():
+            digest.update(samples)
+        return digest.hexdigest()
+
+
+class _PlanDigest:
+    """A plan's digest, fed a chunk of samples at a time (the writer feeds the chunks it writes).
+
+    The hash of json.dumps({"format", "members", "name", "size"}, sort_keys=True), each member
+    [name, size, sha256] (the json member's sha256 of its bytes), streamed: the whole text is
+    ~300 bytes a sample. Sidecars of earlier writers hold the same digest.
+    """
+
+    def __init__(self, plan: ShardPlan):
+        spec = json.dumps({"format": SHARD_FORMAT, "members": [], "name": plan.name, "size": plan.size},
+                          sort_keys=True)
+        # "members" sorts before "name", and quotes inside the name are escaped: the first match is the key's.
+        head, _, self.tail = spec.partition('"members": []')
+        self.sha = hashlib.sha256((head + '"members": [').encode())
+        self.separator = ""
+
+    def update(self, samples: Samples) -> None:
+        # json.dumps of a list joins its items with ", ": chunks join the same way.
+        self.sha.update((self.separator + json.dumps(_digest_entries(samples))[1:-1]).encode())
+        self.separator = ", "
+
+    def hexdigest(self) -> str:
+        sha = self.sha.copy()
+        sha.update(("]" + self.tail).encode())
+        return sha.hexdigest()
+
+
+def _digest_entries(samples: Samples) -> list[list]:
+    """[name, size, sha256] of each member (as Samples.members names them), straight from the
+    columns: a Member per entry took a third of the digest's time."""
+    entries: list[list] = []
+    for key, lq_size, lq_sha, gt_size, gt_sha, meta in zip(samples.keys, samples.lq_sizes, samples.lq_shas,
+                                                          samples.gt_sizes, samples.gt_shas, samples.metas):
+        entries += ([f"{key}.lq.png", lq_size, lq_sha], [f"{key}.gt.png", gt_size, gt_sha],
+                    [f"{key}.json", len(meta), fs.sha256_bytes(meta)])
+    return entries
 
 
 def sample_key(sample_id: str) -> str:
@@ -291,15 +394,14 @@ def _shard_bounds(sample_sizes: np.ndarray, *, maxcount: int, maxsize: int) -> I
         start = stop
 
 
-def plan_samples(samples: Samples, *, split: str, degradation: str, maxcount: int,
-                 maxsize: int) -> list[ShardPlan]:
-    """Cut one (split, degradation) group, already sorted by id, into shards (_shard_bounds)."""
-    sample_sizes = sample_tar_sizes(samples)
+def _plan_group(source: SampleTable, rows: np.ndarray, sample_sizes: np.ndarray, *, split: str,
+                degradation: str, maxcount: int, maxsize: int) -> list[ShardPlan]:
+    """Cut one (split, degradation) group, its rows in id order, into shards (_shard_bounds)."""
     plans = []
     for start, stop in _shard_bounds(sample_sizes, maxcount=maxcount, maxsize=maxsize):
         name = f"{split}/{degradation}/{SHARD_PATTERN % len(plans)}"
         members_bytes = int(sample_sizes[start:stop].sum())
-        plans.append(ShardPlan(name, split, degradation, samples.slice(start, stop), tar_size(members_bytes)))
+        plans.append(ShardPlan(name, split, degradation, rows[start:stop], tar_size(members_bytes), source))
     return plans
 
 
@@ -316,15 +418,30 @@ def _check_manifest(manifest: pa.Table) -> pa.Table:
         if manifest.column(name).null_count:
             raise ValueError(f"the manifest has empty '{name}' values: rerun the download stage")
     ids = manifest.column("id")
-    if pc.count_distinct(ids).as_py() < manifest.num_rows:
+    if _has_repeats(ids):
         dupes = sorted(i for i, n in Counter(ids.to_pylist()).items() if n > 1)
         raise ValueError(f"the manifest repeats sample id(s) {dupes[:5]}: ids must be unique "
                          f"across datasets and splits; fix the download stage's id scheme")
     for name in ("split", "degradation"):
-        for value in pc.unique(manifest.column(name)).to_pylist():
+        for value in pc.unique(manifest.column(name), memory_pool=SCRATCH_POOL).to_pylist():
             if not value or "/" in value or value.startswith("."):
                 raise ValueError(f"manifest {name} {value!r} cannot name a folder")
     return manifest
+
+
+def _has_repeats(ids: pa.ChunkedArray) -> bool:
+    """Whether any id occurs twice: equal neighbours once sorted, compared a slice at a time.
+
+    Counting distinct ids hashes them all, which took ~250 bytes a row (7 MB of the writer's
+    peak at 30,000 pairs).
+    """
+    order = pc.sort_indices(ids, memory_pool=SCRATCH_POOL).to_numpy()
+    for start in range(0, len(order) - 1, PLAN_SLICE_ROWS):
+        # The slice's ids and the next slice's first one, in order.
+        ordered = pc.take(ids, order[start:start + PLAN_SLICE_ROWS + 1], memory_pool=SCRATCH_POOL)
+        if pc.any(pc.equal(ordered[1:], ordered[:-1], memory_pool=SCRATCH_POOL)).as_py():
+            return True
+    return False
 
 
 def plan_shards(manifest: pa.Table, *, maxcount: int = 1000, maxsize: int = 1 << 30,
@@ -349,49 +466,127 @@ def _plan_groups(manifest: pa.Table, *, maxcount: int, maxsize: int,
 
     Everything that can fail (a bad manifest, a missing file) fails here, before the caller
     touches its output; planning a group is pure and is left to the iteration, so a writer
-    can start on one group's shards while the next is planned.
+    can start on one group's shards while the next is planned. The manifest stays in Arrow:
+    what the plans hold beside it is the order, 4 bytes a row (and, for a manifest without
+    recorded sizes, the sizes).
     """
     if maxcount < 1 or maxsize < 1:
         raise ValueError(f"maxcount ({maxcount}) and maxsize ({maxsize}) must be positive")
-    table = _check_manifest(manifest).sort_by(_PLAN_ORDER)
-    samples = _manifest_samples(table, sizes)
-    splits, degradations = table.column("split").to_pylist(), table.column("degradation").to_pylist()
-    starts = [0] + [i for i in range(1, len(splits))
-                    if splits[i] != splits[i - 1] or degradations[i] != degradations[i - 1]]
-    return (plan_samples(samples.slice(start, stop), split=splits[start], degradation=degradations[start],
-                         maxcount=maxcount, maxsize=maxsize)
-            for start, stop in zip(starts, starts[1:] + [len(splits)]))
+    table = _check_manifest(manifest)
+    source = _sample_table(table, sizes)
+    # Row numbers fit 32 bits: half the memory of Arrow's 64-bit indices, held to the end.
+    order = pc.sort_indices(table, sort_keys=_PLAN_ORDER, memory_pool=SCRATCH_POOL).to_numpy().astype(np.uint32)
+    sample_sizes = _sample_tar_sizes(source)
+    return (_plan_group(source, rows, sample_sizes[rows], split=split, degradation=degradation,
+                        maxcount=maxcount, maxsize=maxsize)
+            for split, degradation, rows in _groups(table, order))
 
 
-def _manifest_samples(table: pa.Table, sizes: dict[str, int] | None) -> Samples:
-    """Samples of a checked manifest, in its row order, with every source's size."""
-    column = {name: table.column(name).to_pylist() for name in table.column_names}
-    ids = column["id"]
-    if pc.all(pc.match_substring_regex(table.column("id"), f"^{_SAFE_KEY.pattern}$")).as_py():
-        keys = ids  # sample_key of such an id is the id itself
-    else:
-        keys = [sample_key(i) for i in ids]
-    lq_sizes, gt_sizes = _source_sizes_of(column, sizes)
-    return Samples(ids, keys,
-                   column["lq_path"], lq_sizes, [s or None for s in column["lq_sha256"]],
-                   column["gt_path"], gt_sizes, [s or None for s in column["gt_sha256"]],
-                   sample_jsons(column))
+def _groups(table: pa.Table, order: np.ndarray) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(split, degradation, its rows in id order) of each group, in _PLAN_ORDER.
+
+    The order lists each group's rows one after the other, so counting them gives the bounds.
+    Python orders str as Arrow orders UTF-8 (by code point), and neither value holds a "/"
+    (_check_manifest).
+    """
+    counts: Counter[str] = Counter()
+    for start in range(0, table.num_rows, PLAN_SLICE_ROWS):
+        part = table.slice(start, PLAN_SLICE_ROWS)
+        keys = pc.binary_join_element_wise(part.column("split"), part.column("degradation"), "/",
+                                           memory_pool=SCRATCH_POOL)
+        for count in pc.value_counts(keys).to_pylist():
+            counts[count["values"]] += count["counts"]
+    start = 0
+    for split, degradation, count in sorted((*key.split("/"), n) for key, n in counts.items()):
+        yield split, degradation, order[start:start + count]
+        start += count
 
 
-def _source_sizes_of(column: dict[str, list], sizes: dict[str, int] | None) -> tuple[list[int], list[int]]:
+def _sample_table(table: pa.Table, sizes: dict[str, int] | None) -> SampleTable:
+    """What the plans of a checked manifest build their samples from."""
+    safe = pc.match_substring_regex(table.column("id"), f"^{_SAFE_KEY.pattern}$", memory_pool=SCRATCH_POOL)
+    safe_keys = pc.all(safe).as_py()
+    columns = table.select(_SAMPLE_COLUMNS)
+    for name, values in zip(("lq_bytes", "gt_bytes"), _source_sizes_of(table, sizes)):
+        columns = columns.set_column(columns.schema.get_field_index(name), name, values)
+    return SampleTable(columns, safe_keys=safe_keys)
+
+
+def _source_sizes_of(table: pa.Table, sizes: dict[str, int] | None) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
     """Each row's LQ and GT size: from ``sizes`` if given, else as recorded by the download
     stage (lq_bytes / gt_bytes: a stat per file was an eighth of the writer's time on small
     PNGs), else listed from storage (source_sizes)."""
-    lq, gt = column["lq_path"], column["gt_path"]
     if sizes is not None:
-        return [sizes[p] for p in lq], [sizes[p] for p in gt]
-    lq_sizes, gt_sizes = column["lq_bytes"], column["gt_bytes"]
-    unknown = [p for p, n in zip(lq, lq_sizes) if n is None] + [p for p, n in zip(gt, gt_sizes) if n is None]
-    if unknown:
-        listed = source_sizes(unknown)
-        lq_sizes = [listed[p] if n is None else n for p, n in zip(lq, lq_sizes)]
-        gt_sizes = [listed[p] if n is None else n for p, n in zip(gt, gt_sizes)]
-    return lq_sizes, gt_sizes
+        return tuple(pa.chunked_array([np.fromiter((sizes[p] for p in _values(table.column(name))), np.int64,
+                                                   table.num_rows)]) for name in ("lq_path", "gt_path"))
+    recorded = [table.column(name) for name in ("lq_bytes", "gt_bytes")]
+    missing = [np.flatnonzero(_filled(pc.is_null(column, memory_pool=SCRATCH_POOL), False)) for column in recorded]
+    urls = [pc.take(table.column(name), rows, memory_pool=SCRATCH_POOL).to_pylist()
+            for name, rows in zip(("lq_path", "gt_path"), missing)]
+    if not (urls[0] or urls[1]):
+        return recorded[0], recorded[1]
+    listed = source_sizes(urls[0] + urls[1])
+    filled = [_filled(column, 0).astype(np.int64) for column in recorded]  # a copy: Arrow's view is read-only
+    for out, rows, side in zip(filled, missing, urls):
+        out[rows] = [listed[u] for u in side]
+    return pa.chunked_array([filled[0]]), pa.chunked_array([filled[1]])
+
+
+def _values(column: pa.ChunkedArray) -> Iterator[Any]:
+    """A column's values as Python objects, CHUNK_ROWS at a time (never a list of all of them)."""
+    for start in range(0, len(column), CHUNK_ROWS):
+        yield from column.slice(start, CHUNK_ROWS).to_pylist()
+
+
+def _sample_tar_sizes(source: SampleTable) -> np.ndarray:
+    """sample_tar_sizes of every row, PLAN_SLICE_ROWS rows at a time (_slice_tar_sizes)."""
+    n = source.table.num_rows
+    return np.concatenate([_slice_tar_sizes(source, start, min(start + PLAN_SLICE_ROWS, n))
+                           for start in range(0, n, PLAN_SLICE_ROWS)])
+
+
+def _slice_tar_sizes(source: SampleTable, start: int, stop: int) -> np.ndarray:
+    """sample_tar_sizes of rows start..stop-1, from numbers alone where they settle it.
+
+    A usual sample's json member fits one block and its headers one block each, which bounds
+    on their lengths show without building either (~1.4 us a sample, as much as the rest of
+    planning); the few others are built and sized exactly (sample_tar_sizes).
+    """
+    part = source.table.slice(start, stop - start)
+    lq, gt = (part.column(name).to_numpy() for name in ("lq_bytes", "gt_bytes"))
+    sizes = 4 * tarfile.BLOCKSIZE + _padded_array(lq) + _padded_array(gt)  # three headers, one json block
+    key_bytes = _byte_lengths(part.column("id"))
+    if not source.safe_keys:
+        key_bytes *= 3  # at most: sample_key writes each byte as "%XX" or itself
+    settled = ((_longest_json(part) <= tarfile.BLOCKSIZE) & (key_bytes <= 100 - len(".lq.png"))
+               & (np.maximum(lq, gt) < _MAX_USTAR_SIZE))
+    for rows in _in_chunks(np.flatnonzero(~settled)):
+        sizes[rows] = sample_tar_sizes(source.samples(start + rows))
+    return sizes
+
+
+def _byte_lengths(column: pa.ChunkedArray) -> np.ndarray:
+    """UTF-8 bytes of each string (0 for a null)."""
+    return _filled(pc.binary_length(column, memory_pool=SCRATCH_POOL), 0).astype(np.int64)
+
+
+def _filled(column: pa.ChunkedArray, value: Any) -> np.ndarray:
+    """A column as numpy, nulls replaced by ``value``."""
+    return pc.coalesce(column, value, memory_pool=SCRATCH_POOL).to_numpy()
+
+
+# _META_FORMAT without its six values; json writes an int32 in at most 11 characters.
+_META_FIXED = len(_META_FORMAT % ("", "", 0, "", "", 0)) - 2 + 2 * len(str(-2 ** 31))
+
+
+def _longest_json(table: pa.Table) -> np.ndarray:
+    """An upper bound on len(sample_json(row)) of every row of manifest columns.
+
+    json (ensure_ascii) writes a string in quotes, each byte as at most 6 characters: a
+    control byte as a 6-character escape, a 2- to 4-byte character as one or two.
+    """
+    strings = sum(_byte_lengths(table.column(name)) for name in ("dataset", "degradation", "id", "split"))
+    return _META_FIXED + 4 * 2 + 6 * strings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,6 +919,8 @@ def start_shard(plan: ShardPlan, out_url: str, side: _Side, *, check_sources: bo
 
     Returns once the last block is handed to ``side``, which finishes the shard (_finish_shard)
     after writing its blocks. On an error here the temporary file is removed before it propagates.
+    The samples are built a chunk at a time and hashed into the plan's digest as they are
+    written (building them again for the sidecar would cost as much).
     """
     url = fs.join(out_url, plan.name)
     target = fs.atomic_open(url, "wb")
@@ -731,8 +928,11 @@ def start_shard(plan: ShardPlan, out_url: str, side: _Side, *, check_sources: bo
     out = _ShardStream(raw, raw.fileno() if local_os_path(url) is not None else None, side,
                        check_sources=check_sources)
     try:
-        for member in plan.samples.members():
-            _copy_member(out, member)
+        digest = _PlanDigest(plan)
+        for samples in plan.chunks():
+            digest.update(samples)
+            for member in samples.members():
+                _copy_member(out, member)
         members_bytes = out.tell()
         out.write(bytes(tar_size(members_bytes) - members_bytes))  # end blocks, record padding
         out.flush()
@@ -742,10 +942,10 @@ def start_shard(plan: ShardPlan, out_url: str, side: _Side, *, check_sources: bo
         target.__exit__(type(e), e, e.__traceback__)
         raise
     out.release()
-    return side.finish(_finish_shard, plan, url, target, out)
+    return side.finish(_finish_shard, plan, url, target, out, digest.hexdigest())
 
 
-def _finish_shard(plan: ShardPlan, url: str, target: Any, out: _ShardStream) -> ShardRecord:
+def _finish_shard(plan: ShardPlan, url: str, target: Any, out: _ShardStream, digest: str) -> ShardRecord:
     """On the finishing thread, after the shard's last block: rename it into place, then its sidecar."""
     try:
         if out.error is not None:
@@ -758,7 +958,7 @@ def _finish_shard(plan: ShardPlan, url: str, target: Any, out: _ShardStream) -> 
         raise
     target.__exit__(None, None, None)  # fsync, close, rename
     record = ShardRecord(out.count, out.sha.hexdigest())
-    sidecar = {"plan": plan.digest, "bytes": record.bytes, "sha256": record.sha256}
+    sidecar = {"plan": digest, "bytes": record.bytes, "sha256": record.sha256}
     fs.atomic_write_bytes(url + SIDECAR_SUFFIX, json.dumps(sidecar, sort_keys=True).encode())
     return record
 
@@ -807,8 +1007,9 @@ def _remove_stale(out_url: str, plans: list[ShardPlan]) -> None:
 
 
 def _index_row(plan: ShardPlan, record: ShardRecord) -> dict:
+    first_id, last_id = plan.first_last_ids()
     return {"shard": plan.name, "split": plan.split, "degradation": plan.degradation,
-            "first_id": plan.samples.ids[0], "last_id": plan.samples.ids[-1], "count": len(plan.samples.ids),
+            "first_id": first_id, "last_id": last_id, "count": plan.count,
             "bytes": record.bytes, "sha256": record.sha256}
 
 
@@ -881,11 +1082,11 @@ def write_shards(manifest: pa.Table, out_url: str, *, maxcount: int = 1000, maxs
 def _cyclic_gc_paused() -> Iterator[None]:
     """Pause Python's cycle collector (reference counting still frees all the writer drops).
 
-    A plan is tens of thousands of small objects (rows, members) that live until the end,
-    and that many new long-lived objects set off full collections, each walking every object
-    in the process, torch's included: ~130 ms per run at 10,000 pairs, a fifth of the
-    writer's time. The few cycles a run may leave (an exception's traceback) are collected
-    once it is done.
+    Full collections walk every object in the process, torch's included: while plans held
+    every sample as Python objects until the end, they cost ~130 ms per run at 10,000 pairs,
+    a fifth of the writer's time. Plans now hold row numbers and samples live one chunk at a
+    time, which sets off no full collection (the pause is worth ~1% there). The few cycles a
+    run may leave (an exception's traceback) are collected once it is done.
     """
     enabled = gc.isenabled()
     gc.disable()
