@@ -1437,12 +1437,20 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
 
 
-def check_feed(num_shards: int, world_size: int, num_workers: int) -> None:
-    """Exact mode gives each (rank, worker) whole shards: there must be one for each."""
+def check_feed(num_shards: int, world_size: int, num_workers: int, *, ranks_setting: str = "train.nproc",
+               workers_setting: str = "train.num_workers") -> None:
+    """Every (rank, DataLoader worker) reader needs a shard of its own, or it gets nothing in
+    exact mode and, in resampled mode, streams the same shard in the same order as another
+    reader (the same samples in nearby batches). Refused up front, naming the setting to lower."""
     workers = max(num_workers, 1)
-    if num_shards < world_size * workers:
-        raise ValueError(f"{num_shards} shards cannot feed {world_size} ranks x {workers} workers; "
-                         f"lower train.num_workers or shard.maxcount")
+    if num_shards >= world_size * workers:
+        return
+    fix = "or lower shard.maxcount so the shard stage writes more, smaller shards"
+    if num_shards < world_size:
+        raise ValueError(f"{num_shards} shards cannot feed {world_size} ranks (one each at least): lower "
+                         f"{ranks_setting} to at most {max(num_shards, 1)}, {fix}")
+    raise ValueError(f"{num_shards} shards cannot feed {world_size} ranks x {workers} workers (one each at least): "
+                     f"lower {workers_setting} to at most {num_shards // world_size}, {fix}")
 
 
 def split_shards(urls: list[str], *, rank: int, world_size: int, worker_id: int,
@@ -1565,7 +1573,8 @@ class PairDataset(torch.utils.data.IterableDataset):
 
 def make_loader(dataset: PairDataset, *, batch_size: int,
                 num_workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``dataset``; exact mode checks up front that every worker gets a shard."""
+    """A DataLoader over ``dataset``; exact mode checks up front that every worker gets a shard
+    (resampled mode's caller checks its rank's shards: tasks.train.rank_shards)."""
     if not dataset.resampled:
         check_feed(len(dataset.urls), dataset.world_size, num_workers)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,

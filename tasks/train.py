@@ -48,9 +48,11 @@ def model_file_state(ema: torch.nn.Module, cfg: Config, srm_url: str, *, clip_me
             "srm": srm_state}
 
 
-def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
-    """Rank ``rank``'s own shards: every ``world_size``-th, so ranks never read the same samples."""
-    shards.check_feed(len(urls), world_size, 0)
+def rank_shards(urls: list[str], rank: int, world_size: int, num_workers: int = 0) -> list[str]:
+    """Rank ``rank``'s own shards: every ``world_size``-th, so ranks never read the same samples.
+    Its ``num_workers`` DataLoader workers each need one too (storage.shards.check_feed): checked
+    here, before training starts."""
+    shards.check_feed(len(urls), world_size, num_workers)
     return urls[rank::world_size]
 
 
@@ -62,7 +64,7 @@ def batch_source(cfg: Config, urls: list[str], context: dict[str, np.ndarray], *
     well-defined stream rather than replaying the first batches again. Under DDP each rank
     resamples only its own shards (:func:`rank_shards`), so the ranks' data are disjoint.
     Samples in ``skip_ids`` (quarantined by the embed stage: no embedding) are left out."""
-    own_urls = rank_shards(urls, rank, world_size)
+    own_urls = rank_shards(urls, rank, world_size, cfg.train.num_workers)
 
     def make(start_step: int):
         dataset = EmbeddedPairDataset(own_urls, skip_ids=skip_ids, patch_size=cfg.train.patch_size, augment=True,

@@ -200,10 +200,16 @@ def test_rank_seed_keeps_the_single_process_seed_and_splits_the_rest():
     assert rank_seed(7, 1) == int(np.random.SeedSequence([7, 1, 0]).generate_state(1, np.uint64)[0])
 
 
-def test_rank_shards_splits_round_robin_and_needs_a_shard_per_rank():
+def test_rank_shards_splits_round_robin_and_needs_a_shard_per_reader():
     assert rank_shards(list("abcde"), 1, 2) == ["b", "d"]
-    with pytest.raises(ValueError, match="cannot feed 3 ranks"):
+    assert rank_shards(list("abcde"), 0, 2, num_workers=2) == ["a", "c", "e"]
+    with pytest.raises(ValueError, match=r"^2 shards cannot feed 3 ranks \(one each at least\): lower train.nproc "
+                                         r"to at most 2, or lower shard.maxcount"):
         rank_shards(["a", "b"], 0, 3)
+    # Resampled training: a rank's workers would stream the same shard in the same order.
+    with pytest.raises(ValueError, match=r"^5 shards cannot feed 2 ranks x 3 workers \(one each at least\): lower "
+                                         r"train.num_workers to at most 2"):
+        rank_shards(list("abcde"), 0, 2, num_workers=3)
 
 
 def test_single_process_env_has_no_process_group(monkeypatch):

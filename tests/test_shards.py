@@ -640,9 +640,13 @@ def test_exact_mode_split_covers_each_sample_once(written):
         loader = shards.make_loader(dataset, batch_size=2, num_workers=2)
         ids += [i for batch in loader for i in batch["id"]]
     assert sorted(ids) == sorted(f"train/{d}/img.{i}" for d in DEGRADATIONS for i in range(4))
-    with pytest.raises(ValueError, match="^4 shards cannot feed 2 ranks x 3 workers; lower train.num_workers "
-                                         "or shard.maxcount$"):
+    with pytest.raises(ValueError, match=r"^4 shards cannot feed 2 ranks x 3 workers \(one each at least\): lower "
+                                         r"train.num_workers to at most 2, or lower shard.maxcount so the shard "
+                                         r"stage writes more, smaller shards$"):
         shards.make_loader(shards.PairDataset(urls, world_size=2), batch_size=2, num_workers=3)
+    with pytest.raises(ValueError, match=r"^4 shards cannot feed 5 ranks \(one each at least\): lower train.nproc "
+                                         r"to at most 4, or lower shard.maxcount"):
+        shards.make_loader(shards.PairDataset(urls, world_size=5), batch_size=2, num_workers=0)
 
 
 def test_resampled_mode_is_endless_and_seeded_per_rank_and_worker(written):
