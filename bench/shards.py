@@ -8,7 +8,8 @@ One run on one disk: synthetic PNG pairs are generated (not timed), then
    interleaved round by round;
 2. peak resident memory of the writer at each pair count, each in a fresh Python process;
 3. decoded, cropped, augmented pairs/s of `PairDataset` through `make_loader` at several
-   DataLoader worker counts.
+   DataLoader worker counts: one exact pass (evaluation's mode), and the training loader
+   (resampled shards, shuffle buffer, embeddings joined by id) for as many pairs.
 
 A table is printed last and a JSON file written. CI runs the same code at toy size (`--toy`,
 see tests/test_bench_shards.py).
@@ -49,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import finish  # noqa: E402
-from srdiff_core.config import ShardConfig  # noqa: E402
+from srdiff_core.config import ShardConfig, TrainConfig  # noqa: E402
 from storage import shards, tables  # noqa: E402
 
 # (degradation, dataset) as in DESIGN.md: pairs are dealt round-robin so every pair count
@@ -330,11 +331,25 @@ def measure_writer_memory(manifest: pa.Table, scratch: Path, workers: int) -> di
 
 
 # ---------------------------------------------------------------------------------------------
-# Loader throughput: what training sees (exact mode, one pass over every shard).
+# Loader throughput: one exact pass over every shard (evaluation's mode), and the training
+# loader as the train stage builds it (resampled shards, shuffle buffer, embeddings joined).
 
-def bench_read(urls: list[str], *, workers: int, batch_size: int, patch_size: int) -> dict:
-    """Pairs/s of decoded, cropped, augmented tensors out of make_loader, worker start-up included."""
-    dataset = shards.PairDataset(urls, patch_size=patch_size, augment=True, resampled=False)
+EMBED_DIM = 512  # ViT-B-32's CLIP embedding width
+
+
+def bench_read(urls: list[str], *, workers: int, batch_size: int, patch_size: int,
+               train_pairs: int | None = None) -> dict:
+    """Pairs/s of decoded, cropped, augmented tensors out of make_loader, worker start-up included.
+
+    ``train_pairs``: read that many pairs through the training loader instead of one exact pass.
+    """
+    if train_pairs is None:
+        dataset = shards.PairDataset(urls, patch_size=patch_size, augment=True, resampled=False)
+    else:
+        ids = [s["id"] for s in shards.iter_samples(urls)]  # not timed
+        vectors = np.random.default_rng(0).standard_normal((len(ids), EMBED_DIM), dtype=np.float32)
+        dataset = shards.PairDataset(urls, patch_size=patch_size, augment=True, resampled=True,
+                                     shuffle_buffer=TrainConfig().shuffle_buffer, embeddings=dict(zip(ids, vectors)))
     pairs = 0
     with warnings.catch_warnings():
         # More workers than cores is asked for on purpose (the table shows what it costs).
@@ -346,7 +361,11 @@ def bench_read(urls: list[str], *, workers: int, batch_size: int, patch_size: in
             if tuple(batch["lq"].shape) != expected or tuple(batch["gt"].shape) != expected:
                 raise AssertionError(f"loader gave LQ {tuple(batch['lq'].shape)}, GT "
                                      f"{tuple(batch['gt'].shape)}; expected {expected}")
+            if train_pairs is not None and tuple(batch["context"].shape) != (len(batch["id"]), EMBED_DIM):
+                raise AssertionError(f"loader gave context {tuple(batch['context'].shape)}")
             pairs += len(batch["id"])
+            if train_pairs is not None and pairs >= train_pairs:
+                break
         seconds = time.perf_counter() - start
     return {"workers": workers, "pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds,
             "tensors_per_s": 2 * pairs / seconds}
@@ -398,6 +417,12 @@ def run(sizes: Sizes, workdir: Path) -> dict:
             raise AssertionError(f"the loader read {row['pairs']} pairs with {n} workers, expected {largest}")
         results["read"]["rows"][str(n)] = row
         print(f"read, {n} workers:", json.dumps(row), flush=True)
+    results["read"]["train_rows"] = {}
+    for n in sizes.read_workers:
+        row = bench_read(urls, workers=n, batch_size=sizes.batch_size, patch_size=sizes.patch_size,
+                         train_pairs=int(largest))
+        results["read"]["train_rows"][str(n)] = row
+        print(f"read (training loader), {n} workers:", json.dumps(row), flush=True)
     results["targets"] = targets(results)
     return results
 
@@ -452,6 +477,11 @@ def table(results: dict) -> str:
               f"{'read (PairDataset, exact)':<26} {'workers':>7} {'pairs':>6} {'seconds':>8} "
                   f"{'pairs/s':>8} {'tensors/s':>9}"]
     for n, row in r["rows"].items():
+        lines.append(f"{'make_loader b' + str(r['batch_size']) + ' p' + str(r['patch_size']):<26} {n:>7} "
+                     f"{row['pairs']:>6} {row['seconds']:>8.2f} {row['pairs_per_s']:>8.0f} {row['tensors_per_s']:>9.0f}")
+    lines += [f"{'read (training loader)':<26} resampled shards, shuffle buffer {TrainConfig().shuffle_buffer}, "
+              f"{EMBED_DIM}-d embeddings joined by id"]
+    for n, row in r.get("train_rows", {}).items():
         lines.append(f"{'make_loader b' + str(r['batch_size']) + ' p' + str(r['patch_size']):<26} {n:>7} "
                      f"{row['pairs']:>6} {row['seconds']:>8.2f} {row['pairs_per_s']:>8.0f} {row['tensors_per_s']:>9.0f}")
     t = results["targets"]

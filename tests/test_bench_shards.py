@@ -26,7 +26,7 @@ def test_shards_bench_toy_run_writes_json_and_valid_shards(tmp_path, capsys):
 
     saved = json.loads(out.read_text())
     assert saved["write"].keys() == saved["memory"].keys() == {"40", "80"}
-    assert saved["read"]["rows"].keys() == {"0", "1"}
+    assert saved["read"]["rows"].keys() == saved["read"]["train_rows"].keys() == {"0", "1"}
     for pairs, write in saved["write"].items():
         assert write["rows"].keys() == {"ours", "ours+check", "tar", "tar+fsync"}
         for name, row in write["rows"].items():
@@ -43,6 +43,8 @@ def test_shards_bench_toy_run_writes_json_and_valid_shards(tmp_path, capsys):
     for workers, row in saved["read"]["rows"].items():
         assert row["pairs"] == 80, workers  # exact mode: every pair once
         assert math.isfinite(row["pairs_per_s"]) and row["pairs_per_s"] > 0, workers
+    for workers, row in saved["read"]["train_rows"].items():  # whole batches until 80 pairs
+        assert 80 <= row["pairs"] < 80 + saved["read"]["batch_size"] and row["pairs_per_s"] > 0, workers
     # The memory target is the writer's own share (imports and the manifest excluded), which
     # would show a writer that grows with the dataset; the whole-process ratio is reported too.
     own = [saved["memory"][p]["writer_mib"] for p in ("40", "80")]
