@@ -1323,7 +1323,12 @@ def iter_samples(urls: list[str]) -> Iterator[dict]:
             yield from _samples_from_stream(f, url)
 
 
-def _verify_one(out_url: str, row: dict) -> str | None:
+class _Failure(NamedTuple):
+    why: str
+    damaged: bool  # the bytes are wrong (else they could not be read: maybe a passing I/O error)
+
+
+def _verify_one(out_url: str, row: dict) -> _Failure | None:
     """Why the shard in index row ``row`` is bad, or None if it is intact."""
     url = fs.join(out_url, row["shard"])
     filesystem, path = fs.resolve(url)
@@ -1332,9 +1337,11 @@ def _verify_one(out_url: str, row: dict) -> str | None:
             reader = _HashingReader(f)
             ids = [s["id"] for s in _samples_from_stream(reader, url)]
     except FileNotFoundError:
-        return "missing"
-    except (ValueError, KeyError, OSError) as e:
-        return f"unreadable ({str(e).removesuffix('; ' + REPAIR_HINT).removesuffix(': ' + REPAIR_HINT)})"
+        return _Failure("missing", damaged=True)
+    except (ValueError, KeyError) as e:
+        return _Failure(f"unreadable ({_without_hint(str(e))})", damaged=True)
+    except OSError as e:
+        return _Failure(f"could not be read ({e})", damaged=False)
     problems = []
     if reader.count != row["bytes"]:
         problems.append(f"{reader.count} bytes, index says {row['bytes']}")
@@ -1344,32 +1351,67 @@ def _verify_one(out_url: str, row: dict) -> str | None:
         problems.append(f"{len(ids)} samples, index says {row['count']}")
     elif ids and (ids[0] != row["first_id"] or ids[-1] != row["last_id"]):
         problems.append(f"ids {ids[0]}..{ids[-1]}, index says {row['first_id']}..{row['last_id']}")
-    return "; ".join(problems) or None
+    return _Failure("; ".join(problems), damaged=True) if problems else None
+
+
+def _without_hint(message: str) -> str:
+    return message.removesuffix("; " + REPAIR_HINT).removesuffix(": " + REPAIR_HINT)
+
+
+def _mark_for_rewriting(out_url: str, row: dict) -> str | None:
+    """Remove the sidecar of the damaged shard in index row ``row``, so the writer no longer
+    takes it for finished; None when done, else why it was left alone.
+
+    Only a sidecar that describes the indexed shard (same sha256) is removed: one another run
+    has written since describes other bytes, which this verify did not read.
+    """
+    url = fs.join(out_url, row["shard"] + SIDECAR_SUFFIX)
+    try:
+        sidecar = json.loads(fs.read_bytes(url))
+    except FileNotFoundError:
+        return None  # already unfinished
+    except (ValueError, OSError) as e:
+        return f"its sidecar could not be read ({e})"
+    if sidecar.get("sha256") != row["sha256"]:
+        return "its sidecar is newer than the index (another shard run since?)"
+    try:
+        fs.remove(url)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a read-only mount, a filesystem without delete (http)
+        return f"its sidecar could not be removed ({type(e).__name__}: {e})"
+    return None
 
 
 def verify_shards(out_url: str, *, workers: int = 0) -> None:
     """Re-read every shard and check bytes, sha256, count and ids against index.parquet.
 
-    A shard that fails loses its sidecar, the writer's "finished" marker, so the next run of
-    the shard stage rewrites exactly the failed shards: a damaged shard of the right size would
-    otherwise be kept (write_shards trusts a sidecar that matches the plan and the size).
+    A damaged shard loses its sidecar, the writer's "finished" marker, so the next run of the
+    shard stage rewrites exactly the damaged shards: one of the right size would otherwise be
+    kept (write_shards trusts a sidecar that matches the plan and the size). A shard that could
+    not be read (an I/O error, perhaps passing) is reported but not marked.
     """
     out_url = os.fspath(out_url)
     rows = read_index(out_url).to_pylist()
-    reasons = _run_parallel(lambda r: _verify_one(out_url, r), rows, workers or os.cpu_count() or 1,
+    results = _run_parallel(lambda r: _verify_one(out_url, r), rows, workers or os.cpu_count() or 1,
                             lambda: None)
-    failed = [(r["shard"], why) for r, why in zip(rows, reasons) if why]
-    if failed:
-        for shard, _ in failed:
-            try:
-                fs.remove(fs.join(out_url, shard + SIDECAR_SUFFIX))
-            except FileNotFoundError:
-                pass
-        raise ShardVerificationError(
-            f"{len(failed)} of {len(rows)} shard(s) under {out_url} failed verification:\n"
-            + "".join(f"  {shard}: {why}\n" for shard, why in failed)
-            + "they are marked for rewriting: rerun the shard stage with --refresh shard "
-              "(`srdiff run --stages shard --refresh shard`), which rewrites only these")
+    failed = [(row, failure) for row, failure in zip(rows, results) if failure]
+    if not failed:
+        return
+    lines, unmarked = [f"{len(failed)} of {len(rows)} shard(s) under {out_url} failed verification:"], []
+    for row, failure in failed:
+        left = _mark_for_rewriting(out_url, row) if failure.damaged else "it was not marked for rewriting"
+        lines.append(f"  {row['shard']}: {failure.why}" + (f"; {left}" if left else ""))
+        if left:
+            unmarked.append(row["shard"])
+    if len(unmarked) < len(failed):
+        lines.append("the damaged shards are marked for rewriting: rerun the shard stage with the config that "
+                     "wrote them and --refresh shard (`srdiff run --config <it> --stages shard --refresh shard`), "
+                     "which rewrites only these")
+    if unmarked:
+        lines.append(f"not marked: {', '.join(unmarked)}; run `srdiff verify-shards` again, or delete those "
+                     f"shards and rerun the shard stage")
+    raise ShardVerificationError("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1498,7 +1540,10 @@ class PairDataset(torch.utils.data.IterableDataset):
 
     Exact mode (``resampled=False``): each sample exactly once across all ranks x workers, in
     shard order. Resampled mode: an endless stream; each (seed, rank, worker, epoch) draws
-    shards with its own RNG (``shuffle_buffer`` > 0 also shuffles samples across shards).
+    shards with its own RNG (``shuffle_buffer`` > 0 also shuffles samples across shards) from
+    its worker's own share of ``urls`` (every num_workers-th, as in exact mode), so no two
+    workers stream the same shard in the same order; with fewer shards than workers, every
+    worker draws from all of them (the train stage caps its workers: tasks.train.rank_workers).
     """
 
     def __init__(self, urls: list[str], *, patch_size: int | None = None, augment: bool = False,
@@ -1536,7 +1581,8 @@ class PairDataset(torch.utils.data.IterableDataset):
         if not self.resampled:
             return iter_samples(split_shards(self.urls, rank=self.rank, world_size=self.world_size,
                                              worker_id=worker_id, num_workers=num_workers))
-        samples = _resampled(self.urls, shard_rng)
+        own = self.urls[worker_id::num_workers] if len(self.urls) >= num_workers else self.urls
+        samples = _resampled(own, shard_rng)
         return _shuffled(samples, self.shuffle_buffer, shard_rng) if self.shuffle_buffer else samples
 
     def prepare(self, raw: dict, rng: np.random.Generator) -> dict:

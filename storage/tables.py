@@ -97,11 +97,14 @@ def _open_written(url: str | os.PathLike, hint: str | None) -> Iterator[IO[bytes
 
 @contextmanager
 def _parquet_errors_named(url: str | os.PathLike, hint: str | None) -> Iterator[None]:
-    """pyarrow's parse errors (ArrowInvalid: "Parquet magic bytes not found...") as an
-    UnreadableTable naming the file and what rewrites it."""
+    """pyarrow's parse errors (ArrowInvalid: "Parquet magic bytes not found...", or an OSError:
+    "Couldn't deserialize thrift" for a damaged footer) as an UnreadableTable naming the file
+    and what rewrites it."""
     try:
         yield
-    except pa.ArrowInvalid as e:
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
         raise UnreadableTable(f"{os.fspath(url)} is not a readable Parquet table ({e}); it is written by "
                               f"{hint or 'an earlier pipeline stage'}: rerun that with --refresh") from e
 

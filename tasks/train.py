@@ -48,29 +48,40 @@ def model_file_state(ema: torch.nn.Module, cfg: Config, srm_url: str, *, clip_me
             "srm": srm_state}
 
 
-def rank_shards(urls: list[str], rank: int, world_size: int, num_workers: int = 0) -> list[str]:
-    """Rank ``rank``'s own shards: every ``world_size``-th, so ranks never read the same samples.
-    Its ``num_workers`` DataLoader workers each need one too (storage.shards.check_feed): checked
-    here, before training starts."""
-    shards.check_feed(len(urls), world_size, num_workers)
+def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
+    """Rank ``rank``'s own shards: every ``world_size``-th, so ranks never read the same samples."""
+    shards.check_feed(len(urls), world_size, 0, ranks_setting="the training processes (train.nproc, or "
+                                                              "torchrun's --nproc_per_node x --nnodes)")
     return urls[rank::world_size]
 
 
+def rank_workers(num_workers: int, own_shards: int, log=None) -> int:
+    """DataLoader workers for a rank's ``own_shards`` shards: at most one per shard, since each
+    worker resamples a share of its own (storage.shards.PairDataset). Fewer workers, with a
+    warning, rather than an error: the stages before training have run by now."""
+    workers = min(num_workers, own_shards)
+    if workers < num_workers and log is not None:
+        log.warning(f"train.num_workers is {num_workers} but this rank has {own_shards} shard(s): using {workers} "
+                    f"DataLoader worker(s), each with shards of its own (a lower shard.maxcount makes more shards)")
+    return workers
+
+
 def batch_source(cfg: Config, urls: list[str], context: dict[str, np.ndarray], *, rank: int = 0,
-                 world_size: int = 1, skip_ids: frozenset[str] = frozenset()):
+                 world_size: int = 1, skip_ids: frozenset[str] = frozenset(), log=None):
     """batch_source(start_step) -> infinite iterator of training batches {"lq", "gt", "context", "id"}.
 
     The shard sampler is seeded with (seed, start_step) so a resumed run continues with a
     well-defined stream rather than replaying the first batches again. Under DDP each rank
     resamples only its own shards (:func:`rank_shards`), so the ranks' data are disjoint.
     Samples in ``skip_ids`` (quarantined by the embed stage: no embedding) are left out."""
-    own_urls = rank_shards(urls, rank, world_size, cfg.train.num_workers)
+    own_urls = rank_shards(urls, rank, world_size)
+    workers = rank_workers(cfg.train.num_workers, len(own_urls), log)
 
     def make(start_step: int):
         dataset = EmbeddedPairDataset(own_urls, skip_ids=skip_ids, patch_size=cfg.train.patch_size, augment=True,
                                       resampled=True, embeddings=context, seed=cfg.train.seed * 1_000_003 + start_step,
                                       rank=rank, world_size=world_size, shuffle_buffer=cfg.train.shuffle_buffer)
-        loader = shards.make_loader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers)
+        loader = shards.make_loader(dataset, batch_size=cfg.train.batch_size, num_workers=workers)
         for batch in loader:
             yield {"lq": batch["lq"], "gt": batch["gt"], "context": batch["context"], "id": batch["id"]}
     return make
@@ -136,7 +147,8 @@ def _fit_on(device: torch.device, cfg: Config, out_dir: Path, shards_url: str, r
                  f"of batch {cfg.train.batch_size} x {cfg.train.patch_size} px on {device} "
                  f"x {info.world_size} rank(s)")
     return training.train(
-        model, sde, batch_source(cfg, train_urls, context, rank=info.rank, world_size=info.world_size, skip_ids=skip),
+        model, sde, batch_source(cfg, train_urls, context, rank=info.rank, world_size=info.world_size, skip_ids=skip,
+                                   log=log if main else None),
         cfg.train, checkpoint_dir=out_dir / "checkpoints", config_dict=cfg.model_dump(mode="json"), device=device,
         log_fn=mlflow_log_fn(cfg, run_id, log) if main else None,
         sample_fn=preview_fn(cfg, sde, shards.shard_urls(shards_url, split="val"), context, run_id, device, skip)

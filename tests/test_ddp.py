@@ -32,7 +32,7 @@ from srdiff_core.unet import ConditionalUNet
 from storage import fs, shards, tables
 from tasks import embed_tables, launch
 from tasks import train as train_task
-from tasks.train import batch_source, rank_shards
+from tasks.train import batch_source, rank_shards, rank_workers
 
 CONTEXT_DIM = 8
 TRAIN_IDS = [f"train/noisy/img.{i}" for i in range(8)]  # maxcount 2 -> 4 shards, 2 per rank
@@ -200,16 +200,22 @@ def test_rank_seed_keeps_the_single_process_seed_and_splits_the_rest():
     assert rank_seed(7, 1) == int(np.random.SeedSequence([7, 1, 0]).generate_state(1, np.uint64)[0])
 
 
-def test_rank_shards_splits_round_robin_and_needs_a_shard_per_reader():
+def test_rank_shards_splits_round_robin_and_needs_a_shard_per_rank():
     assert rank_shards(list("abcde"), 1, 2) == ["b", "d"]
-    assert rank_shards(list("abcde"), 0, 2, num_workers=2) == ["a", "c", "e"]
-    with pytest.raises(ValueError, match=r"^2 shards cannot feed 3 ranks \(one each at least\): lower train.nproc "
+    with pytest.raises(ValueError, match=r"^2 shards cannot feed 3 ranks \(one each at least\): lower the training "
+                                         r"processes \(train.nproc, or torchrun's --nproc_per_node x --nnodes\) "
                                          r"to at most 2, or lower shard.maxcount"):
         rank_shards(["a", "b"], 0, 3)
-    # Resampled training: a rank's workers would stream the same shard in the same order.
-    with pytest.raises(ValueError, match=r"^5 shards cannot feed 2 ranks x 3 workers \(one each at least\): lower "
-                                         r"train.num_workers to at most 2"):
-        rank_shards(list("abcde"), 0, 2, num_workers=3)
+
+
+def test_rank_workers_are_capped_at_the_ranks_shards_with_a_warning(caplog):
+    log = logging.getLogger("srdiff-test")
+    with caplog.at_level(logging.WARNING, logger="srdiff-test"):
+        assert rank_workers(2, 3, log) == 2 and rank_workers(0, 1, log) == 0
+        assert not caplog.records
+        assert rank_workers(4, 3, log) == 3
+    assert caplog.messages == ["train.num_workers is 4 but this rank has 3 shard(s): using 3 DataLoader worker(s), "
+                               "each with shards of its own (a lower shard.maxcount makes more shards)"]
 
 
 def test_single_process_env_has_no_process_group(monkeypatch):

@@ -501,8 +501,61 @@ def test_verify_names_corrupted_and_missing_shards(written, tmp_path):
     assert lines[1] == "  train/rainy/pairs-000000.tar: sha256 differs from the index"
     assert lines[2].startswith("  train/rainy/pairs-000001.tar: unreadable (") and "damaged tar header" in lines[2]
     assert lines[3] == "  val/rainy/pairs-000000.tar: missing"
-    assert lines[4].startswith("they are marked for rewriting: rerun the shard stage with --refresh shard")
+    assert lines[4] == ("the damaged shards are marked for rewriting: rerun the shard stage with the config that "
+                        "wrote them and --refresh shard (`srdiff run --config <it> --stages shard --refresh shard`), "
+                        "which rewrites only these")
     assert len(lines) == 5
+    for rel in ("train/rainy/pairs-000000.tar", "train/rainy/pairs-000001.tar"):
+        assert not os.path.exists(os.path.join(out, rel + ".json"))
+    assert os.path.exists(os.path.join(out, "train/hazy/pairs-000000.tar.json"))
+
+
+def test_verify_marks_only_what_it_saw_damaged(written, tmp_path, monkeypatch):
+    """No mark for a shard that could not be read (an I/O error may pass), nor through a sidecar
+    written since the index (it describes bytes verify did not read); a sidecar that cannot be
+    removed is named, the report kept."""
+    out = str(tmp_path / "shards")
+    shutil.copytree(written, out)
+    for rel in ("train/hazy/pairs-000000.tar", "train/hazy/pairs-000001.tar", "train/rainy/pairs-000000.tar"):
+        _flip_byte(os.path.join(out, rel), 612)
+    newer = os.path.join(out, "train/hazy/pairs-000001.tar.json")
+    sidecar = json.loads(open(newer, "rb").read())
+    fs.atomic_write_bytes(newer, json.dumps({**sidecar, "sha256": "0" * 64}).encode())
+    real_remove = fs.remove
+
+    def failing_remove(url, *args, **kwargs):
+        if "rainy" in str(url):
+            raise PermissionError(13, "Read-only file system")
+        return real_remove(url, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "remove", failing_remove)
+    monkeypatch.setattr(shards, "_samples_from_stream", _raising_for(shards._samples_from_stream, "val/rainy"))
+    with pytest.raises(shards.ShardVerificationError) as err:
+        shards.verify_shards(out, workers=1)
+    lines = str(err.value).splitlines()
+    assert lines[1] == "  train/hazy/pairs-000000.tar: sha256 differs from the index"
+    assert lines[2] == ("  train/hazy/pairs-000001.tar: sha256 differs from the index; its sidecar is newer than "
+                        "the index (another shard run since?)")
+    assert lines[3] == ("  train/rainy/pairs-000000.tar: sha256 differs from the index; its sidecar could not be "
+                        "removed (PermissionError: [Errno 13] Read-only file system)")
+    assert lines[4] == ("  val/rainy/pairs-000000.tar: could not be read ([Errno 5] Input/output error); it was not "
+                        "marked for rewriting")
+    assert lines[5].startswith("the damaged shards are marked for rewriting")
+    assert lines[6] == ("not marked: train/hazy/pairs-000001.tar, train/rainy/pairs-000000.tar, "
+                        "val/rainy/pairs-000000.tar; run `srdiff verify-shards` again, or delete those shards and "
+                        "rerun the shard stage")
+    assert not os.path.exists(os.path.join(out, "train/hazy/pairs-000000.tar.json"))
+    for rel in ("train/hazy/pairs-000001.tar", "train/rainy/pairs-000000.tar", "val/rainy/pairs-000000.tar"):
+        assert os.path.exists(os.path.join(out, rel + ".json")), rel
+
+
+def _raising_for(real, part: str):
+    """_samples_from_stream that fails with EIO for shards whose URL contains ``part``."""
+    def samples(stream, url):
+        if part in url:
+            raise OSError(5, "Input/output error")
+        return real(stream, url)
+    return samples
 
 
 def test_verify_marks_damaged_shards_so_the_rerun_rewrites_only_them(source, written, tmp_path, monkeypatch):
@@ -668,6 +721,22 @@ def test_resampled_mode_is_endless_and_seeded_per_rank_and_worker(written):
         shards.PairDataset(urls, shuffle_buffer=4)
 
 
+def test_resampled_workers_draw_from_shards_of_their_own(written):
+    """Resampled mode gives worker w of n the shards w, w+n, ... (as exact mode), so no two
+    workers stream one shard in the same order; with fewer shards than workers, all of them."""
+    urls = shards.shard_urls(written, split="train")  # 4 shards
+    by_shard = {s["id"]: u for u in urls for s in shards.iter_samples([u])}
+    dataset = shards.PairDataset(urls, resampled=True, seed=3)
+
+    def shards_read(worker: int, workers: int) -> set[str]:
+        stream = dataset.raw_samples(worker, workers, dataset.rngs(worker)[0])
+        return {by_shard[next(stream)["id"]] for _ in range(60)}
+
+    assert shards_read(0, 2) == {urls[0], urls[2]} and shards_read(1, 2) == {urls[1], urls[3]}
+    assert shards_read(3, 4) == {urls[3]}
+    assert shards_read(4, 5) == set(urls)
+
+
 def test_embeddings_join_by_id(written):
     urls = shards.shard_urls(written, split="val")
     ids = [s["id"] for s in shards.iter_samples(urls)]
@@ -810,6 +879,38 @@ def test_shard_bytes_are_pinned(tmp_path):
         ("train/hazy/pairs-000001.tar", "z" * 95, "z" * 95, 1, 10240),
         ("train/rainy/pairs-000000.tar", "c_3", "c_3", 1, 10240)]
     assert index.column("sha256").to_pylist() == PINNED_SHARD_SHA256
+
+
+# The plan digests of _fixed_manifest's shards (maxcount 2) as every sidecar since SHARD_FORMAT
+# 1 holds them (computed with the writer of e19d38c, which built them in one json.dumps): a
+# change would make every existing shard look unfinished and be rewritten.
+PINNED_PLAN_DIGESTS = ["be108deb9a6f86a4850679484ebc7c0a2ce500ce92269cc7a852f19aa92fc9de",
+                       "cdd902d7c911c152834625d5341bc99db98bb10bc1d66ee881a41ab2f616316e",
+                       "0160b2f292852a5db8a02260ff9e6f6415d183b4d2a89c9be3c1a45ce207db7d"]
+
+
+@pytest.mark.parametrize("small_slices", [False, True])
+def test_plan_digests_and_bytes_are_pinned_across_chunk_boundaries(tmp_path, monkeypatch, small_slices):
+    """Plans are built, hashed and written a chunk at a time: with one-row chunks, two-row
+    planning slices and a manifest in several Arrow chunks, the same digests and bytes."""
+    manifest = _fixed_manifest(tmp_path)
+    if small_slices:
+        monkeypatch.setattr(shards, "CHUNK_ROWS", 1)
+        monkeypatch.setattr(shards, "PLAN_SLICE_ROWS", 2)
+        manifest = pa.concat_tables([manifest.slice(0, 1), manifest.slice(1, 2), manifest.slice(3)])
+        assert manifest.column("id").num_chunks == 3
+    assert [p.digest for p in shards.plan_shards(manifest, maxcount=2)] == PINNED_PLAN_DIGESTS
+    index = shards.write_shards(manifest, str(tmp_path / "out"), maxcount=2, workers=1)
+    assert index.column("sha256").to_pylist() == PINNED_SHARD_SHA256
+    sidecars = [json.loads(fs.read_bytes(str(tmp_path / "out" / f"{r}.json")))["plan"]
+                for r in index.column("shard").to_pylist()]
+    assert sidecars == PINNED_PLAN_DIGESTS  # what the writer hashed while writing
+    rows = manifest.to_pylist()
+    sizes = fs.sizes([r[k] for r in rows for k in ("lq_path", "gt_path")])
+    for maxcount, maxsize in [(2, 1 << 30), (99, 10240)]:
+        planned = shards.plan_shards(manifest, maxcount=maxcount, maxsize=maxsize)
+        assert [(p.name, p.samples.ids, p.size) for p in planned] == \
+            _reference_plan(rows, sizes, maxcount=maxcount, maxsize=maxsize)
 
 
 def _reference_plan(rows: list[dict], sizes: dict[str, int], *, maxcount: int,

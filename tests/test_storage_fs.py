@@ -147,13 +147,19 @@ def test_read_table_missing_names_url_and_stage(tmp_path):
 
 def test_unreadable_table_names_the_file_and_its_writer(root):
     url = fs.join(root, "index.parquet")
-    fs.atomic_write_bytes(url, b"PAR1 this is not a parquet file")
-    for read in (tables.read_table, tables.read_metadata):
-        with pytest.raises(tables.UnreadableTable) as err:
-            read(url, hint="the shard stage (`srdiff run --stages shard`)")
-        assert str(err.value).startswith(f"{url} is not a readable Parquet table (")
-        assert str(err.value).endswith("; it is written by the shard stage (`srdiff run --stages shard`): "
-                                       "rerun that with --refresh")
+    tables.write_table(url, pa.table({"id": ["a", "b"]}))
+    whole = fs.read_bytes(url)
+    footer = len(whole) - 8 - int.from_bytes(whole[-8:-4], "little")  # Parquet: footer, its length, "PAR1"
+    damaged = {"not parquet": b"PAR1 this is not a parquet file",
+               "damaged footer": whole[:footer] + bytes(len(whole) - footer - 8) + whole[-8:]}
+    for case, data in damaged.items():
+        fs.atomic_write_bytes(url, data)
+        for read in (tables.read_table, tables.read_metadata):
+            with pytest.raises(tables.UnreadableTable) as err:
+                read(url, hint="the shard stage (`srdiff run --stages shard`)")
+            assert str(err.value).startswith(f"{url} is not a readable Parquet table ("), case
+            assert str(err.value).endswith("; it is written by the shard stage (`srdiff run --stages shard`): "
+                                           "rerun that with --refresh"), case
 
 
 def test_shard_task_names_a_missing_manifest(tmp_path):
