@@ -42,7 +42,11 @@ def model_file(checkpoint: str, cfg) -> Iterator[Path]:
             raise SystemExit(f"srdiff restore: {checkpoint} is neither a model.pt file nor an MLflow train run with a "
                              f"model/model.pt artifact in {tracking.tracking_uri(cfg)} ({e}). Pass the model.pt the "
                              f"train stage wrote (data/runs/train/<key>/model.pt) or a train run id from the MLflow UI.")
-        yield Path(local)
+        try:
+            yield Path(local)
+        except (ModelFileMismatch, ClipWeightsUnavailable, ValueError) as e:
+            # The temporary copy is gone once this returns: name the run's artifact instead.
+            raise type(e)(str(e).replace(local, f"model/model.pt of MLflow run {checkpoint}")) from e
 
 
 def list_inputs(input_path: Path) -> list[Path]:

@@ -40,6 +40,7 @@ def test_shards_bench_toy_run_writes_json_and_valid_shards(tmp_path, capsys):
         assert row["pairs"] == int(pairs)
         assert 0 < row["after_import_mib"] <= row["peak_mib"], pairs
         assert math.isfinite(row["manifest_mib"]) and 0 < row["writer_mib"] < row["peak_mib"], pairs
+        assert isinstance(row["peak_reset"], bool), pairs
     for workers, row in saved["read"]["rows"].items():
         assert row["pairs"] == 80, workers  # exact mode: every pair once
         assert math.isfinite(row["pairs_per_s"]) and row["pairs_per_s"] > 0, workers

@@ -2,6 +2,7 @@
 
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -211,6 +212,24 @@ def test_restore_cli_names_a_training_checkpoint_given_for_a_model(pipeline, tmp
                      "--config", TINY, *sum((["--set", o] for o in pipeline["overrides"]), [])])
     err = capsys.readouterr().err
     assert code == 1 and "is not an srdiff model file" in err and "model.pt" in err
+
+
+def test_restore_cli_names_a_bad_model_of_a_run_by_the_run(pipeline, tmp_path, capsys):
+    """A run whose model/model.pt is not a model file: the error names the run's artifact, not
+    the temporary copy that is gone by the time the user reads it."""
+    client, first = pipeline["client"], pipeline["first"]
+    checkpoint = Path(first["stages"]["train"]["outputs"]["checkpoints"]) / "ckpt-00000004.pt"
+    bad = tmp_path / "model"
+    bad.mkdir()
+    shutil.copyfile(checkpoint, bad / "model.pt")
+    run = client.create_run(client.get_run(first["parent_run_id"]).info.experiment_id)
+    client.log_artifact(run.info.run_id, str(bad / "model.pt"), "model")
+    client.set_terminated(run.info.run_id)
+    code = cli.main(["restore", str(tmp_path), str(tmp_path / "o"), "--checkpoint", run.info.run_id,
+                     "--config", TINY, *sum((["--set", o] for o in pipeline["overrides"]), [])])
+    err = capsys.readouterr().err
+    assert code == 1 and f"model/model.pt of MLflow run {run.info.run_id} is not an srdiff model file" in err
+    assert "srdiff-run-" not in err
 
 
 def test_model_file_records_the_clip_weights_of_its_embeddings(pipeline):
