@@ -55,18 +55,24 @@ def manifest_url(tmp_path_factory) -> str:
     return url
 
 
-# The child writes with each member copy slowed down (a slow disk, not a fault), so the kill
-# lands while shards are being written; its own clean-up never runs.
+# The child writes with each member copy slowed down (a slow disk, not a fault), so other
+# shards are in flight too, and stops for good in the first member of BLOCKED_SHARD, having
+# touched a marker: the kill then lands with that shard's temporary open, whatever the timing.
+# Its own clean-up never runs.
+BLOCKED_SHARD = "train/hazy/pairs-000003.tar"
 CHILD = textwrap.dedent("""
-    import sys, time
+    import pathlib, sys, time
     from storage import shards, tables
-    manifest_url, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    manifest_url, out, workers, blocked_member, marker = sys.argv[1:6]
     real_copy = shards._copy_member
     def slow_copy(out_stream, member):
-        time.sleep(0.05)
+        if member.name == blocked_member:
+            pathlib.Path(marker).touch()
+            time.sleep(3600)
+        time.sleep(0.02)
         real_copy(out_stream, member)
     shards._copy_member = slow_copy
-    shards.write_shards(tables.read_table(manifest_url), out, maxcount=%d, workers=workers)
+    shards.write_shards(tables.read_table(manifest_url), out, maxcount=%d, workers=int(workers))
 """ % MAXCOUNT)
 
 
@@ -74,18 +80,23 @@ def _sidecars(out: Path) -> list[Path]:
     return sorted(out.rglob("pairs-*.tar.json"))
 
 
-def _kill_after(manifest_url: str, out: Path, workers: int, finished: int) -> None:
-    """Start the child writer and SIGKILL it once ``finished`` shards have their sidecars."""
+def _kill_mid_shard(manifest_url: str, out: Path, workers: int, finished: int) -> None:
+    """Start the child writer; SIGKILL it once it is inside BLOCKED_SHARD and at least
+    ``finished`` shards have their sidecars."""
+    plan = next(p for p in shards.plan_shards(tables.read_table(manifest_url), maxcount=MAXCOUNT)
+                if p.name == BLOCKED_SHARD)
+    marker = out.with_name(out.name + ".blocked")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, manifest_url, str(out), str(workers)], env=env,
-                             cwd=REPO, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, manifest_url, str(out), str(workers),
+                              f"{plan.samples.keys[0]}.lq.png", str(marker)], env=env, cwd=REPO,
+                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while len(_sidecars(out)) < finished:
+        while not marker.exists() or len(_sidecars(out)) < finished:
             if child.poll() is not None:
-                pytest.fail(f"the writer exited ({child.returncode}) before {finished} shards: {child.stderr.read()}")
+                pytest.fail(f"the writer exited ({child.returncode}) before blocking: {child.stderr.read()}")
             if time.monotonic() > deadline:
-                pytest.fail(f"the writer finished fewer than {finished} shards in 120 s")
+                pytest.fail(f"the writer did not reach {BLOCKED_SHARD} with {finished} shards done in 120 s")
             time.sleep(0.01)
         child.send_signal(signal.SIGKILL)
     finally:
@@ -119,12 +130,11 @@ def test_sigkill_mid_write_then_rerun_equals_an_uninterrupted_run(manifest_url, 
     assert total == PAIRS // MAXCOUNT
 
     out = tmp_path / "killed"
-    _kill_after(manifest_url, out, workers, finished=3)
+    _kill_mid_shard(manifest_url, out, workers, finished=3)
     assert not (out / shards.INDEX_NAME).exists()  # the commit marker is written last
-    in_flight = list(out.rglob(".pairs-*.tmp"))
-    assert in_flight, "the kill should land while a shard is being written"
+    assert list((out / "train/hazy").glob(".pairs-000003.tar.*.tmp")), "killed mid-shard: its temporary is left"
     finished = _looks_finished(out)
-    assert 3 <= len(finished) < total
+    assert 3 <= len(finished) < total and BLOCKED_SHARD not in finished
     for name, data in finished.items():  # nothing looks finished that is not
         assert data == expected[name], f"{name} has a matching sidecar but other bytes"
         assert json.loads((out / f"{name}.json").read_bytes())["sha256"] == hashlib.sha256(data).hexdigest()
