@@ -44,7 +44,7 @@ def model_file(checkpoint: str, cfg) -> Iterator[Path]:
                              f"train stage wrote (data/runs/train/<key>/model.pt) or a train run id from the MLflow UI.")
         try:
             yield Path(local)
-        except (ModelFileMismatch, ClipWeightsUnavailable, ValueError) as e:
+        except (ModelFileMismatch, ClipWeightsUnavailable) as e:  # the errors that name the file
             # The temporary copy is gone once this returns: name the run's artifact instead.
             raise type(e)(str(e).replace(local, f"model/model.pt of MLflow run {checkpoint}")) from e
 
@@ -80,7 +80,7 @@ def load_restorer(checkpoint: str, cfg, device: str, clip_pretrained: str | None
                              f"with: pass --steps between 1 and {restorer.sde.T}")
         if restorer.conditioning != "null":
             restorer.encoder()
-    if restorer.conditioning != "null" and random_clip_weights(restorer.clip_pretrained):
+    if restorer.conditioning != "null" and random_clip_weights(restorer.trained_clip_pretrained):
         print(f"note: this model was trained with {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
     return restorer
 

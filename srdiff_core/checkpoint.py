@@ -203,7 +203,7 @@ def load_checkpoint(path: str | Path, *, weights_only: bool = True) -> dict:
         raise
     except Exception as e:  # noqa: BLE001 - torch raises several types for truncated/corrupt files
         raise RuntimeError(
-            f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}). Delete it to resume from "
+            f"checkpoint {path} cannot be loaded: {unreadable_torch_file(e)}. Delete it to resume from "
             f"the previous checkpoint in {path.parent}, or set train.resume: never to start over") from e
     if not isinstance(ckpt, dict):
         raise RuntimeError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict: "

@@ -217,7 +217,11 @@ class _WeightsSource:
     digest: str | None  # None: random init, digest of the state_dict after construction
     quick_gelu: bool  # the tag was trained with QuickGELU (e.g. OpenAI's ViT-B-32)
     files: tuple[Path, ...] = ()  # the weights file(s) open_clip reads: named when one is unreadable
-    local_dir: bool = False  # the architecture comes from the folder's open_clip_config.json, not arch
+
+    @property
+    def local_dir(self) -> bool:
+        """The architecture comes from the folder's open_clip_config.json, not arch."""
+        return self.model_name.startswith(LOCAL_DIR_PREFIX)
 
 
 def _resolve_source(arch: str, pretrained: str, seed: int) -> _WeightsSource:
@@ -235,7 +239,7 @@ def _resolve_source(arch: str, pretrained: str, seed: int) -> _WeightsSource:
             raise _unavailable(arch, pretrained, f"{folder} holds no .safetensors/.bin/.pth weights file")
         return _WeightsSource(f"{LOCAL_DIR_PREFIX}{folder}", None,
                               f"local-dir {folder} ({', '.join(p.name for p in files)})",
-                              _sha256_files([config, *files]), False, tuple(files), local_dir=True)
+                              _sha256_files([config, *files]), False, tuple(files))
 
     tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if tag_cfg:

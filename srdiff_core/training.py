@@ -32,6 +32,7 @@ from srdiff_core.checkpoint import (
     CheckpointMismatch,
     capture_rng_state,
     check_compatible,
+    state_dict_mismatch,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -168,7 +169,7 @@ def _load_module(module: nn.Module, weights: dict, what: str) -> None:
         module.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointMismatch(
-            f"the checkpoint's {what} weights do not fit the current network ({e}).\nThe network "
+            f"the checkpoint's {what} weights do not fit the current network ({state_dict_mismatch(e)}).\nThe network "
             f"architecture changed: set train.resume: never, or use a new data_root/run name, "
             f"or restore the old unet settings.") from None
 

@@ -1479,8 +1479,7 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
 
 
-def check_feed(num_shards: int, world_size: int, num_workers: int, *, ranks_setting: str = "train.nproc",
-               workers_setting: str = "train.num_workers") -> None:
+def check_feed(num_shards: int, world_size: int, num_workers: int, *, ranks_setting: str = "train.nproc") -> None:
     """Every (rank, DataLoader worker) reader needs a shard of its own, or it gets nothing in
     exact mode and, in resampled mode, streams the same shard in the same order as another
     reader (the same samples in nearby batches). Refused up front, naming the setting to lower."""
@@ -1492,7 +1491,7 @@ def check_feed(num_shards: int, world_size: int, num_workers: int, *, ranks_sett
         raise ValueError(f"{num_shards} shards cannot feed {world_size} ranks (one each at least): lower "
                          f"{ranks_setting} to at most {max(num_shards, 1)}, {fix}")
     raise ValueError(f"{num_shards} shards cannot feed {world_size} ranks x {workers} workers (one each at least): "
-                     f"lower {workers_setting} to at most {num_shards // world_size}, {fix}")
+                     f"lower train.num_workers to at most {num_shards // world_size}, {fix}")
 
 
 def split_shards(urls: list[str], *, rank: int, world_size: int, worker_id: int,

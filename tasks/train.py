@@ -174,8 +174,8 @@ def check_embeddings_fit(cfg: Config, restorecls_url: str) -> None:
 
 
 def write_model(ema: torch.nn.Module, cfg: Config, srm_url: str, out_dir: Path, run_id: str | None,
-                restorecls_url: str) -> bytes:
-    """Write ``out_dir/model.pt`` (atomically) and log it to MLflow; returns its bytes. It records
+                restorecls_url: str) -> None:
+    """Write ``out_dir/model.pt`` (atomically) and log it to MLflow. It records
     the digest of the CLIP weights the RestoreCLS table was made with, so restoring with other
     weights is refused (srdiff_core.restorer)."""
     model_path = out_dir / "model.pt"
@@ -184,7 +184,6 @@ def write_model(ema: torch.nn.Module, cfg: Config, srm_url: str, out_dir: Path, 
     fs.atomic_write_bytes(str(model_path), buf.getvalue())
     if run_id:
         tracking.log_artifact(cfg, run_id, model_path, "model")
-    return buf.getvalue()
 
 
 @task(name="train", persist_result=True)
@@ -195,14 +194,15 @@ def train(cfg: Config, key: str, shards_url: str, restorecls_url: str, srm_url: 
     start = time.perf_counter()
     out_dir = Path(fs.local_path(stage_dir(cfg, "runs/train", key)))
     if cfg.train.nproc > 1:
-        step, model_bytes = fit_in_processes(cfg, key, out_dir, shards_url, restorecls_url, srm_url, run_id, log)
+        step = fit_in_processes(cfg, key, out_dir, shards_url, restorecls_url, srm_url, run_id, log)
     else:
         state = fit(cfg, out_dir, shards_url, restorecls_url, run_id, log)
-        step, model_bytes = state.step, write_model(state.ema, cfg, srm_url, out_dir, run_id, restorecls_url)
+        write_model(state.ema, cfg, srm_url, out_dir, run_id, restorecls_url)
+        step = state.step
     model_path = out_dir / "model.pt"
     seconds = time.perf_counter() - start
     log.info(f"train: {step} steps in {seconds:.1f} s on {cfg.train.nproc} process(es) -> {model_path}")
-    return StageResult(stage="train", key=key, digest=fs.sha256_bytes(model_bytes),
+    return StageResult(stage="train", key=key, digest=fs.sha256_file(model_path),
                        outputs={"model": str(model_path), "checkpoints": str(out_dir / "checkpoints")},
                        metrics={"train/final_step": float(step), "train/seconds": seconds},
                        params={"unet.conditioning": cfg.unet.conditioning, "train.steps": cfg.train.steps,
@@ -211,10 +211,10 @@ def train(cfg: Config, key: str, shards_url: str, restorecls_url: str, srm_url: 
 
 
 def fit_in_processes(cfg: Config, key: str, out_dir: Path, shards_url: str, restorecls_url: str, srm_url: str,
-                     run_id: str | None, log) -> tuple[int, bytes]:
+                     run_id: str | None, log) -> int:
     """The stage's training in ``train.nproc`` DDP processes on this machine (flows/train_ddp.py
     under torchrun, which runs :func:`fit` on each rank; rank 0 writes the checkpoints and
-    model.pt into ``out_dir`` and logs to ``run_id``); returns the final step and model.pt's bytes."""
+    model.pt into ``out_dir`` and logs to ``run_id``); returns the final step."""
     args = ["--shards", shards_url, "--restorecls", restorecls_url, "--srm", srm_url, "--key", key]
     if run_id:
         args += ["--run-id", run_id]
@@ -225,4 +225,4 @@ def fit_in_processes(cfg: Config, key: str, out_dir: Path, shards_url: str, rest
     if step is None or not model_path.is_file():
         raise RuntimeError(f"train: torchrun exited cleanly but {out_dir} has no checkpoint or no model.pt (see "
                            f"the train[torchrun] lines above); rerun with --set train.nproc=1 to train in one process")
-    return step, model_path.read_bytes()
+    return step

@@ -301,7 +301,7 @@ def test_a_failed_train_torchrun_names_its_last_lines_and_the_one_process_settin
         train_task.train.fn(cfg, key="k", shards_url="s", restorecls_url="r", srm_url="m")
 
 
-def test_more_train_processes_than_gpus_is_refused(monkeypatch, tmp_path):
+def test_more_train_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     cfg = tiny_config().model_copy(update={"device": "cuda"})

@@ -6,7 +6,6 @@ faults raised inside the process; here nothing of the writer's own clean-up gets
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import signal
@@ -19,19 +18,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
 
 from storage import fs, shards, tables
+from test_shards import _png, _record_rewrites, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 MAXCOUNT = 2
 PAIRS = 24  # 12 shards: enough that the kill lands with several still to write
-
-
-def _png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +109,12 @@ def _looks_finished(out: Path) -> dict[str, bytes]:
     return kept
 
 
-def _snapshot(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("workers", [2, 4])  # local: one shard at a time, or two at once
 def test_sigkill_mid_write_then_rerun_equals_an_uninterrupted_run(manifest_url, tmp_path, monkeypatch, workers):
     manifest = tables.read_table(manifest_url)
     reference = tmp_path / "uninterrupted"
     shards.write_shards(manifest, str(reference), maxcount=MAXCOUNT, workers=workers)
-    expected = _snapshot(reference)
+    expected = snapshot(str(reference))
     total = sum(1 for name in expected if name.endswith(".tar"))
     assert total == PAIRS // MAXCOUNT
 
@@ -139,11 +128,7 @@ def test_sigkill_mid_write_then_rerun_equals_an_uninterrupted_run(manifest_url, 
         assert data == expected[name], f"{name} has a matching sidecar but other bytes"
         assert json.loads((out / f"{name}.json").read_bytes())["sha256"] == hashlib.sha256(data).hexdigest()
 
-    rewritten: list[str] = []  # every shard write goes through start_shard
-    real_start = shards.start_shard
-    monkeypatch.setattr(shards, "start_shard",
-                        lambda plan, *a, **kw: rewritten.append(plan.name) or real_start(plan, *a, **kw))
+    rewritten = _record_rewrites(monkeypatch)
     shards.write_shards(manifest, str(out), maxcount=MAXCOUNT, workers=workers)
     assert sorted(rewritten) == sorted(n for n in expected if n.endswith(".tar") and n not in finished)
-    assert _snapshot(out) == expected  # temporaries gone, bytes identical, index written
-    shards.verify_shards(str(out))
+    assert snapshot(str(out)) == expected  # temporaries gone, bytes identical, index and sidecars as well
