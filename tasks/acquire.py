@@ -241,7 +241,7 @@ def normalise_all(cfg: Config, name: str, spec: datasets.DatasetSpec, pairs: lis
         target = normalise.Target(sample_id, name, spec.degradation, pair.split, lq_url, gt_url)
         try:
             row, note = normalise.normalise_pair(pair.lq, pair.gt, target, crop_gt_to_lq=spec.layout == "reside6k",
-                                                 link_sources=pair.lq.is_relative_to(extracted))
+                                                 link_root=extracted)
             return {**row, "note": note}, None
         except normalise.Reject as e:
             return None, quarantine_row(name, spec, pair.split, pair.native_id, pair.lq, str(e))

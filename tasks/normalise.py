@@ -91,11 +91,16 @@ def _reencode_note(side: str, path: Path, decoded: Decoded) -> str | None:
     return f"{side} PNG re-encoded as 8-bit RGB"
 
 
+def _under(path: Path, root: Path | None) -> bool:
+    return root is not None and path.is_relative_to(root)
+
+
 def normalise_pair(lq_path: Path, gt_path: Path, target: Target, crop_gt_to_lq: bool,
-                   link_sources: bool = False) -> tuple[dict, str | None]:
+                   link_root: Path | None = None) -> tuple[dict, str | None]:
     """Write the pair into the seed layout; return (manifest row, note of what was changed).
-    ``link_sources``: byte-copied PNGs may be hard links to their source (only for files we
-    extracted ourselves, never a user's). Raises :class:`Reject` with the quarantine reason."""
+    ``link_root``: a byte-copied PNG under this folder (files we extracted ourselves, never a
+    user's) may be a hard link to its source; decided per file, since LQ and GT may come from
+    different places. Raises :class:`Reject` with the quarantine reason."""
     lq, gt = decode(lq_path, "LQ"), decode(gt_path, "GT")
     notes = [n for n in (_reencode_note("LQ", lq_path, lq), _reencode_note("GT", gt_path, gt)) if n]
     gt_image, gt_copyable = gt.image, gt.copyable
@@ -110,8 +115,8 @@ def normalise_pair(lq_path: Path, gt_path: Path, target: Target, crop_gt_to_lq: 
                         f"{lq.image.size[0]}x{lq.image.size[1]}")
     lq_png = lq.raw if lq.copyable else encode_png(lq.image)
     gt_png = gt.raw if gt_copyable else encode_png(gt_image)
-    _put(target.lq_url, lq_png, lq_path if lq.copyable and link_sources else None)
-    _put(target.gt_url, gt_png, gt_path if gt_copyable and link_sources else None)
+    _put(target.lq_url, lq_png, lq_path if lq.copyable and _under(lq_path, link_root) else None)
+    _put(target.gt_url, gt_png, gt_path if gt_copyable and _under(gt_path, link_root) else None)
     width, height = lq.image.size
     row = {"id": target.sample_id, "dataset": target.dataset, "degradation": target.degradation,
            "split": target.split, "lq_path": target.lq_url, "gt_path": target.gt_url,

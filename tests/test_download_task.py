@@ -67,3 +67,18 @@ def test_empty_real_layout_says_what_to_do(tmp_path):
     cfg = load_config(None, [f"data_root={tmp_path}", "download.source=seed"])
     with pytest.raises(FileNotFoundError, match="srdiff demo"):
         download.fn(cfg, key="k")
+
+
+def test_normalise_links_only_the_files_under_our_extraction(tmp_path):
+    """Hard links are decided per file: a pair whose LQ we extracted and whose GT is the user's
+    links the LQ only (a user's file is never linked, so their edits cannot leak in)."""
+    from tasks import normalise
+
+    ours, theirs, out = tmp_path / "extracted", tmp_path / "mine", tmp_path / "out"
+    _png(ours / "lq.png", seed=1)
+    _png(theirs / "gt.png", seed=2)
+    target = normalise.Target("x-1", "x", "hazy", "train", str(out / "LQ/x-1.png"), str(out / "GT/x-1.png"))
+    normalise.normalise_pair(ours / "lq.png", theirs / "gt.png", target, crop_gt_to_lq=False, link_root=ours)
+    assert Path(target.lq_url).samefile(ours / "lq.png")
+    assert not Path(target.gt_url).samefile(theirs / "gt.png")
+    assert Path(target.gt_url).read_bytes() == (theirs / "gt.png").read_bytes()
