@@ -141,7 +141,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from flows.restore import restore_path
     return restore_path(args.input, args.output, checkpoint=args.checkpoint, config_path=resolve_config(args.config),
                         overrides=args.set, steps=args.steps, seed=args.seed, tile_size=args.tile_size,
-                        device=args.device, clip_pretrained=args.clip_pretrained)
+                        device=args.device, clip_pretrained=args.clip_pretrained, clip_x0=args.clip_x0)
 
 
 def cmd_verify_shards(args: argparse.Namespace) -> int:
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--steps", type=int, default=None, help="posterior steps (default: evaluate.steps)")
     restore.add_argument("--seed", type=int, default=0)
     restore.add_argument("--tile-size", type=int, default=None, help="tile large images (default: evaluate.tile_size)")
+    restore.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                         help="clamp the sampler's x0 estimate to [0, 1] (default: evaluate.clip_x0)")
     restore.add_argument("--device", default="auto")
     restore.add_argument("--clip-pretrained", default=None, metavar="WEIGHTS",
                          help="where the CLIP weights come from (a tag, a local file, local-dir:PATH); default: what "

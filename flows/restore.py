@@ -87,7 +87,7 @@ def load_restorer(checkpoint: str, cfg, device: str, clip_pretrained: str | None
 
 def restore_path(input_path: str, output_path: str, *, checkpoint: str, config_path: str, overrides: list[str],
                  steps: int | None, seed: int, tile_size: int | None, device: str,
-                 clip_pretrained: str | None = None) -> int:
+                 clip_pretrained: str | None = None, clip_x0: bool | None = None) -> int:
     cfg = load_config(config_path, overrides)
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     steps = steps or cfg.evaluate.steps
@@ -111,7 +111,8 @@ def restore_path(input_path: str, output_path: str, *, checkpoint: str, config_p
         context = restorer.context_for([lq_uint8])
         restored = restorer.restore(images.to_tensor(img)[None], context, steps=steps,
                                     seed=seed, tile_size=cfg.evaluate.tile_size if tile_size is None else tile_size,
-                                    tile_overlap=cfg.evaluate.tile_overlap)
+                                    tile_overlap=cfg.evaluate.tile_overlap,
+                                    clip_x0=cfg.evaluate.clip_x0 if clip_x0 is None else clip_x0)
         target = out if single else out / f"{path.stem}.png"
         Image.fromarray(images.to_uint8(restored[0])).save(target)
         done += 1

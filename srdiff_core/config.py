@@ -38,8 +38,10 @@ class DemoSetConfig(_Section):
 
     seed: int = 0
     crop_size: int = 96
-    train_per_degradation: int = 24
-    val_per_degradation: int = 4
+    train_per_degradation: int = 32
+    # 6 val pairs: every photograph (demo_data.SOURCES) at least once, so the per-degradation
+    # means are not one scene's.
+    val_per_degradation: int = 6
 
 
 class DownloadConfig(_Section):
@@ -95,6 +97,9 @@ class SRMConfig(_Section):
     weight_decay: float = 1e-4
     warmup_epochs: int = Field(default=5, ge=0)
     patience: int = Field(default=20, ge=1)  # 0 would stop exactly like 1
+    # The SRM's epoch (early stopping, best weights) is chosen on this fraction of each degradation's
+    # TRAIN rows, held out by a draw seeded with `seed` (srm.stratified_holdout); never on the val
+    # split, which the embed stage only scores. 0: no hold-out, the training loss chooses.
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     seed: int = 0
 
@@ -119,8 +124,15 @@ class EmbedConfig(_Section):
 
 
 class SDEConfig(_Section):
-    """IR-SDE (Luo et al. 2023). One max_sigma for training and sampling (the released code
-    trained at 10 and sampled at 50)."""
+    """IR-SDE (Luo et al. 2023). One max_sigma for training and sampling: the noise level a
+    network learns is the one it must be sampled at.
+
+    What the released configs use (``sde.max_sigma``, on the 0..255 scale), train = test in each:
+    DA-CLIP (daclip-uir, universal-image-restoration/config/daclip-sde/options/train.yml and
+    test.yml) 50 for every degradation, hazy, rainy, motion-blurry and low-light included (our
+    configs/daclip.yaml); IR-SDE (image-restoration-sde, codes/config/deraining/options/{train,test}/
+    ir-sde.yml, Rain100H, and codes/config/deblurring/options/{train,test}/ir-sde.yml, GoPro) 10.
+    Our default follows IR-SDE's per-task configs."""
 
     max_sigma: float = Field(default=10.0, gt=0)
     T: int = Field(default=100, ge=2)
@@ -130,11 +142,15 @@ class SDEConfig(_Section):
 
 
 class UNetConfig(_Section):
+    # "srdiff": our layout (srdiff_core/unet.py: faster, lighter, the default); "daclip": DA-CLIP's
+    # ConditionalUNet as released (srdiff_core/unet_daclip.py, 48.98 M parameters at these widths),
+    # for parity with DA-CLIP. Recorded in model.pt, so a model restores with the layout it trained in.
+    layout: Literal["srdiff", "daclip"] = "srdiff"
     nf: int = 64
     ch_mult: list[int] = [1, 2, 4, 8]
     num_res_blocks: int = 2
     context_dim: int = 512
-    attn_heads: int = 4
+    attn_heads: int = 4  # layout srdiff only: the daclip layout has heads of 32 channels at every width
     # "semantic": cross-attend to RestoreCLS; "null": a learned empty token (the ablation).
     conditioning: Literal["semantic", "null"] = "semantic"
 
@@ -155,6 +171,9 @@ class TrainConfig(_Section):
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     ema_decay: float = Field(default=0.995, ge=0.0, le=1.0)
+    # Update the EMA after every this many optimiser steps (on steps ema_every, 2 ema_every, ...);
+    # DA-CLIP updates every 10 steps (ema_pytorch's EMA(beta=0.995, update_every=10)).
+    ema_every: int = Field(default=1, ge=1)
     grad_clip: float = 1.0
     precision: Precision = "bf16"
     # channels_last only pays with torch.compile: eager it measured ~15% slower on this UNet (H200).
@@ -177,6 +196,10 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     steps: int = Field(default=100, ge=1)  # posterior steps (K <= T uses closed-form jumps)
+    # Clamp each x0 estimate to [0, 1] inside the sampler (DDPM's clip_denoised). The released
+    # IR-SDE / DA-CLIP samplers never clamp; see README "Evaluation protocol" for the measured
+    # difference and why it is on by default.
+    clip_x0: bool = True
     seed: int = 0
     crop_border: int = Field(default=4, ge=0)
     samples_per_image: int = Field(default=1, ge=1)

@@ -17,7 +17,8 @@ from srdiff_core import clip_embed, samplers, srm
 from srdiff_core.checkpoint import state_dict_mismatch, unreadable_torch_file
 from srdiff_core.config import SDEConfig, SRMConfig, UNetConfig
 from srdiff_core.sde import IRSDE
-from srdiff_core.unet import ConditionalUNet
+from srdiff_core.unet import ConditionalUNet, build_unet
+from srdiff_core.unet_daclip import DAClipUNet
 
 MODEL_FORMAT = "srdiff-model-v1"
 MODEL_FORMAT_FAMILY = "srdiff-model-"
@@ -84,7 +85,7 @@ def _load_weights(path: Path, module: torch.nn.Module, weights: object, what: st
 
 @dataclass
 class Restorer:
-    unet: ConditionalUNet
+    unet: ConditionalUNet | DAClipUNet  # the layout model.pt's unet settings name
     sde: IRSDE
     srm: srm.SemanticRefinementModule
     clip_arch: str
@@ -111,7 +112,8 @@ class Restorer:
         state = _read_model_file(path)
         try:
             srm_state, embed = state["srm"], state["embed"]
-            unet = ConditionalUNet.from_config(_settings(path, "unet", state["unet"], UNetConfig))
+            # unet.layout is in the settings (absent in files from before it existed: "srdiff", their layout).
+            unet = build_unet(_settings(path, "unet", state["unet"], UNetConfig))
             sde = IRSDE.from_config(_settings(path, "sde", state["sde"], SDEConfig))
             refiner = srm.SemanticRefinementModule.from_config(
                 int(srm_state["dim"]), _settings(path, "srm", srm_state["srm"], SRMConfig))
@@ -156,7 +158,8 @@ class Restorer:
 
     @torch.no_grad()
     def restore(self, lq: torch.Tensor, context: torch.Tensor, *, steps: int | None, seed: int,
-                tile_size: int = 0, tile_overlap: int = 32, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                tile_size: int = 0, tile_overlap: int = 32, autocast_dtype: torch.dtype | None = None,
+                clip_x0: bool = True) -> torch.Tensor:
         """One seeded sample per image: float [N,3,H,W] in [0,1] -> restored, same shape.
 
         Each image's noise comes from its own CPU generator seeded with ``seed``, so an image
@@ -167,4 +170,4 @@ class Restorer:
         noise = [torch.cat(step) for step in zip(*per_image)]
         return samplers.restore(self.unet, lq.to(self.device), self.sde, context.to(self.device), steps=steps,
                                 noise=noise, tile_size=tile_size, tile_overlap=tile_overlap,
-                                autocast_dtype=autocast_dtype)
+                                autocast_dtype=autocast_dtype, clip_x0=clip_x0)

@@ -103,10 +103,10 @@ def posterior_jump(model: NoiseModel, x: Tensor, mu: Tensor, sde: IRSDE, context
 def restore(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor | None, *, steps: int | None = None,
             generator: torch.Generator | None = None, tile_size: int = 0, tile_overlap: int = 32,
             autocast_dtype: torch.dtype | None = None, tiles_per_batch: int = 8,
-            noise: list[Tensor] | None = None) -> Tensor:
+            noise: list[Tensor] | None = None, clip_x0: bool = True) -> Tensor:
     """Restore ``lq``, evaluating the network in overlapping tiles when the image is larger than
     ``tile_size`` (0: never tile); see :func:`tiled_model`. ``noise``: pre-drawn, as for
-    :func:`posterior_sample` (then ``generator`` is not used).
+    :func:`posterior_sample` (then ``generator`` is not used); ``clip_x0`` as there.
 
     The sampler state stays one full image: at every jump the tiles' noise predictions are blended
     with a raised-cosine window (normalised by the summed weights) into one prediction, and the jump
@@ -119,7 +119,7 @@ def restore(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor | None, *
     if tile_size > 0 and (height > tile_size or width > tile_size):
         model = tiled_model(model, tile_size=tile_size, tile_overlap=tile_overlap, tiles_per_batch=tiles_per_batch)
     return posterior_sample(model, lq, sde, context, steps=steps, generator=generator, noise=noise,
-                            autocast_dtype=autocast_dtype)
+                            autocast_dtype=autocast_dtype, clip_x0=clip_x0)
 
 
 def tiled_model(model: NoiseModel, *, tile_size: int, tile_overlap: int, tiles_per_batch: int = 8) -> NoiseModel:

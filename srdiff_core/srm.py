@@ -10,8 +10,9 @@ held-out split, best weights kept.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -106,6 +107,32 @@ def split_holdout(n_rows: int, val_fraction: float, seed: int) -> tuple[Tensor, 
     n_val = min(n_rows - 1, max(1, round(n_rows * val_fraction)))
     perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def group_seed(seed: int, group: str) -> int:
+    """A seed of its own for each group, derived from (seed, group name): a group's hold-out does
+    not change when other groups are added or removed."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{group}".encode()).digest()[:8], "big") >> 1
+
+
+def stratified_holdout(groups: Sequence[str], val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded (train_idx, val_idx) split of rows labelled by ``groups`` (e.g. their degradation),
+    each group split on its own by :func:`split_holdout` with :func:`group_seed`, so every group
+    with two or more rows has at least one row on each side; a group of one row stays in training.
+    The rows of a group are taken in the order given (sort them, e.g. by id, for a split that
+    does not depend on how they were read). Both index tensors come back sorted."""
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    train_idx, val_idx = [], []
+    for g, rows in by_group.items():
+        if val_fraction <= 0.0 or len(rows) < 2:
+            train_idx += rows
+            continue
+        keep, held = split_holdout(len(rows), val_fraction, group_seed(seed, g))
+        train_idx += [rows[i] for i in keep.tolist()]
+        val_idx += [rows[i] for i in held.tolist()]
+    return torch.tensor(sorted(train_idx), dtype=torch.long), torch.tensor(sorted(val_idx), dtype=torch.long)
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:

@@ -245,7 +245,10 @@ def train_step(state: TrainState, sde, batch: Batch, cfg: TrainConfig, *, device
     lr = state.optimizer.param_groups[0]["lr"]
     state.optimizer.step()
     state.scheduler.step()
-    ema_update(state.ema, unwrap(model), ema_decay_at(cfg.ema_decay, state.step))
+    # The EMA follows after optimiser steps ema_every, 2 ema_every, ... (1-based), a function of the
+    # step alone, so a resumed run updates it on the same steps as an uninterrupted one.
+    if (state.step + 1) % cfg.ema_every == 0:
+        ema_update(state.ema, unwrap(model), ema_decay_at(cfg.ema_decay, state.step))
     state.step += 1
     return {"loss": loss_value, "grad_norm": grad_norm, "lr": lr}
 

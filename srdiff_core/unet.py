@@ -1,10 +1,50 @@
-"""Conditional UNet noise predictor of the IR-SDE, laid out as DA-CLIP's ConditionalUNet.
+"""Conditional UNet noise predictor of the IR-SDE: our layout (``unet.layout: srdiff``, the default).
 
 Input is concat(x_t - mu, mu) (the residual to remove and the degraded image itself); output is the
 predicted noise eps of x_t = m_t + sqrt(v_t) eps. Levels of ResBlocks (GroupNorm + time scale-shift,
 as in Dhariwal & Nichol 2021) with a skip after every block; the two lowest-resolution levels and
 the middle block also carry a transformer block (self-attention, cross-attention to the semantic
-context tokens, feed-forward; DA-CLIP's SpatialTransformer, after Rombach et al. 2022).
+context tokens, feed-forward; a SpatialTransformer after Rombach et al. 2022).
+
+It keeps the skeleton of DA-CLIP's ConditionalUNet (daclip-uir DenoisingUNet_arch.py: the same
+input, widths nf * [1, 1, 2, 4, 8], two ResBlocks and one attention site per level, skips, nearest
+x2 + 3x3 conv up, 7x7 stem, Linear-GELU-Linear time MLP) but is not laid out like it. DA-CLIP's
+exact layout is ``unet.layout: daclip`` (srdiff_core/unet_daclip.py), for parity runs. Differences:
+
+- Attention placement and kind. Here: a softmax transformer at the two lowest-resolution levels
+  (2, 3) and the middle, no attention at levels 0-1. DA-CLIP: LinearAttention at levels 0-2,
+  including full resolution, a SpatialTransformer only at level 3 and the middle. Why: speed and
+  memory; attention at levels 0-1 are extra passes (and stored activations) over the largest
+  feature maps. Not FLOPs: softmax attention at level 2 costs more arithmetic than DA-CLIP's linear
+  attention there (model FLOPs per image, torch.utils.flop_counter: training at 256 px 837 G here vs
+  796 G, a 1280x720 forward 9.65 T vs 4.73 T), spent in compute-bound kernels. bench/gpu.py reports
+  both layouts' img/s, FLOPs, TFLOP/s and peak memory.
+- Attention kernel. Here F.scaled_dot_product_attention (flash / memory-efficient kernels that
+  never store the N x N scores). DA-CLIP materialises the scores (einsum + softmax) and recomputes
+  its transformer blocks in the backward pass (gradient checkpointing). Why: memory and speed; at
+  1280x720 each of DA-CLIP's level-3 and middle self-attentions (160x90 = 14,400 tokens) holds a
+  14,400 x 14,400 score matrix per head (0.8 GB in fp32, 8 or 16 heads), which is how its restore
+  reaches ~130 GiB on one H200 (bench/gpu.py measures both layouts).
+- ResBlocks. Here GroupNorm-SiLU-conv twice with biases, the time embedding as a scale-shift of the
+  second GroupNorm (adaptive GroupNorm). DA-CLIP: no normalisation, bias-free convs, the
+  scale-shift right after the first conv. Why: normalisation makes training less sensitive to the
+  learning rate and to bf16 autocast (the demo trains at lr 3e-3); a design choice, bought with
+  some speed (GroupNorm is a memory-bound pass), not measured against DA-CLIP's training here.
+- Transformer details. Here ``attn_heads`` (4) heads per block, a GELU feed-forward (4x), the
+  context LayerNorm'd; DA-CLIP: heads of 32 channels (width / 32 heads), a GEGLU feed-forward
+  (an extra 4x-wide gate projection), the raw context. Why: fewer parameters and FLOPs per block.
+- Conditioning. Here the semantic vector is a cross-attention context only; DA-CLIP also feeds its
+  degradation embedding through an MLP and a softmax-weighted learned prompt into the time
+  embedding (0.26 M parameters at nf 64).
+- Resampling and padding. Here a 3x3 stride-2 conv down (DA-CLIP: 4x4), replicate padding to a
+  multiple of 2**(levels - 1) = 8 (DA-CLIP: reflect to 2**levels = 16, which fails on images
+  smaller than the pad). Why: fewer FLOPs, no wasted padded rows, any image size works.
+- Time sinusoid: the usual frequencies 10000^(-k/half) (DA-CLIP spaces them by log(10000)/(half-1)).
+- Initialisation: the final conv is zero-initialised, so the untrained model predicts eps = 0
+  (DA-CLIP: PyTorch's default initialisation).
+
+At nf 64, ch_mult [1, 2, 4, 8], context_dim 512 this layout has 47.41 M parameters, DA-CLIP's
+48.98 M (tests/test_unet_daclip.py pins both). :func:`build_unet` builds either from a UNetConfig.
 
 The semantic context is a CLIP-space vector [B, D] (one token) or a token sequence [B, L, D]. With a
 single token every query attends to it with weight 1, so cross-attention adds W_o W_v c at every
@@ -150,7 +190,7 @@ class Level(nn.Module):
 
 
 class ConditionalUNet(nn.Module):
-    """Noise predictor eps(x_t, mu, t, context) of the IR-SDE (DA-CLIP layout, semantic cross-attention).
+    """Noise predictor eps(x_t, mu, t, context) of the IR-SDE (our layout, semantic cross-attention).
 
     ``conditioning="null"`` replaces any context with one learned token (the no-semantics ablation);
     ``"semantic"`` requires a context. Any image size works: the input is padded (replicate) to a
@@ -280,3 +320,15 @@ class ConditionalUNet(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         return x
+
+
+def build_unet(cfg: "UNetConfig") -> nn.Module:
+    """The UNet ``cfg`` describes, in its ``layout``: every place that builds one from settings
+    (the train stage, model.pt loading, benchmarks) goes through here."""
+    if cfg.layout == "daclip":
+        from srdiff_core.unet_daclip import DAClipUNet  # imports this module: a late import
+
+        return DAClipUNet.from_config(cfg)
+    if cfg.layout == "srdiff":
+        return ConditionalUNet.from_config(cfg)
+    raise ValueError(f"unknown unet.layout {cfg.layout!r}: use 'srdiff' or 'daclip'")

@@ -6,10 +6,12 @@ import hashlib
 import io
 import json
 import re
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +31,7 @@ from tasks.embed_tables import QUARANTINE_NAME, column_vectors, quarantine_table
 
 SPLITS = ("train", "val")
 COUNTS_NAME = "extraction.json"  # the counts of the extraction (cache hits, computed, ...)
+SELECTION_NAME = "srm_selection.json"  # the held-out train rows that chose the SRM's epoch
 PARTS_DIR = "parts"  # per-rank parts while several processes extract
 
 
@@ -417,15 +420,85 @@ def cosine_by_degradation(emb: Embeddings, pred: torch.Tensor, split: str) -> di
     return out
 
 
-def train_refinement(emb: Embeddings, cfg: Config, device: torch.device, log) -> srm.SRMTrainResult:
-    train = torch.tensor([s == "train" for s in emb.splits])
-    val = ~train
-    val_kwargs = {"val_lq": emb.lq[val], "val_gt": emb.gt[val]} if val.any() else {}
-    result = srm.train_srm(emb.lq[train], emb.gt[train], cfg.embed.srm, device=device,
-                           log_fn=lambda epoch, m: log.debug(f"srm epoch {epoch}: {m}"), **val_kwargs)
-    log.info(f"SRM: best epoch {result.best_epoch}, val cosine LQ-vs-GT {result.val_cos_before:.4f} -> "
-             f"{result.val_cos_after:.4f}")
-    return result
+def split_cosines(emb: Embeddings, pred: torch.Tensor, split: str) -> dict[str, float]:
+    """srm/<split>_cos_before and _after over every row of ``split`` (no rows: none)."""
+    rows = torch.tensor([i for i, s in enumerate(emb.splits) if s == split], dtype=torch.long)
+    if not len(rows):
+        return {}
+    return {f"srm/{split}_cos_before": float(srm.cosine(emb.lq[rows], emb.gt[rows]).mean()),
+            f"srm/{split}_cos_after": float(srm.cosine(pred[rows], emb.gt[rows]).mean())}
+
+
+@dataclass
+class SRMSelection:
+    """Which rows chose the SRM's epoch (early stopping and the best weights kept): a seeded
+    hold-out of the train split, stratified by degradation (srm.stratified_holdout). The val
+    split never takes part: its rows are only refined and scored."""
+
+    split: str  # "train-holdout", or "train-loss" when no row could be held out (then the training loss)
+    fraction: float
+    seed: int
+    holdout_ids: list[str]  # sorted
+    training_ids: list[str]  # the train rows the SRM is fitted on, sorted
+    holdout_by_degradation: dict[str, int]
+
+    def record(self) -> dict:
+        """The selection as SELECTION_NAME holds it (and the embed run logs as an artifact)."""
+        return {"selection_split": self.split, "val_fraction": self.fraction, "seed": self.seed,
+                "stratified_by": "degradation", "holdout_rows": len(self.holdout_ids),
+                "training_rows": len(self.training_ids), "holdout_by_degradation": self.holdout_by_degradation,
+                "holdout_ids": self.holdout_ids}
+
+    def params(self) -> dict[str, str]:
+        return {"srm.selection_split": self.split, "srm.selection_rows": str(len(self.holdout_ids)),
+                "srm.selection_fraction": str(self.fraction), "srm.selection_seed": str(self.seed),
+                "srm.selection_stratified_by": "degradation", "srm.training_rows": str(len(self.training_ids))}
+
+
+def srm_selection(emb: Embeddings, cfg: Config) -> tuple[list[int], list[int], SRMSelection]:
+    """(training row indices, held-out row indices, the selection) among ``emb``'s train rows:
+    ``embed.srm.val_fraction`` of each degradation's train rows (in id order), seeded by
+    ``embed.srm.seed``. Rows of any other split are in neither list."""
+    train_rows = [i for i, s in enumerate(emb.splits) if s == "train"]
+    keep, held = srm.stratified_holdout([emb.degradations[i] for i in train_rows], cfg.embed.srm.val_fraction,
+                                        cfg.embed.srm.seed)
+    fit_rows, held_rows = [train_rows[i] for i in keep.tolist()], [train_rows[i] for i in held.tolist()]
+    selection = SRMSelection(split="train-holdout" if held_rows else "train-loss", fraction=cfg.embed.srm.val_fraction,
+                             seed=cfg.embed.srm.seed, holdout_ids=sorted(emb.ids[i] for i in held_rows),
+                             training_ids=sorted(emb.ids[i] for i in fit_rows),
+                             holdout_by_degradation=dict(sorted(Counter(emb.degradations[i] for i in held_rows).items())))
+    return fit_rows, held_rows, selection
+
+
+def train_refinement(emb: Embeddings, cfg: Config, device: torch.device,
+                     log) -> tuple[srm.SRMTrainResult, SRMSelection]:
+    """Fit the SRM on the train split less a held-out slice of it (:func:`srm_selection`), which
+    alone chooses the epoch; val rows (the benchmarks' test sets) are never read here."""
+    fit_rows, held_rows, selection = srm_selection(emb, cfg)
+    fit, held = torch.tensor(fit_rows, dtype=torch.long), torch.tensor(held_rows, dtype=torch.long)
+    result = srm.train_srm(emb.lq[fit], emb.gt[fit], cfg.embed.srm, val_lq=emb.lq[held], val_gt=emb.gt[held],
+                           device=device, log_fn=lambda epoch, m: log.debug(f"srm epoch {epoch}: {m}"))
+    if held_rows:
+        log.info(f"SRM: best epoch {result.best_epoch} of {len(result.history)}, chosen on {len(held_rows)} held-out "
+                 f"train rows ({selection.holdout_by_degradation}); their cosine LQ-vs-GT "
+                 f"{result.val_cos_before:.4f} -> {result.val_cos_after:.4f}; fitted on {len(fit_rows)} train rows")
+    else:
+        log.warning(f"SRM: no train row held out (embed.srm.val_fraction {cfg.embed.srm.val_fraction}, or one train "
+                    f"row per degradation): best epoch {result.best_epoch} chosen on the training loss")
+    return result, selection
+
+
+def write_selection(cfg: Config, out_url: str, selection: SRMSelection, run_id: str | None) -> str:
+    """SELECTION_NAME under ``out_url`` (the rows that chose the SRM epoch), logged to ``run_id``."""
+    url = fs.join(out_url, SELECTION_NAME)
+    data = json.dumps(selection.record(), indent=1).encode()
+    fs.atomic_write_bytes(url, data)
+    if run_id:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / SELECTION_NAME
+            local.write_bytes(data)
+            tracking.log_artifact(cfg, run_id, local, "srm")
+    return url
 
 
 def export_pt_layout(out_url: str, folder: str, ids: list[str], values: torch.Tensor) -> None:
@@ -521,21 +594,27 @@ def embed(cfg: Config, key: str, shards_url: str, run_id: str | None = None) -> 
              f"from the embedding cache, {len(emb.quarantine)} sample(s) quarantined")
 
     device = pick_device(cfg)
-    result = train_refinement(emb, cfg, device, log)
+    result, selection = train_refinement(emb, cfg, device, log)
     restored = srm.refine(result.model, emb.lq.to(device)).float().cpu()
     restore_table = embedding_table(emb, restored, meta)
     tables.write_table(f"{out_url}/restorecls.parquet", restore_table)
     save_srm(f"{out_url}/srm.pt", result.model, cfg, emb.lq.shape[1])
+    selection_url = write_selection(cfg, out_url, selection, run_id)
     if cfg.embed.export_pt:
         export_pt_layout(out_url, "LQCLS", emb.ids, emb.lq)
         export_pt_layout(out_url, "RestoreCLS", emb.ids, restored)
 
+    # The val split is only scored, after the SRM is fixed (srm/<deg>/val_cos_*, srm/val_cos_*);
+    # srm/holdout_cos_* are the held-out train rows that chose its epoch.
     before = cosine_by_degradation(emb, emb.lq, "val")
     after = cosine_by_degradation(emb, restored, "val")
     metrics = {f"srm/{deg}/val_cos_before": v for deg, v in before.items()}
     metrics |= {f"srm/{deg}/val_cos_after": v for deg, v in after.items()}
-    metrics |= {"srm/val_cos_before": result.val_cos_before, "srm/val_cos_after": result.val_cos_after,
-                "srm/best_epoch": float(result.best_epoch), **counts}
+    metrics |= split_cosines(emb, restored, "val")
+    if selection.holdout_ids:
+        metrics |= {"srm/holdout_cos_before": result.val_cos_before, "srm/holdout_cos_after": result.val_cos_after}
+    metrics |= {"srm/selection_rows": float(len(selection.holdout_ids)), "srm/best_epoch": float(result.best_epoch),
+                **counts}
     if run_id:
         # clip.pretrained / clip.random_weights are on every run already (tracking.clip_weights_tags).
         tracking.set_tags(cfg, run_id, {"clip.weights": meta["weights"], "clip.arch": meta["arch"]})
@@ -544,9 +623,9 @@ def embed(cfg: Config, key: str, shards_url: str, run_id: str | None = None) -> 
     return StageResult(stage="embed", key=key, digest=tables.table_digest(restore_table),
                        outputs={"embeddings": out_url, "lqcls": f"{out_url}/lqcls.parquet",
                                 "gtcls": f"{out_url}/gtcls.parquet", "restorecls": f"{out_url}/restorecls.parquet",
-                                "srm": f"{out_url}/srm.pt",
+                                "srm": f"{out_url}/srm.pt", "srm_selection": selection_url,
                                 "quarantine": f"{out_url}/{QUARANTINE_NAME}"},
                        metrics=metrics,
                        params={"clip.arch": meta["arch"], "clip.weights": meta["weights"],
-                               "clip.weights_digest": meta["weights_digest"]},
+                               "clip.weights_digest": meta["weights_digest"], **selection.params()},
                        run_id=run_id, seconds=seconds)

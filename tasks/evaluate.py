@@ -6,6 +6,7 @@ import html
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,8 @@ def protocol(cfg: Config, lpips_reason: str | None, fid_reason: str | None = Non
                                   f"restored vs GT over each degradation's val images (few images: a noisy figure)"
                                   if fid_reason is None else f"unavailable: {fid_reason}"),
             "eval.seed": str(e.seed), "eval.sampler": "posterior", "eval.steps": str(e.steps),
+            "eval.protocol.clip_x0": ("x0 estimate clamped to [0, 1] at every jump" if e.clip_x0
+                                      else "x0 estimate not clamped (as the released IR-SDE/DA-CLIP samplers)"),
             "eval.samples_per_image": str(e.samples_per_image),
             "eval.max_sigma": str(cfg.sde.max_sigma if max_sigma is None else max_sigma),
             "eval.headline_sample": f"the first sample (seed {e.seed}); " + (
@@ -137,7 +140,7 @@ def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], conte
         ctx = torch.stack([ex["context"] for ex in batch])
         sample = lambda seed: restorer.restore(  # noqa: E731
             lq, ctx, steps=e.steps, seed=seed, tile_size=e.tile_size, tile_overlap=e.tile_overlap,
-            autocast_dtype=autocast).float().cpu()
+            autocast_dtype=autocast, clip_x0=e.clip_x0).float().cpu()
         outs = [sample(e.seed + k) for k in range(e.samples_per_image)]  # outs[0]: the headline sample
         for i, ex in enumerate(batch):
             restored = score(metrics.quantize_uint8(outs[0][i:i + 1]), gt[i:i + 1], e.crop_border, lpips)
@@ -147,8 +150,9 @@ def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], conte
             if e.samples_per_image > 1:
                 row |= best_of_n([out[i:i + 1] for out in outs], gt[i:i + 1], e.crop_border)
             rows.append(row)
-            examples[ex["degradation"]].append((restored["psnr"], images.to_uint8(ex["lq"]),
-                                                images.to_uint8(outs[0][i]), images.to_uint8(ex["gt"])))
+            examples[ex["degradation"]].append(GridExample(ex["id"], restored["psnr"], baseline["psnr"],
+                                                            images.to_uint8(ex["lq"]), images.to_uint8(outs[0][i]),
+                                                            images.to_uint8(ex["gt"])))
         if fid is not None:
             degs = [ex["degradation"] for ex in batch]
             for name, imgs in (("restored", metrics.quantize_uint8(outs[0])), ("lq", lq), ("gt", gt)):
@@ -189,11 +193,32 @@ def aggregate(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def grid_rows(examples: list, n: int) -> list[list[np.ndarray]]:
-    """The n worst and n best restorations by PSNR (all of them when there are few)."""
-    ranked = sorted(examples, key=lambda e: e[0])
+@dataclass(frozen=True)
+class GridExample:
+    """One scored val image as the grids show it."""
+
+    id: str
+    psnr: float
+    lq_psnr: float
+    lq: np.ndarray
+    restored: np.ndarray
+    gt: np.ndarray
+
+
+def grid_rows(examples: list[GridExample], n: int) -> list[list[tuple[np.ndarray, str]]]:
+    """The n worst and n best restorations by PSNR (all of them when there are few), each row
+    LQ | restored | GT with the per-image PSNR under the LQ and restored tiles."""
+    ranked = sorted(examples, key=lambda e: e.psnr)
     chosen = ranked if len(ranked) <= 2 * n else ranked[:n] + ranked[-n:]
-    return [[lq, out, gt] for _, lq, out, gt in chosen]
+    return [[(e.lq, f"input {e.lq_psnr:.2f} dB"), (e.restored, f"restored {e.psnr:.2f} dB"),
+             (e.gt, "ground truth")] for e in chosen]
+
+
+def grid_image(degradation: str, examples: list[GridExample], n: int) -> np.ndarray:
+    """The grid of one degradation: a header naming it, then :func:`grid_rows`."""
+    shown = min(len(examples), 2 * n)
+    title = f"{degradation}: {shown} of {len(examples)} val images, worst and best by PSNR"
+    return images.labelled_grid(title, grid_rows(examples, n))
 
 
 def skipped_summary(restorecls_url: str, log) -> tuple[frozenset[str], dict[str, int], dict[str, str]]:
@@ -274,7 +299,7 @@ def evaluate(cfg: Config, key: str, shards_url: str, restorecls_url: str, model_
         grids = {}
         for deg, exs in sorted(examples.items()):
             name = f"grid_{deg}.png"
-            Image.fromarray(images.grid(grid_rows(exs, cfg.evaluate.grid_images))).save(folder / name)
+            Image.fromarray(grid_image(deg, exs, cfg.evaluate.grid_images)).save(folder / name)
             grids[deg] = name
         write_report(folder, means, proto, grids)
         for f in sorted(folder.iterdir()):

@@ -19,7 +19,7 @@ from srdiff_core.checkpoint import checkpoint_step, latest_checkpoint
 from srdiff_core.config import Config
 from srdiff_core.distributed import DistInfo, device_for, is_main, wrap_ddp
 from srdiff_core.sde import IRSDE
-from srdiff_core.unet import ConditionalUNet
+from srdiff_core.unet import build_unet
 from storage import fs, shards, tables
 from tasks import launch, tracking
 from tasks.common import StageResult, pick_device, stage_dir, stage_logger
@@ -100,7 +100,7 @@ def preview_fn(cfg: Config, sde: IRSDE, val_urls: list[str], context: dict[str, 
         for ex in examples:
             gen = torch.Generator(device="cpu").manual_seed(cfg.evaluate.seed)
             out = samplers.restore(ema, ex["lq"][None].to(device), sde, ex["context"][None].to(device),
-                                   steps=cfg.evaluate.steps, generator=gen)
+                                   steps=cfg.evaluate.steps, generator=gen, clip_x0=cfg.evaluate.clip_x0)
             rows.append([images.to_uint8(ex["lq"]), images.to_uint8(out[0]), images.to_uint8(ex["gt"])])
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / f"step_{step:08d}.png"
@@ -135,17 +135,17 @@ def _fit_on(device: torch.device, cfg: Config, out_dir: Path, shards_url: str, r
     train_urls = shards.shard_urls(shards_url, split="train")
     sde = IRSDE.from_config(cfg.sde)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    plain = ConditionalUNet.from_config(cfg.unet).to(device, memory_format=memory_format)
+    plain = build_unet(cfg.unet).to(device, memory_format=memory_format)
     model = wrap_ddp(plain, info, device)
     main = is_main(info)
     resume_from = latest_checkpoint(out_dir / "checkpoints") if main else None
     if resume_from is not None:
         log.info(f"resuming from {resume_from}")
     if main:
-        log.info(f"UNet nf {cfg.unet.nf} ch_mult {cfg.unet.ch_mult}, conditioning {cfg.unet.conditioning}, "
-                 f"{sum(p.numel() for p in plain.parameters()) / 1e6:.2f} M parameters, {cfg.train.steps} steps "
-                 f"of batch {cfg.train.batch_size} x {cfg.train.patch_size} px on {device} "
-                 f"x {info.world_size} rank(s)")
+        log.info(f"UNet ({cfg.unet.layout} layout) nf {cfg.unet.nf} ch_mult {cfg.unet.ch_mult}, "
+                 f"conditioning {cfg.unet.conditioning}, {sum(p.numel() for p in plain.parameters()) / 1e6:.2f} M "
+                 f"parameters, {cfg.train.steps} steps of batch {cfg.train.batch_size} x {cfg.train.patch_size} px "
+                 f"on {device} x {info.world_size} rank(s)")
     return training.train(
         model, sde, batch_source(cfg, train_urls, context, rank=info.rank, world_size=info.world_size, skip_ids=skip,
                                    log=log if main else None),
@@ -205,7 +205,8 @@ def train(cfg: Config, key: str, shards_url: str, restorecls_url: str, srm_url: 
     return StageResult(stage="train", key=key, digest=fs.sha256_file(model_path),
                        outputs={"model": str(model_path), "checkpoints": str(out_dir / "checkpoints")},
                        metrics={"train/final_step": float(step), "train/seconds": seconds},
-                       params={"unet.conditioning": cfg.unet.conditioning, "train.steps": cfg.train.steps,
+                       params={"unet.conditioning": cfg.unet.conditioning, "unet.layout": cfg.unet.layout,
+                               "train.steps": cfg.train.steps,
                                "sde.max_sigma": cfg.sde.max_sigma, "train.nproc": cfg.train.nproc},
                        run_id=run_id, seconds=seconds)
 

@@ -148,9 +148,10 @@ def test_motion_kernel_rejects_sub_pixel_length():
 
 def test_horizontal_blur_keeps_horizontally_flat_image(photo):
     rows_only = np.broadcast_to(photo[:, :1], photo.shape).copy()  # varies down, flat across
-    out = add_motion_blur(rows_only, np.random.default_rng(0), angle_range=(0.0, 0.0))
+    straight = {"curvature_range": (0.0, 0.0)}
+    out = add_motion_blur(rows_only, np.random.default_rng(0), angle_range=(0.0, 0.0), **straight)
     np.testing.assert_allclose(out, rows_only, atol=1e-6)
-    blurred_vertically = add_motion_blur(rows_only, np.random.default_rng(0), angle_range=(90.0, 90.0))
+    blurred_vertically = add_motion_blur(rows_only, np.random.default_rng(0), angle_range=(90.0, 90.0), **straight)
     assert np.abs(blurred_vertically - rows_only).mean() > 0.01
 
 
@@ -179,7 +180,7 @@ def streak_gradient_angle(diff: np.ndarray) -> float:
 @pytest.mark.parametrize("angle", [-15.0, 0.0, 15.0])
 def test_rain_adds_bright_streaks_at_the_drawn_angle(angle):
     grey = np.full((96, 96, 3), 0.3, dtype=np.float32)
-    out = add_rain(grey, np.random.default_rng(1), angle_range=(angle, angle))
+    out = add_rain(grey, np.random.default_rng(1), angle_range=(angle, angle))  # layers fan out symmetrically
     diff = luminance(out - grey)
     assert diff.min() >= -1e-6  # screen blending only brightens
     assert diff.max() > 0.3  # some streaks are clearly visible
@@ -189,11 +190,13 @@ def test_rain_adds_bright_streaks_at_the_drawn_angle(angle):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_rain_on_a_photo_is_sparse_and_brightening(seed, photo):
+def test_rain_on_a_photo_is_streaky_and_brightening(seed, photo):
     out = add_rain(photo, np.random.default_rng(seed))
     diff = luminance(out) - luminance(photo)
     assert diff.min() >= -1e-6 and out.mean() > photo.mean()
-    assert 0.01 < float(np.mean(diff > 0.05)) < 0.6  # streaks cover part of the image, not all
+    # Heavy rain like Rain100H's covers much of the image, but in streaks, not as a uniform veil.
+    assert 0.01 < float(np.mean(diff > 0.05)) < 0.9
+    assert float(np.mean(diff < 0.02)) > 0.05
 
 
 # ----------------------------------------------------------------------------- low light
@@ -209,7 +212,7 @@ def test_low_light_darkens_strongly_on_8bit_levels(seed, photo):
 def test_low_light_noise_free_value_is_exact():
     flat = np.full((4, 4, 3), 0.6, dtype=np.float32)
     out = add_low_light(flat, np.random.default_rng(0), gamma_range=(2.0, 2.0), gain_range=(0.4, 0.4),
-                        photons_range=(1e9, 1e9), read_noise_range=(0.0, 0.0))
+                        photons_range=(1e9, 1e9), read_noise_range=(0.0, 0.0), tint_range=(1.0, 1.0))
     # 0.4 * 0.6**2 = 0.144 -> 36.72 / 255 -> level 37
     np.testing.assert_array_equal(out, np.float32(37 / 255))
 
@@ -218,6 +221,47 @@ def test_low_light_noise_matches_poisson_gaussian_variance():
     # Foi et al. 2008: var = x / photons + read_noise^2 = 0.3 / 100 + 0.02^2 = 0.0034.
     flat = np.full((64, 64, 3), 0.6, dtype=np.float32)
     out = add_low_light(flat, np.random.default_rng(5), gamma_range=(1.0, 1.0), gain_range=(0.5, 0.5),
-                        photons_range=(100.0, 100.0), read_noise_range=(0.02, 0.02))
+                        photons_range=(100.0, 100.0), read_noise_range=(0.02, 0.02), tint_range=(1.0, 1.0))
     assert abs(float(out.mean()) - 0.3) < 0.003
     assert abs(float(out.var()) / 0.0034 - 1.0) < 0.06
+
+
+# ----------------------------------------------------------------------------- camera-path blur
+
+def test_straight_trajectory_kernel_is_the_line_kernel():
+    from srdiff_core.degradations import camera_trajectory, trajectory_kernel
+    xy = camera_trajectory(np.random.default_rng(0), 4.0, 0.0, 0.0, points=5)  # 4 px straight, horizontal
+    np.testing.assert_allclose(xy, [[-2, 0], [-1, 0], [0, 0], [1, 0], [2, 0]], atol=1e-12)
+    kernel = trajectory_kernel(xy)
+    centre = kernel.shape[0] // 2
+    np.testing.assert_allclose(kernel[centre, centre - 2:centre + 3], 0.2, atol=1e-7)  # frame average: 5 equal taps
+    assert abs(float(kernel.sum()) - 1.0) < 1e-6
+
+
+def test_curved_trajectory_bends_and_keeps_its_length():
+    from srdiff_core.degradations import camera_trajectory
+    xy = camera_trajectory(np.random.default_rng(3), 12.0, 30.0, 0.3)
+    steps = np.diff(xy, axis=0)
+    np.testing.assert_allclose(np.hypot(*steps.T).sum(), 12.0, rtol=1e-9)  # the path is `length` long
+    headings = np.unwrap(np.arctan2(-steps[:, 1], steps[:, 0]))
+    assert math.degrees(headings[0]) == pytest.approx(30.0, abs=1e-9)
+    assert np.ptp(headings) > 0.05  # it turns: camera shake, not a straight slide
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rain_layers_fan_out_and_add_up(seed):
+    grey = np.full((64, 64, 3), 0.2, dtype=np.float32)
+    one = add_rain(grey, np.random.default_rng(seed), layers_range=(1.0, 1.0))
+    three = add_rain(grey, np.random.default_rng(seed), layers_range=(3.0, 3.0))
+    # The same total drop density spread over three directions: similar coverage, other streaks.
+    assert abs(float(np.mean(one > 0.3)) - float(np.mean(three > 0.3))) < 0.15
+    assert np.abs(one - three).mean() > 0.01
+
+
+def test_low_light_tint_shifts_the_colour():
+    flat = np.full((4, 4, 3), 0.8, dtype=np.float32)
+    out = add_low_light(flat, np.random.default_rng(0), gamma_range=(1.0, 1.0), gain_range=(0.25, 0.25),
+                        photons_range=(1e9, 1e9), read_noise_range=(0.0, 0.0), tint_range=(0.8, 1.1))
+    channel_means = out.reshape(-1, 3).mean(axis=0)
+    assert np.ptp(channel_means) > 2 / 255  # the channels were scaled differently
+    assert all(0.8 * 0.2 - 1 / 255 <= m <= 1.1 * 0.2 + 1 / 255 for m in channel_means)

@@ -210,6 +210,36 @@ def test_stage_writes_the_quarantine_and_counts_its_work(stage_result):
     assert result.metrics["embed/quarantined"] == 2 and result.metrics["embed/images"] == 8
 
 
+def test_the_srm_epoch_is_chosen_on_held_out_train_rows_and_logged(stage_result):
+    _, result = stage_result
+    selection = json.loads(fs.read_bytes(result.outputs["srm_selection"]))
+    # hazy has two decodable train rows: one fits the SRM, one chooses its epoch; no val row takes part
+    assert selection["selection_split"] == "train-holdout" and selection["holdout_rows"] == 1
+    assert selection["holdout_ids"][0] in {"train/hazy/0", "train/hazy/2"} and selection["training_rows"] == 1
+    assert result.params["srm.selection_split"] == "train-holdout" and result.params["srm.selection_rows"] == "1"
+    assert {"srm/holdout_cos_before", "srm/holdout_cos_after", "srm/val_cos_before", "srm/val_cos_after",
+            "srm/hazy/val_cos_after", "srm/selection_rows"} <= set(result.metrics)
+
+
+def test_train_refinement_never_reads_val_rows():
+    """Val GT replaced by NaN: an SRM that read it anywhere would differ (or be NaN)."""
+    gen = torch.Generator().manual_seed(0)
+    n, dim = 12, 8
+    lq, gt = (torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=-1) for _ in range(2))
+    ids = [f"{split}/{deg}/{i}" for split, k in (("train", 4), ("val", 2)) for deg in ("hazy", "rainy") for i in range(k)]
+    splits = [i.split("/")[0] for i in ids]
+    cfg = Config.model_validate({"embed": {"srm": {"hidden": 16, "epochs": 8, "batch_size": 4, "val_fraction": 0.25}}})
+    fits = []
+    for val_gt in (gt[8:], torch.full_like(gt[8:], float("nan"))):
+        emb = embed.Embeddings(ids, splits, [i.split("/")[1] for i in ids], lq, torch.cat([gt[:8], val_gt]))
+        result, selection = embed.train_refinement(emb, cfg, torch.device("cpu"), LOG)
+        fits.append((result.model.state_dict(), result.best_epoch, selection))
+    assert fits[0][1] == fits[1][1] and fits[0][2] == fits[1][2]
+    assert all(torch.equal(fits[0][0][k], fits[1][0][k]) for k in fits[0][0])
+    assert fits[0][2].holdout_by_degradation == {"hazy": 1, "rainy": 1}
+    assert all(i.startswith("train/") for i in fits[0][2].holdout_ids + fits[0][2].training_ids)
+
+
 def as_quarantined(result: StageResult, sample_id: str, folder) -> str:
     """A copy of the stage's RestoreCLS and quarantine tables in which ``sample_id`` (a sample
     that decodes) is quarantined: no embedding, a quarantine row. Returns the RestoreCLS URL."""

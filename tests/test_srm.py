@@ -15,6 +15,7 @@ from srdiff_core.srm import (
     refine,
     split_holdout,
     srm_loss,
+    stratified_holdout,
     train_srm,
     warmup_cosine_factor,
 )
@@ -79,6 +80,22 @@ def test_split_holdout_is_seeded_disjoint_and_complete():
     assert torch.equal(split_holdout(50, 0.2, seed=3)[1], val)
     assert not torch.equal(split_holdout(50, 0.2, seed=4)[1], val)
     assert len(split_holdout(50, 0.0, seed=3)[1]) == 0
+
+
+def test_stratified_holdout_takes_rows_of_every_group_seeded_and_per_group():
+    groups = ["hazy"] * 20 + ["rainy"] * 3 + ["low-light"] + ["motion-blurry"] * 2
+    train, val = stratified_holdout(groups, 0.1, seed=7)
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(len(groups)))
+    held = [groups[i] for i in val.tolist()]
+    # round(10% of n), at least one of a group of two or more; a group of one stays in training
+    assert {g: held.count(g) for g in set(held)} == {"hazy": 2, "rainy": 1, "motion-blurry": 1}
+    assert torch.equal(stratified_holdout(groups, 0.1, seed=7)[1], val)
+    assert not torch.equal(stratified_holdout(groups, 0.1, seed=8)[1], val)
+    # a group's rows are drawn with a seed of its own: dropping another group does not move them
+    hazy_only = stratified_holdout(groups[:20], 0.1, seed=7)[1]
+    assert hazy_only.tolist() == [i for i in val.tolist() if groups[i] == "hazy"]
+    assert len(stratified_holdout(groups, 0.0, seed=7)[1]) == 0
+    assert [len(t) for t in stratified_holdout([], 0.1, seed=7)] == [0, 0]
 
 
 def test_training_improves_held_out_cosine_and_lowers_the_loss():

@@ -195,6 +195,48 @@ def test_train_step_updates_model_ema_and_step(precision):
     assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == pytest.approx(1e-5, rel=0.01)  # clip adds 1e-6 to the norm
 
 
+def test_ema_every_10_updates_only_after_steps_10_and_20():
+    """train.ema_every = 10 (DA-CLIP: 0.995 every 10 steps): the EMA stays put for 9 steps, then
+    becomes exactly lerp(previous EMA, model, 1 - decay) with the decay of step index 9 (19)."""
+    cfg = tiny_config(steps=20, ema_every=10)
+    state = _fresh_state(cfg)
+    batches = random_batches(0)
+    ema = [p.detach().clone() for p in state.ema.parameters()]
+    for step in range(1, 21):
+        train_step(state, IRSDE(10.0), next(batches), cfg, device="cpu")
+        now = [p.detach().clone() for p in state.ema.parameters()]
+        if step % 10:
+            assert all(torch.equal(a, b) for a, b in zip(now, ema)), f"EMA moved after step {step}"
+            continue
+        expected = [p.clone() for p in ema]
+        torch._foreach_lerp_(expected, [p.detach() for p in state.model.parameters()],
+                             1.0 - ema_decay_at(0.9, step - 1))
+        assert all(torch.equal(a, b) for a, b in zip(now, expected)), f"EMA after step {step}"
+        assert not all(torch.equal(a, b) for a, b in zip(now, ema))
+        ema = now
+    assert state.step == 20
+    assert ema_decay_at(0.9, 9) == pytest.approx(10 / 19) and ema_decay_at(0.9, 19) == pytest.approx(20 / 29)
+
+
+def test_resume_is_bit_exact_when_the_ema_skips_steps(tmp_path):
+    """ema_every 3 with checkpoints every 2: the EMA's updates (after steps 3 and 6) straddle the resume."""
+    cfg = tiny_config(steps=6, checkpoint_every=2, ema_every=3)
+    sde = IRSDE(10.0)
+    torch.manual_seed(0)
+    straight = train(tiny_unet(), sde, random_batches, cfg, checkpoint_dir=tmp_path / "straight",
+                     config_dict=CONFIG, compatible_keys=COMPATIBLE_KEYS)
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="ran out of batches at step 4"):
+        train(tiny_unet(), sde, lambda start: random_batches(start) if start < 4 else iter(()), cfg,
+              checkpoint_dir=tmp_path / "resumed", config_dict=CONFIG, compatible_keys=COMPATIBLE_KEYS)
+    _scramble_global_rngs()
+    resumed = train(tiny_unet(seed=99), sde, random_batches, cfg, checkpoint_dir=tmp_path / "resumed",
+                    config_dict=CONFIG, compatible_keys=COMPATIBLE_KEYS)
+    assert resumed.step == straight.step == 6
+    assert_same_tree(resumed.ema.state_dict(), straight.ema.state_dict(), "ema")
+    assert_same_tree(unwrap(resumed.model).state_dict(), unwrap(straight.model).state_dict(), "model")
+
+
 def test_train_step_refuses_a_nan_loss():
     cfg = tiny_config()
     state = _fresh_state(cfg)
