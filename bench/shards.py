@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import finish  # noqa: E402
 from srdiff_core.config import ShardConfig, TrainConfig  # noqa: E402
+from srdiff_core.data import PairDataset, make_loader  # noqa: E402
 from storage import shards, tables  # noqa: E402
 
 # (degradation, dataset) as in DESIGN.md: pairs are dealt round-robin so every pair count
@@ -345,17 +346,17 @@ def bench_read(urls: list[str], *, workers: int, batch_size: int, patch_size: in
     ``train_pairs``: read that many pairs through the training loader instead of one exact pass.
     """
     if train_pairs is None:
-        dataset = shards.PairDataset(urls, patch_size=patch_size, augment=True, resampled=False)
+        dataset = PairDataset(urls, patch_size=patch_size, augment=True, resampled=False)
     else:
         ids = [s["id"] for s in shards.iter_samples(urls)]  # not timed
         vectors = np.random.default_rng(0).standard_normal((len(ids), EMBED_DIM), dtype=np.float32)
-        dataset = shards.PairDataset(urls, patch_size=patch_size, augment=True, resampled=True,
+        dataset = PairDataset(urls, patch_size=patch_size, augment=True, resampled=True,
                                      shuffle_buffer=TrainConfig().shuffle_buffer, embeddings=dict(zip(ids, vectors)))
     pairs = 0
     with warnings.catch_warnings():
         # More workers than cores is asked for on purpose (the table shows what it costs).
         warnings.filterwarnings("ignore", message="This DataLoader will create")
-        loader = shards.make_loader(dataset, batch_size=batch_size, num_workers=workers)
+        loader = make_loader(dataset, batch_size=batch_size, num_workers=workers)
         start = time.perf_counter()
         for batch in loader:
             expected = (len(batch["id"]), 3, patch_size, patch_size)

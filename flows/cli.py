@@ -1,4 +1,4 @@
-"""`srdiff` command line: demo, run, serve, restore, ui, compare, verify-shards. Thin: parsing and printing only."""
+"""`srdiff` command line: demo, run, serve, restore, promote, ui, compare, verify-shards. Thin: parsing and printing only."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from flows.args import add_config_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = "configs/demo.yaml"
@@ -45,7 +47,7 @@ def results_table(summary: dict) -> str:
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = [line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows]
     if not has_lpips:
-        out.append("LPIPS: unavailable (AlexNet backbone weights not in the torch hub cache; see README)")
+        out.append("LPIPS: unavailable (AlexNet backbone weights not in the torch hub cache; see docs/protocol.md)")
     return "\n".join(out)
 
 
@@ -103,11 +105,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.deployments import serve_all
+    from flows.stages import STAGE_NAMES
     from srdiff_core.config import load_config
 
     config_path = resolve_config(args.config)
     load_config(config_path, args.set)  # a bad config fails here, not in every deployment run
-    print("serving srdiff/full-pipeline and srdiff/{download,shard,embed,train,evaluate}; "
+    print(f"serving srdiff/full-pipeline and srdiff/{{{','.join(STAGE_NAMES)}}}; "
           "run one with `prefect deployment run srdiff/full-pipeline`", flush=True)
     serve_all(config_path, args.set)
     return 0
@@ -142,6 +145,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return restore_path(args.input, args.output, checkpoint=args.checkpoint, config_path=resolve_config(args.config),
                         overrides=args.set, steps=args.steps, seed=args.seed, tile_size=args.tile_size,
                         device=args.device, clip_pretrained=args.clip_pretrained, clip_x0=args.clip_x0)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from srdiff_core.config import load_config
+    from tasks.registry import RegistryError, promote
+
+    cfg = load_config(resolve_config(args.config), args.set)
+    name = args.name or cfg.tracking.registered_model
+    try:
+        version = promote(cfg, args.version, args.alias, name)
+    except RegistryError as e:
+        print(f"srdiff promote: {e}", file=sys.stderr)
+        return 1
+    print(f"models:/{name}@{args.alias} -> version {version.version} (MLflow run {version.run_id}); restore with "
+          f"`srdiff restore IN OUT --checkpoint models:/{name}@{args.alias}`")
+    return 0
 
 
 def cmd_verify_shards(args: argparse.Namespace) -> int:
@@ -179,20 +198,6 @@ def cmd_import_embeddings(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_config_args(p: argparse.ArgumentParser, default: str = "configs/default.yaml") -> argparse.ArgumentParser:
-    p.add_argument("--config", default=default, help="YAML config (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
-    return p
-
-
-def torchrun_parser(module: str, doc: str) -> argparse.ArgumentParser:
-    """The arguments every torchrun entry point shares: config, overrides, the shard folder."""
-    p = add_config_args(argparse.ArgumentParser(prog=f"torchrun ... -m {module}", description=doc.splitlines()[0]))
-    p.add_argument("--shards", required=True, help="the shard stage's output folder (holds index.parquet)")
-    return p
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="srdiff", description="SR-Diff: semantic-guided diffusion restoration")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = with_config(sub.add_parser("demo", help="the whole pipeline on the embedded demo set"), DEMO_CONFIG)
     demo.set_defaults(func=cmd_demo)
     run = with_config(sub.add_parser("run", help="run the pipeline or some of its stages"))
+    # The stage names are flows/stages.py's (a test checks): importing it here would load every task.
     run.add_argument("--stages", help="comma-separated stages to run (upstream ones come from cache): "
                                       "download,shard,embed,train,evaluate")
     run.add_argument("--refresh", help="comma-separated stages to recompute even when cached")
@@ -223,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore = with_config(sub.add_parser("restore", help="restore an image or a folder of images"))
     restore.add_argument("input")
     restore.add_argument("output")
-    restore.add_argument("--checkpoint", required=True, help="a model.pt path or an MLflow run id of a train run")
+    restore.add_argument("--checkpoint", required=True,
+                         help="a model.pt path, an MLflow run id of a train run, or a registered model version: "
+                              "models:/srdiff/<version> or models:/srdiff@<alias>")
     restore.add_argument("--steps", type=int, default=None, help="posterior steps (default: evaluate.steps)")
     restore.add_argument("--seed", type=int, default=0)
     restore.add_argument("--tile-size", type=int, default=None, help="tile large images (default: evaluate.tile_size)")
@@ -234,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where the CLIP weights come from (a tag, a local file, local-dir:PATH); default: what "
                               "the model file records. They must be the weights the model was trained with")
     restore.set_defaults(func=cmd_restore)
+    promote = with_config(sub.add_parser("promote", help="point an alias of the registered model at a version"))
+    promote.add_argument("version", help="the registered model version, e.g. 3")
+    promote.add_argument("--alias", required=True, help="e.g. champion (then: --checkpoint models:/srdiff@champion)")
+    promote.add_argument("--name", default=None, help="the registered model (default: tracking.registered_model)")
+    promote.set_defaults(func=cmd_promote)
     verify = sub.add_parser("verify-shards", help="re-read every shard and check it against its index")
     verify.add_argument("shards", help="a shard folder, e.g. data/shards/<key>")
     verify.set_defaults(func=cmd_verify_shards)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import serve
 
 from flows.pipeline import srdiff
-from srdiff_core.config import STAGES
+from flows.stages import STAGE_NAMES
 
 
 def deployments(config_path: str, overrides: list[str] | None = None) -> list:
@@ -13,8 +13,8 @@ def deployments(config_path: str, overrides: list[str] | None = None) -> list:
     upstream stages come from the cache, and are computed only if never run)."""
     base = {"config_path": config_path, "overrides": overrides or []}
     out = [srdiff.to_deployment(name="full-pipeline", parameters=base,
-                                description="download -> shard -> embed -> train -> evaluate")]
-    for stage in STAGES:
+                                description=" -> ".join(STAGE_NAMES))]
+    for stage in STAGE_NAMES:
         out.append(srdiff.to_deployment(name=stage, parameters={**base, "stages": [stage], "refresh": [stage]},
                                         description=f"rerun the {stage} stage (upstream from cache)"))
     return out

@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from flows.cli import torchrun_parser
+from flows.args import torchrun_parser
 from srdiff_core.config import load_config
 from srdiff_core.distributed import DistInfo, cleanup, info_from_env
 from tasks.common import pick_device

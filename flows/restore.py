@@ -17,7 +17,7 @@ from srdiff_core import images
 from srdiff_core.config import load_config, random_clip_weights
 from srdiff_core.clip_embed import ClipWeightsUnavailable
 from srdiff_core.restorer import ModelFileMismatch, Restorer
-from tasks import tracking
+from tasks import registry, tracking
 from tasks.common import RANDOM_WEIGHTS_NOTE
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -25,7 +25,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 @contextmanager
 def model_file(checkpoint: str, cfg) -> Iterator[Path]:
-    """A model.pt path, or an MLflow run id whose `model/model.pt` artifact is downloaded into a
+    """A model.pt path, a registered model version (models:/srdiff/3, models:/srdiff@champion), or an
+    MLflow run id whose `model/model.pt` artifact is downloaded into a
     temporary folder that is removed once the model is loaded (MLflow's own default folder is
     never removed, and a real model is hundreds of MB)."""
     path = Path(checkpoint)
@@ -34,6 +35,17 @@ def model_file(checkpoint: str, cfg) -> Iterator[Path]:
         return
     if path.is_dir() and (path / "model.pt").is_file():
         yield path / "model.pt"
+        return
+    if registry.is_model_uri(checkpoint):  # models:/<name>/<version> or models:/<name>@<alias>
+        with tempfile.TemporaryDirectory(prefix="srdiff-model-") as tmp:
+            try:
+                local = registry.download_model_file(cfg, checkpoint, tmp)
+            except registry.RegistryError as e:
+                raise SystemExit(f"srdiff restore: {e}")
+            try:
+                yield local
+            except (ModelFileMismatch, ClipWeightsUnavailable) as e:
+                raise type(e)(str(e).replace(str(local), f"the model.pt of {checkpoint}")) from e
         return
     with tempfile.TemporaryDirectory(prefix=f"srdiff-run-{path.name}-") as tmp:
         try:
@@ -112,7 +124,8 @@ def restore_path(input_path: str, output_path: str, *, checkpoint: str, config_p
         restored = restorer.restore(images.to_tensor(img)[None], context, steps=steps,
                                     seed=seed, tile_size=cfg.evaluate.tile_size if tile_size is None else tile_size,
                                     tile_overlap=cfg.evaluate.tile_overlap,
-                                    clip_x0=cfg.evaluate.clip_x0 if clip_x0 is None else clip_x0)
+                                    clip_x0=cfg.evaluate.clip_x0 if clip_x0 is None else clip_x0,
+                                    eta=cfg.evaluate.eta)
         target = out if single else out / f"{path.stem}.png"
         Image.fromarray(images.to_uint8(restored[0])).save(target)
         done += 1

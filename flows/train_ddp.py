@@ -14,12 +14,22 @@ import logging
 import time
 from pathlib import Path
 
-from flows.cli import torchrun_parser
+from flows.args import torchrun_parser
+from srdiff_core.checkpoint import CheckpointMismatch
 from srdiff_core.config import load_config
 from srdiff_core.distributed import barrier, cleanup, default_backend, init_from_env, is_main
 from storage import fs
 from tasks.common import stage_dir
 from tasks.train import fit, write_model
+
+
+# What starts a fresh run of this entry point, beside train.resume: never (the core's advice).
+KEY_ADVICE = "(with flows/train_ddp.py the run folder is its --key argument: pass a new --key)"
+
+
+def with_key_advice(error: CheckpointMismatch) -> CheckpointMismatch:
+    """srdiff_core's refusal to resume, plus this entry point's own way to start fresh: a new --key."""
+    return CheckpointMismatch(f"{error}\n{KEY_ADVICE}", error.differences)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         start = time.perf_counter()
         out_dir = Path(fs.local_path(stage_dir(cfg, "runs/train", args.key)))
-        state = fit(cfg, out_dir, args.shards, args.restorecls, args.run_id, log, info)
+        try:
+            state = fit(cfg, out_dir, args.shards, args.restorecls, args.run_id, log, info)
+        except CheckpointMismatch as e:
+            raise with_key_advice(e) from None
         if is_main(info):
             write_model(state.ema, cfg, args.srm, out_dir, args.run_id, args.restorecls)
             log.info(f"train: {state.step} steps on {info.world_size} rank(s) in "

@@ -34,7 +34,15 @@ _MISSING = object()
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint was written with settings that the current run cannot continue from."""
+    """A checkpoint was written with settings that the current run cannot continue from.
+
+    ``differences``: one "key: checkpoint X, config Y" line per differing setting (empty when the
+    weights themselves do not fit). A caller with a way of its own to start a fresh run (e.g. a
+    command-line argument naming the run folder) adds it to the message."""
+
+    def __init__(self, message: str, differences: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.differences = tuple(differences)
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -256,6 +264,5 @@ def check_compatible(saved_config: dict, current_config: dict, keys: Iterable[st
         raise CheckpointMismatch(
             "the checkpoint to resume from was trained with different settings:\n"
             + "\n".join(differences)
-            + "\nTo start a fresh run, set train.resume: never, or use a new data_root/run name "
-              "(with flows/train_ddp.py the run folder is its --key argument: pass a new --key); "
-              "to continue the old run, restore the old values.")
+            + "\nTo start a fresh run, set train.resume: never, or use a new data_root/run name; "
+              "to continue the old run, restore the old values.", tuple(d.strip() for d in differences))

@@ -17,7 +17,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEGRADATIONS = ("hazy", "rainy", "motion-blurry", "low-light")
-STAGES = ("download", "shard", "embed", "train", "evaluate")
 RANDOM_WEIGHTS = "none"  # embed.pretrained for random CLIP weights (demo, tests), in any letter case
 
 
@@ -153,6 +152,11 @@ class UNetConfig(_Section):
     attn_heads: int = 4  # layout srdiff only: the daclip layout has heads of 32 channels at every width
     # "semantic": cross-attend to RestoreCLS; "null": a learned empty token (the ablation).
     conditioning: Literal["semantic", "null"] = "semantic"
+    # 0: the UNet reads the residual x_t - mu as IR-SDE feeds it. s > 0: the residual divided by its
+    # std under the forward marginal, sqrt(v_t + e^{-2 thetabar_t} s^2) for a clean residual of std s
+    # (the input preconditioning c_in of Karras et al., EDM, NeurIPS 2022, sec. 5), so the network
+    # sees unit-scale input at every t; the SDE, loss and sampler are unchanged. Layout srdiff only.
+    input_scaling_std: float = Field(default=0.0, ge=0.0)
 
     @field_validator("conditioning", mode="before")
     @classmethod
@@ -167,6 +171,9 @@ class TrainConfig(_Section):
     patch_size: int = Field(default=256, ge=8)
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.99)
+    # AdamW's epsilon. The matching loss scales with lambda = max_sigma / 255: at a small max_sigma
+    # its per-parameter gradients come near the default 1e-8, which then damps every update.
+    adam_eps: float = Field(default=1e-8, gt=0)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
@@ -190,16 +197,19 @@ class TrainConfig(_Section):
     seed: int = 0
     # Processes: > 1 makes the train stage run data-parallel (DDP) under torchrun on this machine,
     # one process per GPU (gloo processes with device: cpu); batch_size is per process, so the
-    # effective batch is nproc times larger. Several machines: flows/train_ddp.py (README).
+    # effective batch is nproc times larger. Several machines: flows/train_ddp.py (docs/scale-out.md).
     nproc: int = Field(default=1, ge=1)
 
 
 class EvalConfig(_Section):
     steps: int = Field(default=100, ge=1)  # posterior steps (K <= T uses closed-form jumps)
     # Clamp each x0 estimate to [0, 1] inside the sampler (DDPM's clip_denoised). The released
-    # IR-SDE / DA-CLIP samplers never clamp; see README "Evaluation protocol" for the measured
+    # IR-SDE / DA-CLIP samplers never clamp; see docs/protocol.md for the measured
     # difference and why it is on by default.
     clip_x0: bool = True
+    # Fresh noise of each posterior jump, DDIM's eta (srdiff_core.samplers.posterior_jump): 1 is the
+    # IR-SDE posterior sampler, 0 its deterministic counterpart (the probability-flow ODE).
+    eta: float = Field(default=1.0, ge=0.0, le=1.0)
     seed: int = 0
     crop_border: int = Field(default=4, ge=0)
     samples_per_image: int = Field(default=1, ge=1)
@@ -217,6 +227,16 @@ class TrackingConfig(_Section):
     # None: MLflow on sqlite:///<data_root>/mlflow.db (MLflow 3 refuses ./mlruns).
     mlflow_uri: str | None = None
     experiment: str = "srdiff"
+    # The model registry: each train run that trains (not one reused from cache) logs its model as
+    # an MLflow pyfunc model and registers it as a new version of this model (tasks/registry.py).
+    register_model: bool = True
+    registered_model: str = Field(default="srdiff", min_length=1)
+    # MLflow's system metrics (system/cpu_utilization_percentage, memory, GPU with nvidia-ml-py) on
+    # the embed and train runs, sampled every system_metrics_interval_s seconds.
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(default=10.0, gt=0)
+    # Results as Prefect artifacts (tables, markdown, training progress) on the flow run.
+    prefect_artifacts: bool = True
 
 
 class Config(_Section):
@@ -273,7 +293,7 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}': remove it or check its spelling "
-                         f"(see the config reference in README.md)")
+                         f"(see docs/configuration.md)")
         elif not e["loc"]:
             # A cross-key check on the whole Config: its message names the keys, and the input
             # would be the entire config.

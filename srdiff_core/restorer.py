@@ -113,8 +113,8 @@ class Restorer:
         try:
             srm_state, embed = state["srm"], state["embed"]
             # unet.layout is in the settings (absent in files from before it existed: "srdiff", their layout).
-            unet = build_unet(_settings(path, "unet", state["unet"], UNetConfig))
             sde = IRSDE.from_config(_settings(path, "sde", state["sde"], SDEConfig))
+            unet = build_unet(_settings(path, "unet", state["unet"], UNetConfig), sde)
             refiner = srm.SemanticRefinementModule.from_config(
                 int(srm_state["dim"]), _settings(path, "srm", srm_state["srm"], SRMConfig))
             _load_weights(path, unet, state["ema"], "UNet (EMA)")
@@ -159,7 +159,7 @@ class Restorer:
     @torch.no_grad()
     def restore(self, lq: torch.Tensor, context: torch.Tensor, *, steps: int | None, seed: int,
                 tile_size: int = 0, tile_overlap: int = 32, autocast_dtype: torch.dtype | None = None,
-                clip_x0: bool = True) -> torch.Tensor:
+                clip_x0: bool = True, eta: float = 1.0) -> torch.Tensor:
         """One seeded sample per image: float [N,3,H,W] in [0,1] -> restored, same shape.
 
         Each image's noise comes from its own CPU generator seeded with ``seed``, so an image
@@ -170,4 +170,4 @@ class Restorer:
         noise = [torch.cat(step) for step in zip(*per_image)]
         return samplers.restore(self.unet, lq.to(self.device), self.sde, context.to(self.device), steps=steps,
                                 noise=noise, tile_size=tile_size, tile_overlap=tile_overlap,
-                                autocast_dtype=autocast_dtype, clip_x0=clip_x0)
+                                autocast_dtype=autocast_dtype, clip_x0=clip_x0, eta=eta)

@@ -52,8 +52,11 @@ def posterior_noise(shape: tuple[int, ...] | torch.Size, steps: int, *, generato
 def posterior_sample(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor | None, *,
                      steps: int | None = None, generator: torch.Generator | None = None,
                      noise: list[Tensor] | None = None, autocast_dtype: torch.dtype | None = None,
-                     clip_x0: bool = True) -> Tensor:
+                     clip_x0: bool = True, eta: float = 1.0) -> Tensor:
     """Restore ``lq`` (NCHW in [0,1]) with ``steps`` posterior jumps from T to 0 (None: all T).
+
+    ``eta`` (see :func:`posterior_jump`): 1 is the IR-SDE posterior sampler, 0 its deterministic
+    (DDIM-style) counterpart, values between interpolate the fresh noise.
 
     ``clip_x0`` clamps each x0 estimate to [0,1] before the posterior jump (as DDPM's
     ``clip_denoised``): near t = T the estimate divides the residual by e^{-thetabar_T} = eps
@@ -77,16 +80,24 @@ def posterior_sample(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor 
         x = mu + sde.lam * _next_noise(noises, mu)
         for t, s in zip(timesteps[:-1], timesteps[1:]):
             x = posterior_jump(model, x, mu, sde, context, t, s, _next_noise(noises, mu),
-                               autocast_dtype=autocast_dtype, clip_x0=clip_x0)
+                               autocast_dtype=autocast_dtype, clip_x0=clip_x0, eta=eta)
     return x.clamp(0, 1).to(lq.dtype)
 
 
 def posterior_jump(model: NoiseModel, x: Tensor, mu: Tensor, sde: IRSDE, context: Tensor | None,
                    t: int, s: int, noise: Tensor, *, autocast_dtype: torch.dtype | None = None,
-                   clip_x0: bool = True) -> Tensor:
-    """One jump t -> s: x0_hat from the predicted noise, then x_s ~ q(x_s | x_t, x0_hat).
+                   clip_x0: bool = True, eta: float = 1.0) -> Tensor:
+    """One jump t -> s: x0_hat from the predicted noise, then x_s ~ q(x_s | x_t, x0_hat) (``eta`` 1).
 
     The variance is exactly 0 at s = 0 (x_0 is x0_hat itself), so the final jump adds no noise.
+
+    The posterior is a DDIM step (Song, Meng & Ermon, ICLR 2021, eq. 12) on this SDE: with
+    eps_t = (x_t - m_t(x0_hat)) / sqrt(v_t) the noise x_t implies, its mean is
+    m_s(x0_hat) + a sqrt(v_t) eps_t and a^2 v_t + var = v_s (``IRSDE.posterior_coefficients``).
+    ``eta`` scales its fresh noise like DDIM's: x_s = m_s(x0_hat) + sqrt(v_s - eta^2 var) eps_t
+    + eta sqrt(var) z. eta = 1 is the posterior exactly; eta = 0 draws no fresh noise, the
+    first-order discretisation of the probability-flow ODE (Song et al., ICLR 2021; the IR-SDE
+    code's ``reverse_ode``) that DDIM is.
     """
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
     with _autocast(x.device, autocast_dtype):
@@ -94,19 +105,25 @@ def posterior_jump(model: NoiseModel, x: Tensor, mu: Tensor, sde: IRSDE, context
     x0_hat = sde.predict_x0(x, mu, t, noise_pred.to(x.dtype))
     if clip_x0:
         x0_hat = x0_hat.clamp(0, 1)
-    mean, var = sde.posterior_mean_var(x, x0_hat, mu, t, s)
-    if s == 0:
-        return mean
-    return mean + var.sqrt() * noise
+    if eta == 1.0:
+        mean, var = sde.posterior_mean_var(x, x0_hat, mu, t, s)
+        return mean if s == 0 else mean + var.sqrt() * noise
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1] (1: the posterior sampler, 0: deterministic), got {eta}")
+    _, var = sde.posterior_mean_var(x, x0_hat, mu, t, s)
+    implied = (x - sde.mu_bar(x0_hat, mu, t)) / sde.sigma_bar(t).to(x.device, x.dtype)
+    fresh = eta ** 2 * var
+    x_s = sde.mu_bar(x0_hat, mu, s) + (sde.sigma_bar(s).to(x.device, x.dtype) ** 2 - fresh).clamp_min(0).sqrt() * implied
+    return x_s if s == 0 else x_s + fresh.sqrt() * noise
 
 
 def restore(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor | None, *, steps: int | None = None,
             generator: torch.Generator | None = None, tile_size: int = 0, tile_overlap: int = 32,
             autocast_dtype: torch.dtype | None = None, tiles_per_batch: int = 8,
-            noise: list[Tensor] | None = None, clip_x0: bool = True) -> Tensor:
+            noise: list[Tensor] | None = None, clip_x0: bool = True, eta: float = 1.0) -> Tensor:
     """Restore ``lq``, evaluating the network in overlapping tiles when the image is larger than
     ``tile_size`` (0: never tile); see :func:`tiled_model`. ``noise``: pre-drawn, as for
-    :func:`posterior_sample` (then ``generator`` is not used); ``clip_x0`` as there.
+    :func:`posterior_sample` (then ``generator`` is not used); ``clip_x0`` and ``eta`` as there.
 
     The sampler state stays one full image: at every jump the tiles' noise predictions are blended
     with a raised-cosine window (normalised by the summed weights) into one prediction, and the jump
@@ -119,7 +136,7 @@ def restore(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor | None, *
     if tile_size > 0 and (height > tile_size or width > tile_size):
         model = tiled_model(model, tile_size=tile_size, tile_overlap=tile_overlap, tiles_per_batch=tiles_per_batch)
     return posterior_sample(model, lq, sde, context, steps=steps, generator=generator, noise=noise,
-                            autocast_dtype=autocast_dtype, clip_x0=clip_x0)
+                            autocast_dtype=autocast_dtype, clip_x0=clip_x0, eta=eta)
 
 
 def tiled_model(model: NoiseModel, *, tile_size: int, tile_overlap: int, tiles_per_batch: int = 8) -> NoiseModel:

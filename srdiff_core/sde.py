@@ -129,6 +129,14 @@ class IRSDE:
         # expm1 keeps full precision near t = 0, where 1 - e^{-2 thetabar} would cancel.
         return self.lam * torch.sqrt(-torch.expm1(-2 * thetabar))
 
+    def input_scales(self, residual_std: float) -> Tensor:
+        """1 / sqrt(v_t + e^{-2 thetabar_t} s^2) for t = 0..T (float32): the reciprocal std of
+        x_t - mu under the forward marginal when the clean residual x0 - mu has std ``s``, i.e.
+        EDM's input preconditioning c_in (Karras et al. 2022, sec. 5 and table 1)."""
+        thetabar = self.thetas_cumsum * self.dt
+        variance = self._sigma_bar64(thetabar) ** 2 + torch.exp(-2 * thetabar) * residual_std ** 2
+        return variance.rsqrt().to(torch.float32)
+
     # -------------------------------------------------------------- forward process
 
     def mu_bar(self, x0: Tensor, mu: Tensor, t: Tensor | int) -> Tensor:

@@ -106,7 +106,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Opt
     model = unwrap(model)
     on_cuda = all(p.is_cuda for p in model.parameters())
     optimizer = torch.optim.AdamW(_parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=tuple(cfg.betas), fused=True if on_cuda else None)
+                                  betas=tuple(cfg.betas), eps=cfg.adam_eps, fused=True if on_cuda else None)
     total, warmup, floor = cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio
     # LambdaLR multiplies each group's initial lr by this factor; a lambda (not an object) keeps
     # the scheduler's state_dict free of callables, so checkpoints load with weights_only=True.

@@ -253,6 +253,13 @@ class ConditionalUNet(nn.Module):
         # the first updates would have to undo. Gradients still reach it since its input is non-zero.
         nn.init.zeros_(self.final_conv.weight)
         nn.init.zeros_(self.final_conv.bias)
+        # Per-step factors for the residual input (unet.input_scaling_std); derived from the SDE, so
+        # not saved with the weights (build_unet sets them again from the model file's sde settings).
+        self.register_buffer("input_scales", None, persistent=False)
+
+    def set_input_scales(self, scales: Tensor) -> None:
+        """Multiply the residual input x_t - mu by ``scales[t]`` (one float per step 0..T)."""
+        self.input_scales = scales.to(torch.float32)
 
     @classmethod
     def from_config(cls, cfg: "UNetConfig") -> "ConditionalUNet":
@@ -281,7 +288,10 @@ class ConditionalUNet(nn.Module):
         t = torch.as_tensor(t, device=xt.device).reshape(-1).expand(batch)
         context = self.context_tokens(context, batch)
 
-        x = torch.cat([xt - mu, mu], dim=1)
+        residual = xt - mu
+        if self.input_scales is not None:
+            residual = residual * self.input_scales.to(xt.device)[t.long()].to(xt.dtype)[:, None, None, None]
+        x = torch.cat([residual, mu], dim=1)
         x = self._pad(x)
         x = self.init_conv(x)
         first = x
@@ -322,13 +332,21 @@ class ConditionalUNet(nn.Module):
         return x
 
 
-def build_unet(cfg: "UNetConfig") -> nn.Module:
+def build_unet(cfg: "UNetConfig", sde: "IRSDE | None" = None) -> nn.Module:
     """The UNet ``cfg`` describes, in its ``layout``: every place that builds one from settings
-    (the train stage, model.pt loading, benchmarks) goes through here."""
+    (the train stage, model.pt loading, benchmarks) goes through here. ``sde``: the schedule the
+    network runs under, needed when ``cfg.input_scaling_std`` > 0."""
     if cfg.layout == "daclip":
+        if cfg.input_scaling_std:
+            raise ValueError("unet.input_scaling_std is for unet.layout: srdiff; set it to 0 for the daclip layout")
         from srdiff_core.unet_daclip import DAClipUNet  # imports this module: a late import
 
         return DAClipUNet.from_config(cfg)
     if cfg.layout == "srdiff":
-        return ConditionalUNet.from_config(cfg)
+        unet = ConditionalUNet.from_config(cfg)
+        if cfg.input_scaling_std:
+            if sde is None:
+                raise ValueError("unet.input_scaling_std > 0 needs the SDE: pass build_unet(cfg, sde)")
+            unet.set_input_scales(sde.input_scales(cfg.input_scaling_std))
+        return unet
     raise ValueError(f"unknown unet.layout {cfg.layout!r}: use 'srdiff' or 'daclip'")

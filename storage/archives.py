@@ -39,7 +39,14 @@ class ArchiveUnsupported(ArchiveError):
 
 
 class ArchiveTooLarge(UnsafeArchiveError):
-    """The archive exceeds the size or member-count cap (zip bomb, or a cap set too low)."""
+    """The archive exceeds the size or member-count cap (zip bomb, or a cap set too low).
+
+    ``limit`` names the cap that was hit: the :class:`Limits` field ("max_files" or "max_bytes"),
+    ``cap`` its value; the caller, which knows where the cap came from, says how to raise it."""
+
+    def __init__(self, message: str, *, archive: Path | None = None, limit: str = "", cap: int = 0):
+        super().__init__(message)
+        self.archive, self.limit, self.cap = archive, limit, cap
 
 
 @dataclass(frozen=True)
@@ -142,16 +149,14 @@ class _Budget:
     def member(self) -> None:
         self.files += 1
         if self.files > self.limits.max_files:
-            raise ArchiveTooLarge(
-                f"{self.archive} has more than {self.limits.max_files} members; refusing to extract "
-                "(raise download.max_extract_files if the archive is trusted)")
+            raise ArchiveTooLarge(f"{self.archive} has more than {self.limits.max_files} members; refusing to extract",
+                                  archive=self.archive, limit="max_files", cap=self.limits.max_files)
 
     def add(self, n: int) -> None:
         self.bytes += n
         if self.bytes > self.limits.max_bytes:
-            raise ArchiveTooLarge(
-                f"{self.archive} expands to more than {self.limits.max_bytes} bytes; refusing to extract "
-                "(raise download.max_extract_bytes if the archive is trusted)")
+            raise ArchiveTooLarge(f"{self.archive} expands to more than {self.limits.max_bytes} bytes; refusing to "
+                                  f"extract", archive=self.archive, limit="max_bytes", cap=self.limits.max_bytes)
 
 
 def _extract_zip(archive: Path, target: Path, limits: Limits) -> None:

@@ -10,7 +10,6 @@ the same fingerprint reads the table and touches nothing else. Downloads resume 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import pyarrow as pa
 
 from srdiff_core.config import Config, DownloadConfig
 from storage import archives, fetch, fs, tables
-from tasks import common, datasets, normalise
+from tasks import closure, common, datasets, normalise
 from tasks.common import RateLogger
 
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
@@ -68,7 +67,7 @@ def fingerprint(cfg: Config, name: str, spec: datasets.DatasetSpec) -> str:
     return common.sha256_json({
         "spec": spec.model_dump(mode="json"), "from": [_path_identity(Path(p)) for p in dl.from_paths.get(name, [])],
         "gopro_lq_folder": dl.gopro_lq_folder, "data_root": cfg.data_root,
-        "code": common.code_digest(sys.modules[__name__], datasets, normalise, archives)})
+        "code": closure.cached_code_digest((__name__,))})  # this module and every project module it can run
 
 
 def _path_identity(path: Path) -> list:
@@ -171,6 +170,10 @@ def _from_origin(path: Path, spec: datasets.DatasetSpec, log) -> str:
 
 # --- extraction ----------------------------------------------------------------------------------
 
+# The config setting behind each archives.Limits cap (see extraction's Limits below).
+EXTRACT_CAP_SETTINGS = {"max_files": "download.max_extract_files", "max_bytes": "download.max_extract_bytes"}
+
+
 def _extract_once(archive: Path, base: Path, limits: archives.Limits, owned: bool, log) -> Path:
     """Extract to ``base/<name>-<sha prefix>`` unless already complete there (the folder only
     gets that name, by an atomic rename, once every member is out)."""
@@ -180,7 +183,10 @@ def _extract_once(archive: Path, base: Path, limits: archives.Limits, owned: boo
     log.info(f"extracting {archive.name} -> {target}")
     try:
         return archives.safe_extract(archive, target, limits)
-    except (archives.ArchiveTooLarge, archives.ArchiveUnsupported) as e:
+    except archives.ArchiveTooLarge as e:  # the file itself is fine: only the cap was hit
+        raise DatasetError(f"{e} (raise {EXTRACT_CAP_SETTINGS[e.limit]} if the archive is trusted). "
+                           f"The archive is kept at {archive}") from e
+    except archives.ArchiveUnsupported as e:
         raise DatasetError(f"{e}. The archive is kept at {archive}") from e  # the file itself is fine
     except archives.ArchiveError as e:
         raise _bad_file(archive, owned, str(e)) from e

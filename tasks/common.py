@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
 import time
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import logging
@@ -45,21 +42,10 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-@functools.cache
-def code_digest(*modules: ModuleType) -> str:
-    """Digest of the source of the modules a stage runs: a code change invalidates its cache.
-
-    Cached per process, so it describes the code this process loaded, even if the files change
-    on disk while a pipeline runs."""
-    h = hashlib.sha256()
-    for module in modules:
-        h.update(inspect.getsource(module).encode())
-    return h.hexdigest()
-
-
 def stage_key(stage: str, cfg: Config, sections: tuple[str, ...], upstream: dict[str, str],
               code: str) -> str:
-    """Content key of a stage: upstream output digests + its config sections + its code."""
+    """Content key of a stage: upstream output digests + its config sections + its code (the
+    digest of its import closure, tasks.closure)."""
     return sha256_json({
         "stage": stage,
         "data_root": data_root(cfg),

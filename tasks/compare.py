@@ -159,7 +159,7 @@ def parse_metrics(text: str | None) -> list[str] | None:
 
 def metrics_to_show(runs: list[RunMetrics], requested: list[str] | None) -> list[str]:
     """The requested metrics as asked; by default psnr, ssim, psnr_y and lpips where any run has it
-    (LPIPS is unavailable without its AlexNet weights, see README)."""
+    (LPIPS is unavailable without its AlexNet weights, see docs/protocol.md)."""
     if requested is not None:
         return list(requested)
     present = {k.split("/")[2] for r in runs for k in r.metrics}

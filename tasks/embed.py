@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,7 @@ from prefect import task
 
 from srdiff_core import clip_embed, srm
 from srdiff_core.config import Config
+from srdiff_core.data import decode_png, split_shards
 from srdiff_core.distributed import DistInfo, barrier, device_for, is_main
 from storage import fs, shards, tables
 from storage.embed_cache import EmbeddingCache
@@ -63,7 +65,7 @@ def decode_sample(sample: dict, known: frozenset[str] | None = None) -> dict:
                 row[which] = None
                 continue
         try:
-            row[which] = torch.from_numpy(shards.decode_png(data)).permute(2, 0, 1)
+            row[which] = torch.from_numpy(decode_png(data)).permute(2, 0, 1)
         except UNDECODABLE as e:
             return {"id": row["id"], "split": row["split"], "degradation": row["degradation"],
                     "reason": _decode_error(which.upper(), e)}
@@ -87,7 +89,7 @@ def _chunks(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
 
 class DecodedShardImages(torch.utils.data.IterableDataset):
     """Decoded LQ and GT of every sample in this rank's shards, split across DataLoader workers by
-    shard (storage.shards.split_shards). A sample that does not decode comes out as a quarantine
+    shard (srdiff_core.data.split_shards). A sample that does not decode comes out as a quarantine
     row (see ``decode_sample``); ``known`` skips decoding cached images.
 
     ``chunk``: yield lists of up to ``chunk`` consecutive samples of one shard instead of single
@@ -101,7 +103,7 @@ class DecodedShardImages(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker_id, num_workers = (0, 0) if info is None else (info.id, info.num_workers)
-        own = shards.split_shards(self.urls, rank=self.rank, world_size=self.world_size, worker_id=worker_id,
+        own = split_shards(self.urls, rank=self.rank, world_size=self.world_size, worker_id=worker_id,
                                   num_workers=num_workers)
         for url in own:
             samples = (decode_sample(s, self.known) for s in shards.iter_samples([url]))
@@ -572,21 +574,22 @@ def save_srm(url: str, model: torch.nn.Module, cfg: Config, dim: int) -> None:
     fs.atomic_write_bytes(url, buf.getvalue())
 
 
-def run_ranks(cfg: Config, shards_url: str, out_url: str, log) -> None:
-    """:func:`extract` in ``embed.nproc`` processes on this machine (flows/embed_ddp.py under
-    torchrun), their output streamed into ``log``."""
-    launch.run_torchrun(cfg, "embed", cfg.embed.nproc, "flows.embed_ddp", ["--shards", shards_url, "--out", out_url],
-                        log)
+def run_ranks(cfg: Config, entry: ModuleType | None, shards_url: str, out_url: str, log) -> None:
+    """:func:`extract` in ``embed.nproc`` processes on this machine (the torchrun entry point
+    ``entry``, which the flow passes in: flows/embed_ddp.py), their output streamed into ``log``."""
+    module = launch.entry_module(entry, "embed", cfg.embed.nproc)
+    launch.run_torchrun(cfg, "embed", cfg.embed.nproc, module, ["--shards", shards_url, "--out", out_url], log)
 
 
 @task(name="embed", persist_result=True)
-def embed(cfg: Config, key: str, shards_url: str, run_id: str | None = None) -> StageResult:
+def embed(cfg: Config, key: str, shards_url: str, run_id: str | None = None,
+          ddp_entry: ModuleType | None = None) -> StageResult:
     """CLIP-embed LQ and GT, train the SRM, write LQCLS / GTCLS / RestoreCLS tables."""
     log = stage_logger()
     start = time.perf_counter()
     out_url = stage_dir(cfg, "embeddings", key)
     if cfg.embed.nproc > 1:
-        run_ranks(cfg, shards_url, out_url, log)
+        run_ranks(cfg, ddp_entry, shards_url, out_url, log)
     else:
         extract(cfg, shards_url, out_url, DistInfo(), log)
     emb, meta, counts = read_extracted(out_url)

@@ -8,13 +8,13 @@ embed stage wrote; tasks/embed.py, which computes it, imports the heavy librarie
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from storage import fs, shards, tables
+from srdiff_core.data import PairDataset
+from storage import fs, tables
 
 QUARANTINE_NAME = "embed_quarantine.parquet"
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("degradation", pa.string()),
@@ -75,14 +75,13 @@ def skipped_by_degradation(rows: list[dict], split: str) -> dict[str, int]:
     return dict(sorted(Counter(r["degradation"] for r in rows if r["split"] == split).items()))
 
 
-class EmbeddedPairDataset(shards.PairDataset):
-    """storage.shards.PairDataset without the samples in ``skip_ids`` (those the embed stage
+class EmbeddedPairDataset(PairDataset):
+    """srdiff_core.data.PairDataset without the samples in ``skip_ids`` (those the embed stage
     quarantined: they are in the shards but have no embedding)."""
 
     def __init__(self, urls: list[str], *, skip_ids: frozenset[str] = frozenset(), **kwargs):
         super().__init__(urls, **kwargs)
         self.skip_ids = frozenset(skip_ids)
 
-    def raw_samples(self, worker_id: int, num_workers: int, shard_rng: np.random.Generator) -> Iterator[dict]:
-        samples = super().raw_samples(worker_id, num_workers, shard_rng)
-        return (raw for raw in samples if raw["id"] not in self.skip_ids) if self.skip_ids else samples
+    def keep(self, raw: dict) -> bool:
+        return raw["id"] not in self.skip_ids

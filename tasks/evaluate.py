@@ -46,7 +46,10 @@ def protocol(cfg: Config, lpips_reason: str | None, fid_reason: str | None = Non
             "eval.protocol.fid": (f"pytorch-fid Inception-v3 ({fid_metric.FID_WEIGHTS}), 2048-d pool features, "
                                   f"restored vs GT over each degradation's val images (few images: a noisy figure)"
                                   if fid_reason is None else f"unavailable: {fid_reason}"),
-            "eval.seed": str(e.seed), "eval.sampler": "posterior", "eval.steps": str(e.steps),
+            "eval.seed": str(e.seed), "eval.steps": str(e.steps),
+            "eval.sampler": ("posterior (IR-SDE)" if e.eta == 1.0 else "deterministic (DDIM-style, eta 0)" if e.eta == 0.0
+                             else f"posterior with DDIM eta {e.eta}"),
+            "eval.eta": str(e.eta),
             "eval.protocol.clip_x0": ("x0 estimate clamped to [0, 1] at every jump" if e.clip_x0
                                       else "x0 estimate not clamped (as the released IR-SDE/DA-CLIP samplers)"),
             "eval.samples_per_image": str(e.samples_per_image),
@@ -140,7 +143,7 @@ def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], conte
         ctx = torch.stack([ex["context"] for ex in batch])
         sample = lambda seed: restorer.restore(  # noqa: E731
             lq, ctx, steps=e.steps, seed=seed, tile_size=e.tile_size, tile_overlap=e.tile_overlap,
-            autocast_dtype=autocast, clip_x0=e.clip_x0).float().cpu()
+            autocast_dtype=autocast, clip_x0=e.clip_x0, eta=e.eta).float().cpu()
         outs = [sample(e.seed + k) for k in range(e.samples_per_image)]  # outs[0]: the headline sample
         for i, ex in enumerate(batch):
             restored = score(metrics.quantize_uint8(outs[0][i:i + 1]), gt[i:i + 1], e.crop_border, lpips)

@@ -1,6 +1,8 @@
-"""A stage's work in several processes on this machine: torchrun running one of the flows/*_ddp.py
-entry points (one process per GPU), its output streamed into the stage's log, stopped with the
-stage. Used by the embed stage (``embed.nproc``) and the train stage (``train.nproc``)."""
+"""A stage's work in several processes on this machine: torchrun running a stage's entry point
+(one process per GPU), its output streamed into the stage's log, stopped with the stage. Used by
+the embed stage (``embed.nproc``) and the train stage (``train.nproc``). The entry point is a
+module the caller passes in (the flow's stage registry names flows/embed_ddp.py and
+flows/train_ddp.py): tasks never name a flows module themselves."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import tempfile
 from collections import deque
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import yaml
@@ -25,6 +28,16 @@ STOP_GRACE_S = 10.0  # after SIGTERM, torchrun's time to stop its ranks before S
 def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", module, *args]
+
+
+def entry_module(entry: ModuleType | None, stage: str, nproc: int) -> str:
+    """The name torchrun runs (``-m``) for the entry point module ``entry``; an error naming the
+    way out when none was passed in (a stage task called directly with ``<stage>.nproc`` > 1)."""
+    if entry is None:
+        raise ValueError(f"{stage}.nproc is {nproc} but no torchrun entry point was passed in: run the stage through "
+                         f"the srdiff flow (`srdiff run`), pass ddp_entry= the stage's entry point module, or set "
+                         f"{stage}.nproc: 1 to run it in this process")
+    return entry.__name__
 
 
 def check_nproc(cfg: Config, setting: str, nproc: int) -> None:
@@ -79,9 +92,9 @@ def run_logged(cmd: list[str], env: dict[str, str], log, prefix: str = "torchrun
 
 
 def run_torchrun(cfg: Config, stage: str, nproc: int, module: str, args: list[str], log) -> None:
-    """``module`` (a flows/*_ddp.py entry point) in ``nproc`` processes on this machine under
-    torchrun, given ``cfg`` as a config file plus ``args``; its output streamed into ``log``.
-    A failure is an error holding torchrun's last lines."""
+    """``module`` (a stage's torchrun entry point, by module name) in ``nproc`` processes on this
+    machine under torchrun, given ``cfg`` as a config file plus ``args``; its output streamed into
+    ``log``. A failure is an error holding torchrun's last lines."""
     setting = f"{stage}.nproc"
     check_nproc(cfg, setting, nproc)
     data = cfg.model_dump(mode="json")

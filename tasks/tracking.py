@@ -28,6 +28,16 @@ PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "srdiff.stage"
 FLOW_RUN_TAG = "prefect.flow_run_id"
 REUSED_TAG = "srdiff.reused_from_run"
+CACHED_TAG = "srdiff.cached"  # "true"/"false" on every stage run: a column the run list can show
+# MLflow 3's UI opens an experiment by its kind; without this tag it may infer a GenAI experiment
+# and open on the traces overview. The values are the UI's (ExperimentKind in mlflow/server/js).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+RUN_NAME_TAG = "mlflow.runName"
+# The stages whose runs carry MLflow's system metrics (system/*) when tracking.system_metrics is on.
+SYSTEM_METRICS_STAGES = ("embed", "train")
+# The stages whose runs carry the UNet settings as tags (what differs between two of their runs).
+UNET_STAGES = ("train", "evaluate")
 PACKAGES = ("srdiff", "torch", "torchvision", "open_clip_torch", "prefect", "mlflow", "webdataset",
             "pyarrow", "numpy")
 
@@ -63,9 +73,12 @@ def client_for(cfg: Config) -> MlflowClient:
 def experiment_id(client: MlflowClient, cfg: Config) -> str:
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # an experiment made before the tag (a user's value stays)
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = artifact_root(cfg) if not cfg.tracking.mlflow_uri else None
-    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=location,
+                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def environment_tags() -> dict[str, str]:
@@ -96,15 +109,29 @@ def clip_weights_tags(cfg: Config) -> dict[str, str]:
             "clip.random_weights": str(random_clip_weights(cfg.embed.pretrained)).lower()}
 
 
+def unet_tags(cfg: Config) -> dict[str, str]:
+    """The UNet settings that tell two trained models apart, as tags (columns in the run list)."""
+    return {"unet.conditioning": cfg.unet.conditioning, "unet.layout": cfg.unet.layout}
+
+
+def parent_run_name(cfg: Config, stages: list[str], now: float | None = None) -> str:
+    """A parent run's name a person can tell apart in the run list: config name, conditioning,
+    layout, the stages when not all five, and the start time (e.g. srdiff-demo semantic srdiff 0612-1830)."""
+    stamp = time.strftime("%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
+    only = f" to-{stages[-1]}" if stages and stages[-1] != "evaluate" else ""
+    return f"{cfg.name} {cfg.unet.conditioning} {cfg.unet.layout}{only} {stamp}"
+
+
 def start_parent_run(cfg: Config, *, flow_run_id: str | None, stages: list[str],
                      config_path: str | None) -> str:
     client = client_for(cfg)
-    tags = {STAGE_TAG: "pipeline", "srdiff.stages": ",".join(stages), **environment_tags(), **clip_weights_tags(cfg)}
+    tags = {STAGE_TAG: "pipeline", "srdiff.stages": ",".join(stages), **environment_tags(), **clip_weights_tags(cfg),
+            **unet_tags(cfg)}
     if flow_run_id:
         tags[FLOW_RUN_TAG] = flow_run_id
     if config_path:
         tags["srdiff.config_path"] = str(config_path)
-    run = client.create_run(experiment_id(client, cfg), run_name=f"{cfg.name}", tags=tags)
+    run = client.create_run(experiment_id(client, cfg), run_name=parent_run_name(cfg, stages), tags=tags)
     log_params(cfg, run.info.run_id, flatten("", cfg.model_dump(mode="json")))
     client.log_text(run.info.run_id, cfg.model_dump_json(indent=2), "config.json")
     return run.info.run_id
@@ -114,7 +141,7 @@ def start_stage_run(cfg: Config, parent_run_id: str, stage: str, *, flow_run_id:
                     tags: dict[str, str] | None = None) -> str:
     client = client_for(cfg)
     all_tags = {PARENT_TAG: parent_run_id, STAGE_TAG: stage, **environment_tags(), **clip_weights_tags(cfg),
-                **(tags or {})}
+                **(unet_tags(cfg) if stage in UNET_STAGES else {}), **(tags or {})}
     if flow_run_id:
         all_tags[FLOW_RUN_TAG] = flow_run_id
     run = client.create_run(experiment_id(client, cfg), run_name=stage, tags=all_tags)
@@ -164,3 +191,53 @@ def run_url(cfg: Config, run_id: str) -> str:
     exp = client_for(cfg).get_run(run_id).info.experiment_id
     return f"{base.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
 
+
+def mark_reused(cfg: Config, run_id: str, stage: str, reused: bool) -> None:
+    """Say in the run list whether a stage run reused cached outputs: its name ("train (cached)")
+    and a column-friendly tag (srdiff.cached true/false; srdiff.reused_from_run names the run)."""
+    tags = {CACHED_TAG: str(reused).lower()}
+    if reused:
+        tags[RUN_NAME_TAG] = f"{stage} (cached)"
+    set_tags(cfg, run_id, tags)
+
+
+class SystemMetrics:
+    """MLflow's system metrics monitor (mlflow.system_metrics) on one run, by run id and tracking
+    URI (no fluent active run): CPU, memory, disk, network and, with nvidia-ml-py and a GPU, GPU
+    utilisation and memory, logged as system/* every ``interval_s`` seconds while the stage runs.
+
+    MLflow's monitor publishes only full sampling windows; :meth:`stop` also publishes the samples
+    of the last, partial one, so a stage shorter than the interval still has its system metrics."""
+
+    def __init__(self, cfg: Config, run_id: str):
+        self.monitor = None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_interval_s,
+                                                tracking_uri=tracking_uri(cfg))
+        except ImportError as e:  # psutil missing: the run goes on without system metrics
+            import logging
+
+            logging.getLogger("srdiff").warning(f"system metrics unavailable ({e}); pip install psutil")
+
+    def start(self) -> "SystemMetrics":
+        if self.monitor is not None:
+            self.monitor.start()
+        return self
+
+    def stop(self) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is None:
+            return
+        monitor.finish()  # stops the sampling thread and flushes what it published
+        if any(m.metrics for m in monitor.monitors):  # samples of the last, partial window
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+
+
+def system_metrics(cfg: Config, run_id: str, stage: str) -> SystemMetrics | None:
+    """A started :class:`SystemMetrics` for the embed and train runs when tracking.system_metrics is on."""
+    if not cfg.tracking.system_metrics or stage not in SYSTEM_METRICS_STAGES:
+        return None
+    return SystemMetrics(cfg, run_id).start()

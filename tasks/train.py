@@ -8,6 +8,7 @@ import itertools
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -17,11 +18,12 @@ from prefect import task
 from srdiff_core import images, samplers, training
 from srdiff_core.checkpoint import checkpoint_step, latest_checkpoint
 from srdiff_core.config import Config
+from srdiff_core.data import check_feed, make_loader
 from srdiff_core.distributed import DistInfo, device_for, is_main, wrap_ddp
 from srdiff_core.sde import IRSDE
 from srdiff_core.unet import build_unet
 from storage import fs, shards, tables
-from tasks import launch, tracking
+from tasks import artifacts, launch, tracking
 from tasks.common import StageResult, pick_device, stage_dir, stage_logger
 from tasks.embed_tables import EmbeddedPairDataset, quarantined_ids, read_embeddings
 
@@ -50,14 +52,14 @@ def model_file_state(ema: torch.nn.Module, cfg: Config, srm_url: str, *, clip_me
 
 def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
     """Rank ``rank``'s own shards: every ``world_size``-th, so ranks never read the same samples."""
-    shards.check_feed(len(urls), world_size, 0, ranks_setting="the training processes (train.nproc, or "
+    check_feed(len(urls), world_size, 0, ranks_setting="the training processes (train.nproc, or "
                                                               "torchrun's --nproc_per_node x --nnodes)")
     return urls[rank::world_size]
 
 
 def rank_workers(num_workers: int, own_shards: int, log=None) -> int:
     """DataLoader workers for a rank's ``own_shards`` shards: at most one per shard, since each
-    worker resamples a share of its own (storage.shards.PairDataset). Fewer workers, with a
+    worker resamples a share of its own (srdiff_core.data.PairDataset). Fewer workers, with a
     warning, rather than an error: the stages before training have run by now."""
     workers = min(num_workers, own_shards)
     if workers < num_workers and log is not None:
@@ -81,7 +83,7 @@ def batch_source(cfg: Config, urls: list[str], context: dict[str, np.ndarray], *
         dataset = EmbeddedPairDataset(own_urls, skip_ids=skip_ids, patch_size=cfg.train.patch_size, augment=True,
                                       resampled=True, embeddings=context, seed=cfg.train.seed * 1_000_003 + start_step,
                                       rank=rank, world_size=world_size, shuffle_buffer=cfg.train.shuffle_buffer)
-        loader = shards.make_loader(dataset, batch_size=cfg.train.batch_size, num_workers=workers)
+        loader = make_loader(dataset, batch_size=cfg.train.batch_size, num_workers=workers)
         for batch in loader:
             yield {"lq": batch["lq"], "gt": batch["gt"], "context": batch["context"], "id": batch["id"]}
     return make
@@ -100,7 +102,8 @@ def preview_fn(cfg: Config, sde: IRSDE, val_urls: list[str], context: dict[str, 
         for ex in examples:
             gen = torch.Generator(device="cpu").manual_seed(cfg.evaluate.seed)
             out = samplers.restore(ema, ex["lq"][None].to(device), sde, ex["context"][None].to(device),
-                                   steps=cfg.evaluate.steps, generator=gen, clip_x0=cfg.evaluate.clip_x0)
+                                   steps=cfg.evaluate.steps, generator=gen, clip_x0=cfg.evaluate.clip_x0,
+                                   eta=cfg.evaluate.eta)
             rows.append([images.to_uint8(ex["lq"]), images.to_uint8(out[0]), images.to_uint8(ex["gt"])])
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / f"step_{step:08d}.png"
@@ -110,8 +113,11 @@ def preview_fn(cfg: Config, sde: IRSDE, val_urls: list[str], context: dict[str, 
 
 
 def mlflow_log_fn(cfg: Config, run_id: str | None, log):
+    progress = artifacts.Progress(cfg, "train", cfg.train.steps, "steps")  # rate, ETA, Prefect progress artifact
+
     def log_fn(step: int, metrics: dict) -> None:
-        log.info(f"train step {step}/{cfg.train.steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        log.info(f"train step {step}/{cfg.train.steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                 + progress.update(step))
         if run_id:
             tracking.log_metrics(cfg, run_id, {f"train/{k}": v for k, v in metrics.items()}, step=step)
     return log_fn
@@ -135,7 +141,7 @@ def _fit_on(device: torch.device, cfg: Config, out_dir: Path, shards_url: str, r
     train_urls = shards.shard_urls(shards_url, split="train")
     sde = IRSDE.from_config(cfg.sde)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    plain = build_unet(cfg.unet).to(device, memory_format=memory_format)
+    plain = build_unet(cfg.unet, sde).to(device, memory_format=memory_format)
     model = wrap_ddp(plain, info, device)
     main = is_main(info)
     resume_from = latest_checkpoint(out_dir / "checkpoints") if main else None
@@ -188,13 +194,13 @@ def write_model(ema: torch.nn.Module, cfg: Config, srm_url: str, out_dir: Path, 
 
 @task(name="train", persist_result=True)
 def train(cfg: Config, key: str, shards_url: str, restorecls_url: str, srm_url: str,
-          run_id: str | None = None) -> StageResult:
+          run_id: str | None = None, ddp_entry: ModuleType | None = None) -> StageResult:
     """Train the conditional UNet with the matching loss; write full-state checkpoints and model.pt."""
     log = stage_logger()
     start = time.perf_counter()
     out_dir = Path(fs.local_path(stage_dir(cfg, "runs/train", key)))
     if cfg.train.nproc > 1:
-        step = fit_in_processes(cfg, key, out_dir, shards_url, restorecls_url, srm_url, run_id, log)
+        step = fit_in_processes(cfg, ddp_entry, key, out_dir, shards_url, restorecls_url, srm_url, run_id, log)
     else:
         state = fit(cfg, out_dir, shards_url, restorecls_url, run_id, log)
         write_model(state.ema, cfg, srm_url, out_dir, run_id, restorecls_url)
@@ -211,15 +217,17 @@ def train(cfg: Config, key: str, shards_url: str, restorecls_url: str, srm_url: 
                        run_id=run_id, seconds=seconds)
 
 
-def fit_in_processes(cfg: Config, key: str, out_dir: Path, shards_url: str, restorecls_url: str, srm_url: str,
-                     run_id: str | None, log) -> int:
-    """The stage's training in ``train.nproc`` DDP processes on this machine (flows/train_ddp.py
-    under torchrun, which runs :func:`fit` on each rank; rank 0 writes the checkpoints and
-    model.pt into ``out_dir`` and logs to ``run_id``); returns the final step."""
+def fit_in_processes(cfg: Config, entry: ModuleType | None, key: str, out_dir: Path, shards_url: str,
+                     restorecls_url: str, srm_url: str, run_id: str | None, log) -> int:
+    """The stage's training in ``train.nproc`` DDP processes on this machine (the torchrun entry
+    point ``entry``, which the flow passes in: flows/train_ddp.py, running :func:`fit` on each
+    rank; rank 0 writes the checkpoints and model.pt into ``out_dir`` and logs to ``run_id``);
+    returns the final step."""
+    module = launch.entry_module(entry, "train", cfg.train.nproc)
     args = ["--shards", shards_url, "--restorecls", restorecls_url, "--srm", srm_url, "--key", key]
     if run_id:
         args += ["--run-id", run_id]
-    launch.run_torchrun(cfg, "train", cfg.train.nproc, "flows.train_ddp", args, log)
+    launch.run_torchrun(cfg, "train", cfg.train.nproc, module, args, log)
     latest = latest_checkpoint(out_dir / "checkpoints")
     step = checkpoint_step(latest) if latest is not None else None
     model_path = out_dir / "model.pt"

@@ -8,7 +8,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import srdiff
-from srdiff_core.config import DEGRADATIONS, STAGES, load_config
+from flows.stages import STAGE_NAMES as STAGES
+from srdiff_core.config import DEGRADATIONS, load_config
 from srdiff_core.restorer import Restorer
 from srdiff_core.unet_daclip import DAClipUNet
 from tasks.tracking import PARENT_TAG, STAGE_TAG, tracking_uri

@@ -15,8 +15,9 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from flows import train_ddp
 from srdiff_core import training
-from srdiff_core.checkpoint import list_checkpoints
+from srdiff_core.checkpoint import CheckpointMismatch, check_compatible, list_checkpoints
 from srdiff_core.config import Config
 from srdiff_core.distributed import (
     DistInfo,
@@ -262,7 +263,8 @@ def test_the_train_stage_with_two_processes_runs_ddp_under_torchrun_and_resumes(
     torch.save({"weight": torch.ones(2)}, srm)
     cfg = tiny_config(steps=3).model_copy(update={"data_root": str(tmp_path / "data")})
     cfg.train.nproc = 2
-    args = dict(key="ddp-stage", shards_url=str(tmp_path / "shards"), restorecls_url=restorecls, srm_url=str(srm))
+    args = dict(key="ddp-stage", shards_url=str(tmp_path / "shards"), restorecls_url=restorecls, srm_url=str(srm),
+                ddp_entry=train_ddp)  # the entry point the stage registry passes in (flows/stages.py)
     with caplog.at_level(logging.INFO, logger="srdiff"):
         result = train_task.train.fn(cfg, **args)
     out_dir = Path(result.outputs["checkpoints"]).parent
@@ -298,7 +300,27 @@ def test_a_failed_train_torchrun_names_its_last_lines_and_the_one_process_settin
     cfg.train.nproc = 2
     with pytest.raises(RuntimeError, match=r"(?s)train: torchrun with 2 processes failed \(exit 1\).*out of memory"
                                            r".*--set train.nproc=1"):
+        train_task.train.fn(cfg, key="k", shards_url="s", restorecls_url="r", srm_url="m", ddp_entry=train_ddp)
+
+
+def test_train_processes_without_an_entry_point_say_how_to_run_them(tmp_path):
+    """tasks/ never names a flows module: called directly with train.nproc > 1 and no entry point,
+    the task says what to pass, before starting anything."""
+    cfg = tiny_config().model_copy(update={"data_root": str(tmp_path)})
+    cfg.train.nproc = 2
+    with pytest.raises(ValueError, match=r"train.nproc is 2 but no torchrun entry point was passed in.*ddp_entry="
+                                         r".*set train.nproc: 1"):
         train_task.train.fn(cfg, key="k", shards_url="s", restorecls_url="r", srm_url="m")
+
+
+def test_train_ddp_adds_its_own_way_to_start_fresh_to_a_checkpoint_mismatch():
+    with pytest.raises(CheckpointMismatch) as info:
+        check_compatible({"unet": {"nf": 64}}, {"unet": {"nf": 32}}, ["unet"])
+    message = str(train_ddp.with_key_advice(info.value))
+    assert message.startswith(str(info.value))
+    assert "set train.resume: never, or use a new data_root/run name" in message
+    assert "(with flows/train_ddp.py the run folder is its --key argument: pass a new --key)" in message
+    assert train_ddp.with_key_advice(info.value).differences == ("unet.nf: checkpoint 64, config 32",)
 
 
 def test_more_train_processes_than_gpus_is_refused(monkeypatch):

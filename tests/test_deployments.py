@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from servers import background, free_port  # noqa: E402
 
 from flows.deployments import deployments  # noqa: E402
-from srdiff_core.config import STAGES, load_config  # noqa: E402
+from flows.stages import BY_NAME, STAGE_NAMES as STAGES  # noqa: E402
+from srdiff_core.config import load_config  # noqa: E402
 from tasks.tracking import PARENT_TAG, REUSED_TAG, STAGE_TAG, tracking_uri  # noqa: E402
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
@@ -94,7 +95,7 @@ def test_prefect_yaml_matches_the_served_deployments():
         assert dep["entrypoint"] == "flows/pipeline.py:srdiff"
         assert dep["parameters"] == {k: v for k, v in served[name].parameters.items() if v != []}
         pool = dep["work_pool"]["name"]
-        assert pool == ("srdiff-cpu" if name in ("download", "shard") else "srdiff-gpu")
+        assert pool == ("srdiff-gpu" if name == "full-pipeline" else f"srdiff-{BY_NAME[name].pool}")
         if pool == "srdiff-gpu":
             assert dep["concurrency_limit"] == 1
     assert (Path(__file__).parents[1] / "configs" / "default.yaml").exists()

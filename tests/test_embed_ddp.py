@@ -22,6 +22,7 @@ import yaml
 from embed_data import SHARED_GT, embed_config, register_tiny_arch, tiny_local_dir, write_corrupt_shards
 from flows import embed_ddp
 from srdiff_core.config import ConfigError, load_config
+from srdiff_core.data import split_shards
 from srdiff_core.distributed import DistInfo
 from storage import fs, shards, tables
 from tasks import embed, embed_tables, launch
@@ -75,7 +76,7 @@ def test_two_ranks_split_the_shards_and_merge_into_the_single_process_tables(dat
                                                    "quarantine-00001-of-00002.parquet"]
     rank1_ids = tables.read_table(parts[0]).column("id").to_pylist()
     urls = embed.stage_shard_urls(data["shards"])
-    own = shards.split_shards(urls, rank=1, world_size=2, worker_id=0, num_workers=0)
+    own = split_shards(urls, rank=1, world_size=2, worker_id=0, num_workers=0)
     assert rank1_ids == sorted(s["id"] for s in shards.iter_samples(own) if s["id"] not in
                                ("train/hazy/1", "val/hazy/1"))
     merged = embed.extract(cfg, data["shards"], out, DistInfo(0, 2, 0), LOG)
@@ -93,7 +94,7 @@ def test_an_image_in_shards_of_two_ranks_gives_the_single_process_tables(data, t
     shard's batch without it: fewer model inputs, other fp32 bits, other counts.)"""
     urls = embed.stage_shard_urls(data["shared"])
     rank_of = {s["id"]: r for r in (0, 1) for s in shards.iter_samples(
-        shards.split_shards(urls, rank=r, world_size=2, worker_id=0, num_workers=0))}
+        split_shards(urls, rank=r, world_size=2, worker_id=0, num_workers=0))}
     assert (rank_of[SHARED_GT[0]], rank_of[SHARED_GT[1]]) == (0, 1)
 
     single = str(tmp_path / "single" / "out")
@@ -157,7 +158,7 @@ def test_the_stage_under_torchrun_with_two_gloo_processes_matches_one_process(da
     single = embed.embed.fn(single_cfg, key="single", shards_url=data["shared"])
     ddp_cfg = embed_config(str(tmp_path / "ddp"), data["model"], nproc=2)
     start = time.perf_counter()
-    ddp = embed.embed.fn(ddp_cfg, key="ddp", shards_url=data["shared"])
+    ddp = embed.embed.fn(ddp_cfg, key="ddp", shards_url=data["shared"], ddp_entry=embed_ddp)
     seconds = time.perf_counter() - start
     names = (*TABLES, "restorecls")
     assert_identical(read_outputs(single.outputs["embeddings"], names), read_outputs(ddp.outputs["embeddings"], names))
@@ -177,7 +178,7 @@ def test_a_failed_torchrun_is_an_error_with_its_last_lines(data, tmp_path, monke
     cfg = embed_config(str(tmp_path), data["model"], nproc=2)
     with caplog.at_level(logging.INFO, logger=LOG.name), \
             pytest.raises(RuntimeError, match=r"(?s)2 processes failed \(exit 3\).*disk full.*embed.nproc=1"):
-        embed.run_ranks(cfg, data["shards"], str(tmp_path / "out"), LOG)
+        embed.run_ranks(cfg, embed_ddp, data["shards"], str(tmp_path / "out"), LOG)
     assert [r.levelname for r in caplog.records if r.message.startswith("embed[torchrun]")] == ["WARNING"]
 
 

@@ -25,6 +25,7 @@ from srdiff_core.config import Config
 from srdiff_core.distributed import DistInfo
 from srdiff_core.sde import IRSDE
 from storage import fs, shards, tables
+from storage.shard_tar import tar_header
 from tasks import embed, embed_tables
 from tasks import evaluate as evaluate_task
 from tasks.common import StageResult
@@ -83,7 +84,7 @@ def test_all_samples_undecodable_is_an_error_naming_the_count(encoder, tmp_path)
     meta = json.dumps({"id": "train/hazy/x", "split": "train", "degradation": "hazy"}).encode()
     with open(url, "wb") as f:
         for name, data in ((f"{key}.lq.png", b"junk"), (f"{key}.gt.png", b"junk"), (f"{key}.json", meta)):
-            f.write(shards.tar_header(name, len(data)) + data + b"\0" * (-len(data) % 512))
+            f.write(tar_header(name, len(data)) + data + b"\0" * (-len(data) % 512))
         f.write(b"\0" * 1024)
     with pytest.raises(ValueError, match=r"1 quarantined: none decodes.*rerun the shard stage"):
         embed.embed_shards(encoder, [url], batch_size=2, num_workers=0, log=LOG)

@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from flows import cli
 from flows.pipeline import srdiff
-from srdiff_core.config import DEGRADATIONS, STAGES, load_config
+from flows.stages import STAGE_NAMES as STAGES
+from srdiff_core.config import DEGRADATIONS, load_config
 from tasks.tracking import PARENT_TAG, REUSED_TAG, STAGE_TAG, tracking_uri
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
@@ -294,3 +295,24 @@ def test_an_image_restores_the_same_alone_or_in_a_batch(pipeline):
         alone = restorer.restore(lq[i:i + 1], ctx[i:i + 1], steps=3, seed=5)
         torch.testing.assert_close(alone, together[i:i + 1], rtol=0, atol=1e-5)
     assert not torch.equal(together[0], together[1])  # different inputs, different outputs
+
+
+def test_editing_a_module_training_imports_makes_the_train_stage_recompute(pipeline, monkeypatch):
+    """As a user after `make demo`: edit a module that training runs only through its imports
+    (srdiff_core/ema.py, which no hand-kept list named) and run `--stages train` in a new process
+    (here: the code digest taken again, with that file's source edited). Train recomputes; the
+    stages before it come from the cache."""
+    from tasks import closure
+
+    read = closure.read_source  # the sources as this process first read them (the pipeline's runs)
+    ema = Path(closure.module_path("srdiff_core.ema"))
+    monkeypatch.setattr(closure, "read_source", lambda p: read(p) + (b"\n# an edit\n" if p == ema else b""))
+    closure.cached_code_digest.cache_clear()
+    try:
+        stages = srdiff(config_path=TINY, overrides=pipeline["overrides"], stages=["train"])["stages"]
+    finally:
+        monkeypatch.undo()
+        closure.cached_code_digest.cache_clear()
+    assert list(stages) == ["download", "shard", "embed", "train"]
+    assert [s for s, r in stages.items() if r["reused"]] == ["download", "shard", "embed"]
+    assert stages["train"]["outputs"]["model"] != pipeline["first"]["stages"]["train"]["outputs"]["model"]

@@ -57,14 +57,14 @@ CHILD = textwrap.dedent("""
     import pathlib, sys, time
     from storage import shards, tables
     manifest_url, out, workers, blocked_member, marker = sys.argv[1:6]
-    real_copy = shards._copy_member
-    def slow_copy(out_stream, member):
+    real_copy = shards.member_bytes
+    def slow_copy(member, *args):
         if member.name == blocked_member:
             pathlib.Path(marker).touch()
             time.sleep(3600)
         time.sleep(0.02)
-        real_copy(out_stream, member)
-    shards._copy_member = slow_copy
+        return real_copy(member, *args)
+    shards.member_bytes = slow_copy
     shards.write_shards(tables.read_table(manifest_url), out, maxcount=%d, workers=int(workers))
 """ % MAXCOUNT)
 

@@ -1,4 +1,4 @@
-"""storage.shards: deterministic, resumable WebDataset shards and the DDP-aware PairDataset."""
+"""storage.shards: deterministic, resumable WebDataset shards; srdiff_core.data: the DDP-aware PairDataset."""
 
 from __future__ import annotations
 
@@ -21,18 +21,20 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
-from storage import fs, shards, tables
+from srdiff_core import data
+from storage import fs, shard_plan, shard_stream, shard_tar, shards, tables
 
 DEGRADATIONS = ("hazy", "rainy")
 PER_GROUP = {"train": 4, "val": 2}  # maxcount 3 -> train groups 3+1, val groups 2: 6 shards
 SIZES = [(9, 11), (12, 8), (16, 16), (7, 13)]  # (h, w); 7x13 is smaller than the 8-px patches
 LONG_ID = "val/hazy/" + "x" * 120  # > 100 bytes: its tar members need PAX headers
-# test_shard_bytes_are_pinned: the shards of _fixed_manifest, as written since SHARD_FORMAT 1.
-PINNED_SHARD_SHA256 = ["522ede45bb25d546da2cc6439bee33bf9e0656e929bec55fcf755e126f445244",
-                       "585beb0e28b0b3dbca61c14127aba0204c76879350a89de7be8d497c30a41579",
-                       "c116298adec9b2775db04f9803a8968ca306e29c96508a521671bf5843f9a07a"]
+# test_shard_bytes_are_pinned: the shards of _fixed_manifest, as written since SHARD_FORMAT 2.
+PINNED_SHARD_SHA256 = ["f7fde1523e35af1f2098dd226e57d5d26fffb25fa957dfcb85d65913afb97e7a",
+                       "f17672e8b3f04cc57864ecfa2cd66d971e43126273ad32fe63cb4317a240a41c",
+                       "31c5d61d80068d172d91d28fe2964a8a34b3ee35c0c966894d0ad62b6877c616"]
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -136,7 +138,7 @@ def test_sample_keys_have_no_dots_or_slashes():
     assert shards.sample_key("a-b_c") == "a-b_c"
     for odd in ("", "~a", "é", "a b", "x.png", "A-9_z"):  # the shortcut for safe ids agrees with quote()
         assert shards.sample_key(odd) == quote(odd, safe="-_").replace(".", "%2E").replace("~", "%7E")
-    assert shards.sample_json({"id": "x", "dataset": "d", "degradation": "hazy", "split": "val",
+    assert shard_plan.sample_json({"id": "x", "dataset": "d", "degradation": "hazy", "split": "val",
                                "width": np.int32(3), "height": 2}) == \
         b'{"dataset":"d","degradation":"hazy","height":2,"id":"x","split":"val","width":3}'
     # Filled in directly for string fields; the bytes must stay json.dumps' own.
@@ -144,8 +146,8 @@ def test_sample_keys_have_no_dots_or_slashes():
         row = {"id": odd, "dataset": odd, "degradation": "hazy", "split": "train", "width": 5, "height": 7}
         want = json.dumps({**{k: row[k] for k in ("id", "dataset", "degradation", "split")},
                            "width": 5, "height": 7}, sort_keys=True, separators=(",", ":")).encode()
-        assert shards.sample_json(row) == want, odd
-    assert shards.sample_json({**row, "dataset": None}) == want.replace(b'"dataset":"\\ud800"', b'"dataset":null')
+        assert shard_plan.sample_json(row) == want, odd
+    assert shard_plan.sample_json({**row, "dataset": None}) == want.replace(b'"dataset":"\\ud800"', b'"dataset":null')
 
 
 def test_tar_header_is_tarfiles_own_bytes():
@@ -157,19 +159,19 @@ def test_tar_header_is_tarfiles_own_bytes():
         for size in sizes:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "", ""
-            assert shards.tar_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8",
+            assert shard_tar.tar_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8",
                                                                "surrogateescape"), (name, size)
-    assert len(shards.tar_header("x" * 100, 1)) == 512 and len(shards.tar_header("x" * 101, 1)) == 1536
+    assert len(shard_tar.tar_header("x" * 100, 1)) == 512 and len(shard_tar.tar_header("x" * 101, 1)) == 1536
 
 
 def test_local_os_path_takes_only_local_urls(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    assert shards.local_os_path("/data/a.png") == "/data/a.png"
-    assert shards.local_os_path("file:///data/a.png") == "/data/a.png"
-    assert shards.local_os_path("rel/a.png") == f"{os.getcwd()}/rel/a.png"
-    assert shards.local_os_path("~/a.png") == os.path.expanduser("~/a.png")
+    assert shard_stream.local_os_path("/data/a.png") == "/data/a.png"
+    assert shard_stream.local_os_path("file:///data/a.png") == "/data/a.png"
+    assert shard_stream.local_os_path("rel/a.png") == f"{os.getcwd()}/rel/a.png"
+    assert shard_stream.local_os_path("~/a.png") == os.path.expanduser("~/a.png")
     for url in ("memory://x/a.png", "s3://bucket/a.png", "simplecache::file:///data/a.png"):
-        assert shards.local_os_path(url) is None, url
+        assert shard_stream.local_os_path(url) is None, url
 
 
 def test_manifest_problems_are_named(source):
@@ -221,7 +223,8 @@ def test_tar_members_have_fixed_metadata(written):
     url = shards.shard_urls(written, split="val", degradations=["hazy"])[0]
     with tarfile.open(fs.local_path(url)) as tar:
         members = tar.getmembers()
-    assert [m.name.split(".", 1)[1] for m in members] == ["lq.png", "gt.png", "json"] * 2
+    # webdataset's TarWriter writes a sample's fields in sorted order.
+    assert [m.name.split(".", 1)[1] for m in members] == ["gt.png", "json", "lq.png"] * 2
     for m in members:
         assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o444)
     assert any(len(m.name) > 100 for m in members)  # the long id went through a PAX header
@@ -237,7 +240,7 @@ def test_small_copy_blocks_give_the_same_bytes(source, written, tmp_path, monkey
     # 100-byte blocks: every source is read in several chunks and every shard is written in
     # many blocks, more than the writer thread may hold at once. 4 workers: two local shards
     # at once, each started as soon as its group is planned.
-    monkeypatch.setattr(shards, "COPY_BUFSIZE", 100)
+    monkeypatch.setattr(shard_stream, "COPY_BUFSIZE", 100)
     again = str(tmp_path / "again")
     shards.write_shards(source, again, maxcount=3, workers=4)
     assert snapshot(again) == snapshot(written)
@@ -273,27 +276,27 @@ def _record_rewrites(monkeypatch) -> list[str]:
 
 
 def _kill_after_copies(monkeypatch, n: int):
-    """Make the writer die (as a kill would) when it starts its (n+1)-th member; returns the
-    real copy function for the rerun."""
-    real_copy, copies = shards._copy_member, []
+    """Make the writer die (as a kill would) when it starts reading its (n+1)-th source file
+    (two per sample: GT, then LQ); returns the real copy function for the rerun."""
+    real_copy, copies = shards.member_bytes, []
 
-    def dying_copy(tar, member):
+    def dying_copy(member, *args):
         if len(copies) == n:
             raise KeyboardInterrupt("killed")
         copies.append(member.name)
-        real_copy(tar, member)
+        return real_copy(member, *args)
 
-    monkeypatch.setattr(shards, "_copy_member", dying_copy)
+    monkeypatch.setattr(shards, "member_bytes", dying_copy)
     return real_copy
 
 
 def test_failure_mid_shard_leaves_no_finished_looking_file(source, written, tmp_path, monkeypatch):
     out = str(tmp_path / "shards")
-    real_copy = _kill_after_copies(monkeypatch, 7)  # inside the third sample of the first shard
+    real_copy = _kill_after_copies(monkeypatch, 5)  # inside the third sample of the first shard
     with pytest.raises(KeyboardInterrupt):
         shards.write_shards(source, out, maxcount=3, workers=1)
     assert snapshot(out) == {}  # no shard, no sidecar, no temporary, no index
-    monkeypatch.setattr(shards, "_copy_member", real_copy)
+    monkeypatch.setattr(shards, "member_bytes", real_copy)
     shards.write_shards(source, out, maxcount=3, workers=1)
     assert snapshot(out) == snapshot(written)
 
@@ -371,14 +374,14 @@ def test_default_copies_sources_as_they_are_now(source, tmp_path, monkeypatch):
     urls = shards.shard_urls(out, split="train") + shards.shard_urls(out, split="val")
     assert bytes(data) in [s["lq_png"] for s in shards.iter_samples(urls)]
 
-    real_sizes = shards.source_sizes
+    real_sizes = shard_plan.source_sizes
 
     def sizes_then_change(urls: list[str]) -> dict[str, int]:
         sizes = real_sizes(urls)
         fs.atomic_write_bytes(victim, bytes(data) + b"x")
         return sizes
 
-    monkeypatch.setattr(shards, "source_sizes", sizes_then_change)
+    monkeypatch.setattr(shard_plan, "source_sizes", sizes_then_change)
     with pytest.raises(RuntimeError, match=f"{victim} is longer than {len(data)} bytes"):
         shards.write_shards(src, str(tmp_path / "again"), maxcount=3, workers=1)
     assert _no_temporaries(str(tmp_path / "again"))
@@ -389,7 +392,7 @@ def test_index_and_sidecars_hold_each_shards_own_sha256(source, tmp_path, monkey
     # The sha256 is computed while the blocks stream out, on another thread: it must still be
     # that of the bytes on disk, with one block per shard or many (700 bytes), shards one
     # after another (1 worker: each finished while the next is read) or two at once (4).
-    monkeypatch.setattr(shards, "COPY_BUFSIZE", copy_bufsize)
+    monkeypatch.setattr(shard_stream, "COPY_BUFSIZE", copy_bufsize)
     out = str(tmp_path / "shards")
     index = shards.write_shards(source, out, maxcount=3, workers=workers)
     for row in index.to_pylist():
@@ -409,14 +412,14 @@ def test_kill_in_a_later_shard_keeps_finished_ones_whole(source, written, tmp_pa
     # One shard is finished (fsync, rename, sidecar) on a side thread while the next one is
     # read: a kill then must leave earlier shards whole or absent, and no temporary.
     out = str(tmp_path / "shards")
-    real_copy = _kill_after_copies(monkeypatch, 10)  # inside the second shard (the first has 3 samples of 3 members)
+    real_copy = _kill_after_copies(monkeypatch, 7)  # inside the second shard (the first has 3 samples of 2 files)
     with pytest.raises(KeyboardInterrupt):
         shards.write_shards(source, out, maxcount=3, workers=1)
     left, reference = snapshot(out), snapshot(written)
     assert _no_temporaries(out) and "index.parquet" not in left
     assert left == {"train/hazy/pairs-000000.tar": reference["train/hazy/pairs-000000.tar"],
                     "train/hazy/pairs-000000.tar.json": reference["train/hazy/pairs-000000.tar.json"]}
-    monkeypatch.setattr(shards, "_copy_member", real_copy)
+    monkeypatch.setattr(shards, "member_bytes", real_copy)
     shards.write_shards(source, out, maxcount=3, workers=1)
     assert snapshot(out) == reference
 
@@ -424,8 +427,8 @@ def test_kill_in_a_later_shard_keeps_finished_ones_whole(source, written, tmp_pa
 def test_failed_block_write_leaves_no_finished_looking_shard(source, written, tmp_path, monkeypatch):
     # A write error on the side thread (a full disk, say) must surface, and the shard it hit
     # must not appear under its name; 700-byte blocks put the failure mid-shard.
-    monkeypatch.setattr(shards, "COPY_BUFSIZE", 700)
-    real_write, calls = shards._write_all, []
+    monkeypatch.setattr(shard_stream, "COPY_BUFSIZE", 700)
+    real_write, calls = shard_stream.write_all, []
 
     def failing_write(fd, data):
         calls.append(len(data))
@@ -433,7 +436,7 @@ def test_failed_block_write_leaves_no_finished_looking_shard(source, written, tm
             raise OSError(28, "No space left on device")
         real_write(fd, data)
 
-    monkeypatch.setattr(shards, "_write_all", failing_write)
+    monkeypatch.setattr(shard_stream, "write_all", failing_write)
     out = str(tmp_path / "shards")
     with pytest.raises(OSError, match="No space left on device"):
         shards.write_shards(source, out, maxcount=3, workers=1)
@@ -442,8 +445,8 @@ def test_failed_block_write_leaves_no_finished_looking_shard(source, written, tm
     for name, data in left.items():  # whatever was finished is whole, with its sidecar
         assert data == reference[name] and (name.endswith(".json") or name + ".json" in left)
     assert "train/hazy/pairs-000000.tar" not in left  # 20480 bytes: its 10th 700-byte block failed
-    assert len({id(b) for b in shards._SPARE_BLOCKS}) == len(shards._SPARE_BLOCKS)  # none given back twice
-    monkeypatch.setattr(shards, "_write_all", real_write)
+    assert len({id(b) for b in shard_stream.SPARE_BLOCKS}) == len(shard_stream.SPARE_BLOCKS)  # none given back twice
+    monkeypatch.setattr(shard_stream, "write_all", real_write)
     shards.write_shards(source, out, maxcount=3, workers=1)
     assert snapshot(out) == reference
 
@@ -451,12 +454,12 @@ def test_failed_block_write_leaves_no_finished_looking_shard(source, written, tm
 def test_block_buffers_are_reused_not_reallocated(source, tmp_path, monkeypatch):
     # Flat memory: one writer holds at most MAX_PENDING_BLOCKS + 1 block buffers, and a
     # second run takes the same ones back.
-    monkeypatch.setattr(shards, "_SPARE_BLOCKS", [])
+    monkeypatch.setattr(shard_stream, "SPARE_BLOCKS", [])
     shards.write_shards(source, str(tmp_path / "a"), maxcount=3, workers=1)
-    spare = {id(b) for b in shards._SPARE_BLOCKS}
-    assert 0 < len(spare) <= shards._Side.MAX_PENDING_BLOCKS + 1
+    spare = {id(b) for b in shard_stream.SPARE_BLOCKS}
+    assert 0 < len(spare) <= shard_stream.Side.MAX_PENDING_BLOCKS + 1
     shards.write_shards(source, str(tmp_path / "b"), maxcount=3, workers=1)
-    assert {id(b) for b in shards._SPARE_BLOCKS} == spare
+    assert {id(b) for b in shard_stream.SPARE_BLOCKS} == spare
 
 
 def test_cycle_collector_is_paused_only_while_writing(source, tmp_path, monkeypatch):
@@ -529,7 +532,7 @@ def test_verify_marks_only_what_it_saw_damaged(written, tmp_path, monkeypatch):
         return real_remove(url, *args, **kwargs)
 
     monkeypatch.setattr(fs, "remove", failing_remove)
-    monkeypatch.setattr(shards, "_samples_from_stream", _raising_for(shards._samples_from_stream, "val/rainy"))
+    monkeypatch.setattr(shards, "_raw_samples", _raising_for(shards._raw_samples, "val/rainy"))
     with pytest.raises(shards.ShardVerificationError) as err:
         shards.verify_shards(out, workers=1)
     lines = str(err.value).splitlines()
@@ -550,7 +553,7 @@ def test_verify_marks_only_what_it_saw_damaged(written, tmp_path, monkeypatch):
 
 
 def _raising_for(real, part: str):
-    """_samples_from_stream that fails with EIO for shards whose URL contains ``part``."""
+    """_raw_samples that fails with EIO for shards whose URL contains ``part``."""
     def samples(stream, url):
         if part in url:
             raise OSError(5, "Input/output error")
@@ -622,7 +625,7 @@ def test_shard_urls_and_missing_stage_messages(written, tmp_path):
     with pytest.raises(FileNotFoundError, match="index.parquet does not exist; it is written by the shard stage"):
         shards.shard_urls(str(tmp_path / "never-written"), split="train")
     with pytest.raises(ValueError, match="no shard URLs"):
-        shards.PairDataset([])
+        data.PairDataset([])
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,24 +633,24 @@ def test_shard_urls_and_missing_stage_messages(written, tmp_path):
 
 def test_decode_png_gives_rgb_uint8():
     grey = np.array([[0, 128], [255, 7]], np.uint8)
-    assert shards.decode_png(_png(grey)).tolist() == np.repeat(grey[:, :, None], 3, 2).tolist()
+    assert data.decode_png(_png(grey)).tolist() == np.repeat(grey[:, :, None], 3, 2).tolist()
     rgba = np.arange(16, dtype=np.uint8).reshape(2, 2, 4)
-    assert shards.decode_png(_png(rgba)).tolist() == rgba[:, :, :3].tolist()
+    assert data.decode_png(_png(rgba)).tolist() == rgba[:, :, :3].tolist()
     buf = io.BytesIO()
     Image.fromarray(np.array([[0, 257, 65535]], np.uint16)).save(buf, format="PNG")
-    assert shards.decode_png(buf.getvalue())[..., 0].tolist() == [[0, 1, 255]]
-    rgb = shards.decode_png(_png(np.full((3, 5, 3), 9, np.uint8)))
+    assert data.decode_png(buf.getvalue())[..., 0].tolist() == [[0, 1, 255]]
+    rgb = data.decode_png(_png(np.full((3, 5, 3), 9, np.uint8)))
     assert rgb.dtype == np.uint8 and rgb.shape == (3, 5, 3)
 
 
 def test_paired_crop_pads_with_reflection():
     img = np.arange(6, dtype=np.uint8).reshape(2, 3, 1)
-    lq, gt = shards.paired_random_crop(img, img + 10, 4, np.random.default_rng(0))
+    lq, gt = data.paired_random_crop(img, img + 10, 4, np.random.default_rng(0))
     # rows [0 1 2],[3 4 5] reflect-padded to 4x4: rows 0,1,0,1 and columns 0,1,2,1.
     assert lq[..., 0].tolist() == [[0, 1, 2, 1], [3, 4, 5, 4], [0, 1, 2, 1], [3, 4, 5, 4]]
     assert (gt == lq + 10).all()
     with pytest.raises(ValueError, match="differ in size"):
-        shards.paired_random_crop(img, img[:1], 2, np.random.default_rng(0))
+        data.paired_random_crop(img, img[:1], 2, np.random.default_rng(0))
 
 
 def test_paired_augment_covers_the_eight_symmetries_identically():
@@ -655,7 +658,7 @@ def test_paired_augment_covers_the_eight_symmetries_identically():
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(200):
-        lq, gt = shards.paired_augment(img, img + 100, rng)
+        lq, gt = data.paired_augment(img, img + 100, rng)
         assert (gt == lq + 100).all()
         seen.add((lq.shape, lq.tobytes()))
     assert len(seen) == 8
@@ -669,45 +672,53 @@ def _crop_is_aligned(sample: dict) -> bool:
 
 def test_pair_dataset_crops_and_augments_lq_and_gt_together(written):
     urls = shards.shard_urls(written, split="train")
-    samples = list(shards.PairDataset(urls, patch_size=8, augment=True, seed=3))
+    samples = list(data.PairDataset(urls, patch_size=8, augment=True, seed=3))
     assert len(samples) == 8
     for s in samples:
         assert s["lq"].shape == s["gt"].shape == (3, 8, 8) and s["lq"].dtype == torch.float32
         assert 0 <= float(s["lq"].min()) and float(s["lq"].max()) <= 1
         assert _crop_is_aligned(s)
         assert s["degradation"] == s["id"].split("/")[1]
-    again = list(shards.PairDataset(urls, patch_size=8, augment=True, seed=3))
+    again = list(data.PairDataset(urls, patch_size=8, augment=True, seed=3))
     assert all(torch.equal(a["lq"], b["lq"]) for a, b in zip(samples, again))
-    full = next(iter(shards.PairDataset(urls)))  # no crop: the stored size
+    full = next(iter(data.PairDataset(urls)))  # no crop: the stored size
     assert full["id"] == "train/hazy/img.0" and full["lq"].shape == (3, 9, 11) and _crop_is_aligned(full)
 
 
 def test_exact_mode_split_covers_each_sample_once(written):
     urls = shards.shard_urls(written, split="train")  # 4 shards, 8 samples
-    parts = [shards.split_shards(urls, rank=r, world_size=2, worker_id=w, num_workers=2)
+    parts = [data.split_shards(urls, rank=r, world_size=2, worker_id=w, num_workers=2)
              for r in range(2) for w in range(2)]
     assert sorted(u for p in parts for u in p) == sorted(urls) and all(len(p) == 1 for p in parts)
     ids = []
     for rank in range(2):
-        dataset = shards.PairDataset(urls, patch_size=8, rank=rank, world_size=2)
-        loader = shards.make_loader(dataset, batch_size=2, num_workers=2)
+        dataset = data.PairDataset(urls, patch_size=8, rank=rank, world_size=2)
+        loader = data.make_loader(dataset, batch_size=2, num_workers=2)
         ids += [i for batch in loader for i in batch["id"]]
     assert sorted(ids) == sorted(f"train/{d}/img.{i}" for d in DEGRADATIONS for i in range(4))
     with pytest.raises(ValueError, match=r"^4 shards cannot feed 2 ranks x 3 workers \(one each at least\): lower "
                                          r"train.num_workers to at most 2, or lower shard.maxcount so the shard "
                                          r"stage writes more, smaller shards$"):
-        shards.make_loader(shards.PairDataset(urls, world_size=2), batch_size=2, num_workers=3)
+        data.make_loader(data.PairDataset(urls, world_size=2), batch_size=2, num_workers=3)
     with pytest.raises(ValueError, match=r"^4 shards cannot feed 5 ranks \(one each at least\): lower train.nproc "
                                          r"to at most 4, or lower shard.maxcount"):
-        shards.make_loader(shards.PairDataset(urls, world_size=5), batch_size=2, num_workers=0)
+        data.make_loader(data.PairDataset(urls, world_size=5), batch_size=2, num_workers=0)
 
 
-def test_resampled_mode_is_endless_and_seeded_per_rank_and_worker(written):
+def _as_worker(monkeypatch, worker: int, workers: int) -> None:
+    """Read as DataLoader worker ``worker`` of ``workers``, named the way webdataset's
+    split_by_worker reads it outside a DataLoader (WORKER, NUM_WORKERS)."""
+    monkeypatch.setenv("WORKER", str(worker))
+    monkeypatch.setenv("NUM_WORKERS", str(workers))
+
+
+def test_resampled_mode_is_endless_and_seeded_per_rank_and_worker(written, monkeypatch):
     urls = shards.shard_urls(written, split="train")
 
     def first_ids(n: int, worker: int = 0, **kw) -> list[str]:
-        dataset = shards.PairDataset(urls, resampled=True, **kw)
-        stream = dataset.raw_samples(worker, 2, dataset.rngs(worker)[0])
+        dataset = data.PairDataset(urls, resampled=True, **kw)
+        _as_worker(monkeypatch, worker, 2)
+        stream = dataset.raw_samples()
         return [next(stream)["id"] for _ in range(n)]
 
     a = first_ids(30, seed=1)  # 30 draws from 8 samples: the stream does not end
@@ -718,18 +729,19 @@ def test_resampled_mode_is_endless_and_seeded_per_rank_and_worker(written):
     assert first_ids(30, worker=1, seed=1) != a
     assert first_ids(30, seed=1, shuffle_buffer=4) != a
     with pytest.raises(ValueError, match="shuffle_buffer needs resampled=True"):
-        shards.PairDataset(urls, shuffle_buffer=4)
+        data.PairDataset(urls, shuffle_buffer=4)
 
 
-def test_resampled_workers_draw_from_shards_of_their_own(written):
+def test_resampled_workers_draw_from_shards_of_their_own(written, monkeypatch):
     """Resampled mode gives worker w of n the shards w, w+n, ... (as exact mode), so no two
     workers stream one shard in the same order; with fewer shards than workers, all of them."""
     urls = shards.shard_urls(written, split="train")  # 4 shards
     by_shard = {s["id"]: u for u in urls for s in shards.iter_samples([u])}
-    dataset = shards.PairDataset(urls, resampled=True, seed=3)
+    dataset = data.PairDataset(urls, resampled=True, seed=3)
 
     def shards_read(worker: int, workers: int) -> set[str]:
-        stream = dataset.raw_samples(worker, workers, dataset.rngs(worker)[0])
+        _as_worker(monkeypatch, worker, workers)
+        stream = dataset.raw_samples()
         return {by_shard[next(stream)["id"]] for _ in range(60)}
 
     assert shards_read(0, 2) == {urls[0], urls[2]} and shards_read(1, 2) == {urls[1], urls[3]}
@@ -741,13 +753,13 @@ def test_embeddings_join_by_id(written):
     urls = shards.shard_urls(written, split="val")
     ids = [s["id"] for s in shards.iter_samples(urls)]
     embeddings = {i: np.array([n, -n, 0.5], np.float64) for n, i in enumerate(ids)}
-    samples = list(shards.PairDataset(urls, embeddings=embeddings))
+    samples = list(data.PairDataset(urls, embeddings=embeddings))
     for s in samples:
         n = ids.index(s["id"])
         assert s["context"].dtype == torch.float32 and s["context"].tolist() == [n, -n, 0.5]
     del embeddings[ids[2]]
     with pytest.raises(KeyError, match=f"no embedding for sample id '{ids[2]}': rerun the embed stage"):
-        list(shards.PairDataset(urls, embeddings=embeddings))
+        list(data.PairDataset(urls, embeddings=embeddings))
 
 
 # --------------------------------------------------------------------------------------------
@@ -882,23 +894,47 @@ def test_shard_bytes_are_pinned(tmp_path):
 
 
 # The plan digests of _fixed_manifest's shards (maxcount 2) as every sidecar since SHARD_FORMAT
-# 1 holds them (computed with the writer of e19d38c, which built them in one json.dumps): a
-# change would make every existing shard look unfinished and be rewritten.
-PINNED_PLAN_DIGESTS = ["be108deb9a6f86a4850679484ebc7c0a2ce500ce92269cc7a852f19aa92fc9de",
-                       "cdd902d7c911c152834625d5341bc99db98bb10bc1d66ee881a41ab2f616316e",
-                       "0160b2f292852a5db8a02260ff9e6f6415d183b4d2a89c9be3c1a45ce207db7d"]
+# 2 holds them (each the sha256 of one json.dumps of the plan: _one_shot_digest): a change would
+# make every existing shard look unfinished and be rewritten.
+PINNED_PLAN_DIGESTS = ["aa489c5b31a63896e956e24b92737b68385015272a022a0f9215c7b2921bd5d6",
+                       "38b4291e69d33b403464c2054541dc995882a6369a351b2461c39add9bf356ad",
+                       "90ed6e88ee87549f4d91b746e2c566a6a0c1336a8bc0aa1b28e5ec1fd0039140"]
+
+
+def _one_shot_digest(plan: shards.ShardPlan) -> str:
+    """A plan's digest as its definition reads: sha256 of json.dumps of the whole plan at once."""
+    members = [[m.name, m.size, m.sha256 if m.data is None else hashlib.sha256(m.data).hexdigest()]
+               for m in plan.samples.members()]
+    spec = {"format": shards.SHARD_FORMAT, "members": members, "name": plan.name, "size": plan.size}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def test_shards_are_webdatasets_own_bytes(tmp_path):
+    """The shards are what webdataset's stock TarWriter writes for the same samples (fixed
+    metadata, PAX format): the template headers of shard_tar._ShardTarFile change no byte."""
+    manifest = _fixed_manifest(tmp_path)
+    index = shards.write_shards(manifest, str(tmp_path / "out"), maxcount=2, workers=1)
+    for plan, row in zip(shards.plan_shards(manifest, maxcount=2), index.to_pylist(), strict=True):
+        buf = io.BytesIO()
+        writer = wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False, format="PAX_FORMAT")
+        samples = plan.samples
+        for key, lq, gt, meta in zip(samples.keys, samples.lq_paths, samples.gt_paths, samples.metas):
+            writer.write({"__key__": key, "lq.png": fs.read_bytes(lq), "gt.png": fs.read_bytes(gt), "json": meta})
+        writer.close()
+        assert fs.read_bytes(str(tmp_path / "out" / row["shard"])) == buf.getvalue(), row["shard"]
 
 
 def test_plan_digests_and_bytes_are_pinned_across_chunk_boundaries(tmp_path, monkeypatch):
     """Plans are built, hashed and written a chunk at a time: with one-row chunks, two-row
     planning slices and a manifest in several Arrow chunks, the same digests and bytes
     (test_shard_bytes_are_pinned and the reference test cover the default sizes)."""
-    monkeypatch.setattr(shards, "CHUNK_ROWS", 1)
-    monkeypatch.setattr(shards, "PLAN_SLICE_ROWS", 2)
+    monkeypatch.setattr(shard_plan, "CHUNK_ROWS", 1)
+    monkeypatch.setattr(shard_plan, "PLAN_SLICE_ROWS", 2)
     whole = _fixed_manifest(tmp_path)
     manifest = pa.concat_tables([whole.slice(0, 1), whole.slice(1, 2), whole.slice(3)])
     assert manifest.column("id").num_chunks == 3
-    assert [p.digest for p in shards.plan_shards(manifest, maxcount=2)] == PINNED_PLAN_DIGESTS
+    planned = shards.plan_shards(manifest, maxcount=2)
+    assert [p.digest for p in planned] == [_one_shot_digest(p) for p in planned] == PINNED_PLAN_DIGESTS
     index = shards.write_shards(manifest, str(tmp_path / "out"), maxcount=2, workers=1)
     assert index.column("sha256").to_pylist() == PINNED_SHARD_SHA256
     sidecars = [json.loads(fs.read_bytes(str(tmp_path / "out" / f"{r}.json")))["plan"]
@@ -923,14 +959,14 @@ def _reference_plan(rows: list[dict], sizes: dict[str, int], *, maxcount: int,
         current, current_bytes, count = [], 0, 0
 
         def close() -> None:
-            plans.append((f"{split}/{degradation}/pairs-{count:06d}.tar", current, shards.tar_size(current_bytes)))
+            plans.append((f"{split}/{degradation}/pairs-{count:06d}.tar", current, shard_tar.tar_size(current_bytes)))
 
         for row in group:
-            key, meta = shards.sample_key(row["id"]), shards.sample_json(row)
-            nbytes = sum(shards.member_tar_size(shards.Member(name, size)) for name, size in (
+            key, meta = shards.sample_key(row["id"]), shard_plan.sample_json(row)
+            nbytes = sum(shard_tar.member_tar_size(name, size) for name, size in (
                 (f"{key}.lq.png", sizes[row["lq_path"]]), (f"{key}.gt.png", sizes[row["gt_path"]]),
                 (f"{key}.json", len(meta))))
-            if current and (len(current) >= maxcount or shards.tar_size(current_bytes + nbytes) > maxsize):
+            if current and (len(current) >= maxcount or shard_tar.tar_size(current_bytes + nbytes) > maxsize):
                 close()
                 current, current_bytes, count = [], 0, count + 1
             current, current_bytes = current + [row["id"]], current_bytes + nbytes

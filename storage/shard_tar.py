@@ -1,0 +1,230 @@
+"""The tar side of shards: webdataset's TarWriter for writing, tarfile plus webdataset's grouping
+for reading, and the tar arithmetic the planner sizes shards with.
+
+Writing: every sample goes through ``webdataset.TarWriter.write`` (member ``<key>.<ext>`` per
+field, in sorted field order), with fixed metadata (mtime 0, uid/gid 0, empty owner names, mode
+0o444, PAX format), so the same samples always give the same bytes. One thing is kept here that
+neither library does fast enough: tarfile builds each header in ~20 us of Python (TarInfo.tobuf),
+and at three members per sample that alone took as long as `tar -cf` takes for the whole job
+(bench/results/shards-cpu.md). _ShardTarFile, the TarFile that TarWriter writes through, fills
+the header of a usual member (ASCII name of at most 100 bytes, under 8 GiB, our fixed metadata)
+into a template of tarfile's own header bytes (~1 us; test_tar_header_is_tarfiles_own_bytes
+checks it byte for byte) and leaves every other member to tarfile's addfile.
+
+Reading: tarfile in stream mode (no seeking, so remote shards stream), as webdataset's
+tar_file_iterator reads, then webdataset's group_by_keys. webdataset's own iterator is not used
+because tarfile ends quietly at a damaged or cut-off header after the first member, which would
+drop the rest of a shard without a word; here the bytes where tarfile stopped must be the tar's
+end marker followed by zeros only (_check_end), or the shard is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import deque
+from collections.abc import Iterator
+from typing import IO, Any
+
+import numpy as np
+import webdataset as wds
+from webdataset.tariterators import group_by_keys
+
+# A reader's error sends the user through verify_shards, which marks damaged shards unfinished
+# (a damaged shard of the right size still looks finished to the writer: its sidecar matches).
+REPAIR_HINT = ("run `srdiff verify-shards` on the shard folder (it marks damaged shards for rewriting), "
+               "then rerun the shard stage with --refresh shard")
+BLOCK, RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+# TarWriter's arguments: fixed metadata, so a rerun (any machine, user or time) gives identical bytes.
+FIXED = {"user": "", "group": "", "mode": 0o444, "mtime": 0}
+FORMAT, ENCODING = tarfile.PAX_FORMAT, "utf-8"
+
+
+def _tarinfo_header(name: str, size: int) -> bytes:
+    """tarfile's own header bytes for a member with our fixed metadata (PAX records if needed)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "", ""
+    return info.tobuf(FORMAT, ENCODING, "surrogateescape")
+
+
+# The ustar block tarfile writes for an empty name and size 0. Only the name, size and checksum
+# fields differ between usual members, so a header is this block with those three filled in.
+_TEMPLATE = _tarinfo_header("", 0)
+_NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+# The checksum is the sum of the header's bytes, its own field read as 8 spaces (POSIX ustar).
+_TEMPLATE_CHKSUM = (sum(_TEMPLATE) - sum(_TEMPLATE[_NAME]) - sum(_TEMPLATE[_SIZE]) - sum(_TEMPLATE[_CHKSUM])
+                    + 8 * ord(" "))
+_MAX_USTAR_SIZE = 8 ** 11  # 11 octal digits; larger sizes go in a PAX record
+_MODE_TO_UID, _MTIME, _REST = _TEMPLATE[100:124], _TEMPLATE[136:148], _TEMPLATE[156:]
+
+
+def _one_block(name: str, size: int) -> bool:
+    """Whether a member's header is a single ustar block (else tarfile adds PAX records)."""
+    return name.isascii() and len(name) <= 100 and 0 <= size < _MAX_USTAR_SIZE
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The header bytes tarfile (PAX format, our fixed metadata) writes for a regular file."""
+    return _usual_header(name, size) if _one_block(name, size) else _tarinfo_header(name, size)
+
+
+def _usual_header(name: str, size: int) -> bytes:
+    """tar_header of a member whose header is one block (_one_block), from the template."""
+    name_bytes, size_bytes = name.encode("ascii"), b"%011o\0" % size  # tarfile.itn
+    chksum = _TEMPLATE_CHKSUM + sum(name_bytes) + sum(size_bytes)
+    # tarfile writes the checksum as "%06o\0" and keeps the field's last space.
+    return b"".join((name_bytes.ljust(100, b"\0"), _MODE_TO_UID, size_bytes, _MTIME, b"%06o\0 " % chksum, _REST))
+
+
+def padded(n: int, block: int = BLOCK) -> int:
+    return -(-n // block) * block
+
+
+def member_tar_size(name: str, size: int) -> int:
+    """Bytes a member takes in a tar: its header (one block unless PAX records), data, padding."""
+    return (BLOCK if _one_block(name, size) else len(_tarinfo_header(name, size))) + padded(size)
+
+
+def tar_size(members_bytes: int) -> int:
+    """Bytes of a finished tar: two zero end blocks, then padding to a whole record (tarfile's close)."""
+    return padded(members_bytes + 2 * BLOCK, RECORD)
+
+
+def needs_pax(name_lengths: np.ndarray, data_sizes: np.ndarray) -> np.ndarray:
+    """Which members' headers are not single ustar blocks (names past 100 bytes, sizes past 8 GiB)."""
+    return (name_lengths > 100) | (data_sizes >= _MAX_USTAR_SIZE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+_PADDING = tuple(bytes(n) for n in range(BLOCK))  # zero fill after member data
+_FIXED_INFO = (0, 0o444, 0, 0, "", "", tarfile.REGTYPE, "")  # mtime, mode, uid, gid, uname, gname, type, link
+
+
+class _ShardTarFile(tarfile.TarFile):
+    """The TarFile TarWriter writes through: tarfile's own, but a usual member's header is
+    filled into a template of tarfile's bytes (tar_header) rather than built by TarInfo.tobuf."""
+
+    def addfile(self, tarinfo: tarfile.TarInfo, fileobj: IO[bytes] | None = None) -> None:
+        name, size = tarinfo.name, tarinfo.size
+        if (fileobj is None or not _one_block(name, size) or tarinfo.pax_headers
+                or (tarinfo.mtime, tarinfo.mode, tarinfo.uid, tarinfo.gid, tarinfo.uname, tarinfo.gname,
+                    tarinfo.type, tarinfo.linkname) != _FIXED_INFO):
+            return super().addfile(tarinfo, fileobj)
+        self._check("awx")
+        data = fileobj.read(size)  # TarWriter's BytesIO: its bytes object itself, not a copy
+        if len(data) != size:
+            raise OSError(f"{name}: {len(data)} bytes for a member of {size}")
+        header, padding = _usual_header(name, size), _PADDING[-size % BLOCK]
+        write_member = getattr(self.fileobj, "write_member", None)  # storage.shard_stream.ShardStream's
+        if write_member is not None:
+            write_member(header, data, padding)  # one call for the three
+        else:
+            for part in (header, data, padding):
+                self.fileobj.write(part)
+        self.offset += BLOCK + size + len(padding)
+
+
+def tar_writer(stream: IO[bytes]) -> wds.TarWriter:
+    """webdataset's TarWriter on ``stream`` with our fixed metadata, writing through _ShardTarFile.
+
+    Close it (which writes the end blocks) only when every sample is written: a failed shard is
+    discarded, never finished."""
+    writer = wds.TarWriter(stream, encoder=False, format="PAX_FORMAT", **FIXED)
+    # TarWriter opened a stock tarfile on the stream ("w|"), which has written nothing and writes
+    # nothing when dropped (its buffer is empty); ours takes its place, in the same format.
+    writer.tarstream = _ShardTarFile(fileobj=stream, mode="w", format=FORMAT, encoding=ENCODING)
+    return writer
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+class Recording(io.RawIOBase):
+    """A shard's bytes as tarfile reads them: counted, optionally hashed, the last ones kept.
+
+    tarfile's stream reader asks for a record (10,240 bytes) at a time, so it has read at most a
+    record past the block it stopped at; the last few reads are kept to look at that block."""
+
+    KEEP = 4 * RECORD
+
+    def __init__(self, source: IO[bytes], sha: Any = None):
+        self.source, self.sha, self.count = source, sha, 0
+        self.recent: deque[tuple[int, bytes]] = deque()  # (offset, bytes) of the last reads
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.source.read(n)
+        if self.sha is not None:
+            self.sha.update(data)
+        if data:
+            self.recent.append((self.count, data))
+            self.count += len(data)
+            while self.count - self.recent[0][0] - len(self.recent[0][1]) >= self.KEEP:
+                self.recent.popleft()
+        return data
+
+    def since(self, offset: int) -> bytes | None:
+        """The bytes read from ``offset`` on, or None if they are no longer kept."""
+        if self.recent and self.recent[0][0] > offset:
+            return None
+        return b"".join(data[max(offset - start, 0):] for start, data in self.recent if start + len(data) > offset)
+
+
+def tar_files(stream: Recording, url: str) -> Iterator[dict]:
+    """{"fname", "data", "__url__"} of each regular member, as webdataset's tar_file_iterator
+    gives them, then the check that the tar ends properly (_check_end)."""
+    try:
+        with tarfile.open(fileobj=stream, mode="r|", encoding=ENCODING) as tar:
+            for info in tar:
+                if info.isreg():
+                    yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+                tar.members = []  # as webdataset: no list of every member read
+            end = tar.offset
+    except tarfile.ReadError as e:
+        if "unexpected end of data" in str(e):
+            raise ValueError(f"{url} ends in the middle of a tar member (truncated); {REPAIR_HINT}") from None
+        raise ValueError(f"{url}: damaged tar header ({e}); {REPAIR_HINT}") from None
+    _check_end(stream, end, url)
+
+
+def _check_end(stream: Recording, end: int, url: str) -> None:
+    """From ``end``, where tarfile stopped reading members, to the end of the file: a zero block,
+    a second one, then only zero padding. Anything else is a damaged or cut-off shard."""
+    tail = stream.since(end)
+    if tail is None:
+        raise ValueError(f"{url}: tarfile stopped {stream.count - end} bytes before the last bytes read; {REPAIR_HINT}")
+    while len(tail) < 2 * BLOCK and (more := stream.read(RECORD)):
+        tail += more
+    header = tail[:BLOCK]
+    if len(header) < BLOCK or header.count(0) == BLOCK and len(tail) < 2 * BLOCK:
+        raise ValueError(f"{url}: no tar end marker (truncated); {REPAIR_HINT}")
+    if header.count(0) != BLOCK:
+        try:
+            tarfile.TarInfo.frombuf(header, ENCODING, "surrogateescape")
+            why = "a header tarfile did not read"
+        except tarfile.HeaderError as e:
+            why = str(e)
+        raise ValueError(f"{url}: damaged tar header ({why}); {REPAIR_HINT}")
+    rest = tail[BLOCK:]
+    while rest:
+        if rest.count(0) != len(rest):
+            raise ValueError(f"{url}: data after the tar end marker; {REPAIR_HINT}")
+        rest = stream.read(1 << 20)
+
+
+SAMPLE_PARTS = ("gt.png", "json", "lq.png")
+
+
+def tar_samples(stream: Recording, url: str) -> Iterator[dict]:
+    """webdataset samples ({"__key__", "__url__", "gt.png", "json", "lq.png"}) of one shard, each
+    checked to have all three members."""
+    for sample in group_by_keys(tar_files(stream, url)):
+        missing = [p for p in SAMPLE_PARTS if p not in sample]
+        if missing:
+            raise ValueError(f"{url}: sample '{sample['__key__']}' lacks {missing}; the shard is damaged: "
+                             f"{REPAIR_HINT}")
+        yield sample
