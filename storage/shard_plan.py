@@ -34,8 +34,6 @@ from storage.tables import PAIRS_SCHEMA, as_table
 # 2: written through webdataset's TarWriter, whose member order is gt.png, json, lq.png.
 SHARD_FORMAT = 2
 SHARD_PATTERN = "pairs-%06d.tar"
-# A sample's fields as webdataset's TarWriter writes them: sorted, each a member <key>.<field>.
-FIELDS = ("gt.png", "json", "lq.png")
 
 
 class Samples(NamedTuple):
@@ -60,7 +58,7 @@ class Samples(NamedTuple):
         return Samples(*(column[start:stop] for column in self))
 
     def members(self) -> Iterator[Member]:
-        """Each sample's members in tar order (FIELDS): <key>.gt.png, <key>.json, <key>.lq.png."""
+        """Each sample's members in tar order (shard_tar.FIELDS): <key>.gt.png, <key>.json, <key>.lq.png."""
         for key, lq_path, lq_size, lq_sha, gt_path, gt_size, gt_sha, meta in zip(*self[1:]):
             yield Member(f"{key}.gt.png", gt_size, gt_path, None, gt_sha)
             yield Member(f"{key}.json", len(meta), None, meta)

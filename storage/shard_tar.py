@@ -11,18 +11,19 @@ the header of a usual member (ASCII name of at most 100 bytes, under 8 GiB, our 
 into a template of tarfile's own header bytes (~1 us; test_tar_header_is_tarfiles_own_bytes
 checks it byte for byte) and leaves every other member to tarfile's addfile.
 
-Reading: tarfile in stream mode (no seeking, so remote shards stream), as webdataset's
-tar_file_iterator reads, then webdataset's group_by_keys. webdataset's own iterator is not used
-because tarfile ends quietly at a damaged or cut-off header after the first member, which would
-drop the rest of a shard without a word; here the bytes where tarfile stopped must be the tar's
-end marker followed by zeros only (_check_end), or the shard is refused.
+Reading: tarfile parses the headers, reading forward only (remote shards stream), then
+webdataset's group_by_keys makes samples of the members. webdataset's own tar_file_iterator is not
+used: tarfile ends quietly at a damaged or cut-off header after the first member, which would
+drop the rest of a shard without a word, so here the bytes where tarfile stopped must be the
+tar's end marker followed by zeros only (_check_end), or the shard is refused; and its
+extractfile reader per member cost as much as the header, where a plain read of the member's
+bytes does (tar_files).
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
-from collections import deque
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -142,48 +143,57 @@ def tar_writer(stream: IO[bytes]) -> wds.TarWriter:
 # Reading.
 
 class Recording(io.RawIOBase):
-    """A shard's bytes as tarfile reads them: counted, optionally hashed, the last ones kept.
-
-    tarfile's stream reader asks for a record (10,240 bytes) at a time, so it has read at most a
-    record past the block it stopped at; the last few reads are kept to look at that block."""
-
-    KEEP = 4 * RECORD
+    """A shard's file as tarfile reads it, forward only: counted, optionally hashed (every byte,
+    skipped ones included), the last read kept (the block where tarfile stopped, for _check_end)."""
 
     def __init__(self, source: IO[bytes], sha: Any = None):
         self.source, self.sha, self.count = source, sha, 0
-        self.recent: deque[tuple[int, bytes]] = deque()  # (offset, bytes) of the last reads
+        self.last = (0, b"")  # (offset, bytes) of the last read
 
     def readable(self) -> bool:
         return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.count
 
     def read(self, n: int = -1) -> bytes:
         data = self.source.read(n)
         if self.sha is not None:
             self.sha.update(data)
-        if data:
-            self.recent.append((self.count, data))
-            self.count += len(data)
-            while self.count - self.recent[0][0] - len(self.recent[0][1]) >= self.KEEP:
-                self.recent.popleft()
+        self.last = (self.count, data)
+        self.count += len(data)
         return data
 
-    def since(self, offset: int) -> bytes | None:
-        """The bytes read from ``offset`` on, or None if they are no longer kept."""
-        if self.recent and self.recent[0][0] > offset:
-            return None
-        return b"".join(data[max(offset - start, 0):] for start, data in self.recent if start + len(data) > offset)
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Forward only (tarfile skips member padding): the bytes skipped are read, and hashed."""
+        if whence != io.SEEK_SET or offset < self.count:
+            raise io.UnsupportedOperation(f"Recording seeks forward only, not from {self.count} to {offset}")
+        while self.count < offset and self.read(min(offset - self.count, 1 << 20)):
+            pass
+        return self.count
 
 
 def tar_files(stream: Recording, url: str) -> Iterator[dict]:
     """{"fname", "data", "__url__"} of each regular member, as webdataset's tar_file_iterator
-    gives them, then the check that the tar ends properly (_check_end)."""
+    gives them, then the check that the tar ends properly (_check_end).
+
+    tarfile parses every header (PAX records included); a member's bytes are then read straight
+    from the file, where tarfile left it (its data offset), rather than through tarfile's
+    extractfile, whose reader per member took as long as parsing the header.
+    """
     try:
-        with tarfile.open(fileobj=stream, mode="r|", encoding=ENCODING) as tar:
-            for info in tar:
-                if info.isreg():
-                    yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
-                tar.members = []  # as webdataset: no list of every member read
-            end = tar.offset
+        tar = tarfile.open(fileobj=stream, mode="r:", encoding=ENCODING)
+        for info in tar:
+            if info.isreg():
+                data = stream.read(info.size)
+                if len(data) != info.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                yield {"fname": info.name, "data": data, "__url__": url}
+            tar.members = []  # as webdataset: no list of every member read
+        end = tar.offset
     except tarfile.ReadError as e:
         if "unexpected end of data" in str(e):
             raise ValueError(f"{url} ends in the middle of a tar member (truncated); {REPAIR_HINT}") from None
@@ -194,9 +204,10 @@ def tar_files(stream: Recording, url: str) -> Iterator[dict]:
 def _check_end(stream: Recording, end: int, url: str) -> None:
     """From ``end``, where tarfile stopped reading members, to the end of the file: a zero block,
     a second one, then only zero padding. Anything else is a damaged or cut-off shard."""
-    tail = stream.since(end)
-    if tail is None:
-        raise ValueError(f"{url}: tarfile stopped {stream.count - end} bytes before the last bytes read; {REPAIR_HINT}")
+    start, tail = stream.last  # tarfile's last read: the block at ``end``, or what is left of it
+    if start + len(tail) != stream.count or start > end:
+        raise AssertionError(f"{url}: tarfile stopped at {end}, but its last read was at {start}")
+    tail = tail[end - start:] if start < end else tail
     while len(tail) < 2 * BLOCK and (more := stream.read(RECORD)):
         tail += more
     header = tail[:BLOCK]
@@ -216,14 +227,15 @@ def _check_end(stream: Recording, end: int, url: str) -> None:
         rest = stream.read(1 << 20)
 
 
-SAMPLE_PARTS = ("gt.png", "json", "lq.png")
+# A sample's fields: TarWriter writes them in sorted order, each a member <key>.<field>.
+FIELDS = ("gt.png", "json", "lq.png")
 
 
 def tar_samples(stream: Recording, url: str) -> Iterator[dict]:
     """webdataset samples ({"__key__", "__url__", "gt.png", "json", "lq.png"}) of one shard, each
     checked to have all three members."""
     for sample in group_by_keys(tar_files(stream, url)):
-        missing = [p for p in SAMPLE_PARTS if p not in sample]
+        missing = [p for p in FIELDS if p not in sample]
         if missing:
             raise ValueError(f"{url}: sample '{sample['__key__']}' lacks {missing}; the shard is damaged: "
                              f"{REPAIR_HINT}")

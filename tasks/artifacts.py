@@ -137,6 +137,19 @@ def publish_datasets(cfg: Config, manifest_url: str, quarantine_url: str, metric
 # ---------------------------------------------------------------- progress
 
 
+def images_to_score(index_url: str, split: str = "val", max_images: int = 0, skipped: int = 0) -> int:
+    """How many images the evaluate stage scores: the split's samples in the shard index (at most
+    ``max_images`` per degradation when set), less those the embed stage quarantined."""
+    from storage import tables
+
+    per_degradation: Counter = Counter()
+    for row in tables.read_table(index_url, columns=["split", "degradation", "count"]).to_pylist():
+        if row["split"] == split:
+            per_degradation[row["degradation"]] += row["count"]
+    total = sum(min(n, max_images) if max_images else n for n in per_degradation.values())
+    return max(total - skipped, 0)
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
@@ -155,16 +168,18 @@ class Progress:
         self.artifact_id = None
         self.last_push = 0.0
 
-    def update(self, done: int) -> str:
-        """Record ``done`` units finished; returns " (R unit/s, ETA T)" for a log line."""
+    def update(self, done: int, rate: bool = True) -> str:
+        """Record ``done`` units finished; returns " (R unit/s, ETA T)" for a log line (without
+        ``rate``: ", ETA T", for a line that gives the rate already)."""
         now = time.perf_counter()
         if self.start_time is None:  # a resumed run counts its rate from where it resumed
             self.start_time, self.start_done = now, done
         elapsed, progressed = now - self.start_time, done - self.start_done
         text = ""
         if elapsed > 0 and progressed > 0:
-            rate = progressed / elapsed
-            text = f" ({rate:.3g} {self.unit}/s, ETA {_duration(max(self.total - done, 0) / rate)})"
+            per_s = progressed / elapsed
+            eta = _duration(max(self.total - done, 0) / per_s)
+            text = f" ({per_s:.3g} {self.unit}/s, ETA {eta})" if rate else f", ETA {eta}"
         self._push(100.0 * min(done, self.total) / self.total, now, final=done >= self.total)
         return text
 

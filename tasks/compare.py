@@ -27,7 +27,7 @@ from tasks.tracking import PARENT_TAG, STAGE_TAG, client_for, tracking_uri
 
 DEFAULT_METRICS = ("psnr", "ssim", "psnr_y", "lpips")
 # Always in the header, found or not: the ablation switch, the CLIP weights, the sampler steps and clamp.
-KEY_FACTS = ("unet.conditioning", "clip.weights", "eval.steps", "eval.protocol.clip_x0")
+KEY_FACTS = ("unet.conditioning", "clip.weights", "eval.steps", "eval.clip_x0")
 LOWER_IS_BETTER = frozenset({"lpips"})
 FORMATS = ("text", "markdown")
 SHORT_ID = 8

@@ -21,7 +21,7 @@ from srdiff_core.config import Config, random_clip_weights
 from srdiff_core.metrics import MetricAvailability
 from srdiff_core.restorer import Restorer
 from storage import fs, shards, tables
-from tasks import tracking
+from tasks import artifacts, tracking
 from tasks.common import (
     RANDOM_WEIGHTS_NOTE,
     RateLogger,
@@ -49,7 +49,7 @@ def protocol(cfg: Config, lpips_reason: str | None, fid_reason: str | None = Non
             "eval.seed": str(e.seed), "eval.steps": str(e.steps),
             "eval.sampler": ("posterior (IR-SDE)" if e.eta == 1.0 else "deterministic (DDIM-style, eta 0)" if e.eta == 0.0
                              else f"posterior with DDIM eta {e.eta}"),
-            "eval.eta": str(e.eta),
+            "eval.eta": str(e.eta), "eval.clip_x0": str(e.clip_x0).lower(),
             "eval.protocol.clip_x0": ("x0 estimate clamped to [0, 1] at every jump" if e.clip_x0
                                       else "x0 estimate not clamped (as the released IR-SDE/DA-CLIP samplers)"),
             "eval.samples_per_image": str(e.samples_per_image),
@@ -126,7 +126,7 @@ def same_size_batches(examples, batch_size: int):
 
 
 def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], context: dict[str, np.ndarray],
-                     lpips, log, fid=None, skip_ids: frozenset[str] = frozenset()
+                     lpips, log, fid=None, skip_ids: frozenset[str] = frozenset(), total: int | None = None
                      ) -> tuple[list[dict], dict[str, list], dict[str, dict[str, list]]]:
     """Per-image rows (restored and LQ metrics), per degradation images for the grids and (with
     ``fid``) Inception features of the restored, LQ and GT images. Samples in ``skip_ids`` (the
@@ -136,7 +136,8 @@ def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], conte
     rows, examples = [], defaultdict(list)
     features: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     autocast = torch.bfloat16 if (e.precision == "bf16" and restorer.device.type == "cuda") else None
-    progress = RateLogger(log, "evaluate", None, "images")
+    progress = RateLogger(log, "evaluate", total, "images")
+    eta = artifacts.Progress(cfg, "evaluate", total, "images") if total else None  # ETA, Prefect progress
     for batch in same_size_batches(selected(dataset, e.max_images), e.batch_size):
         lq = torch.stack([ex["lq"] for ex in batch])
         gt = torch.stack([ex["gt"] for ex in batch])
@@ -161,7 +162,7 @@ def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], conte
             for name, imgs in (("restored", metrics.quantize_uint8(outs[0])), ("lq", lq), ("gt", gt)):
                 for deg, feat in zip(degs, fid.features_of(imgs)):
                     features[deg][name].append(feat[None])
-        progress.update(len(batch))
+        progress.update(len(batch), extra=eta.update(len(rows), rate=False) if eta else "")
     if not rows:
         raise ValueError("the val split has no samples: check download.demo.val_per_degradation or the val "
                          "folders of your datasets, then rerun from the shard stage")
@@ -290,8 +291,10 @@ def evaluate(cfg: Config, key: str, shards_url: str, restorecls_url: str, model_
         log.warning(f"FID unavailable: {fid_reason}")
     skip_ids, skipped, skipped_param = skipped_summary(restorecls_url, log)
     proto = protocol(cfg, lpips_reason, fid_reason, restorer.sde.max_sigma) | skipped_param
+    total = artifacts.images_to_score(f"{shards_url}/index.parquet", "val", cfg.evaluate.max_images,
+                                      sum(skipped.values()))
     rows, examples, features = evaluate_samples(restorer, cfg, shards.shard_urls(shards_url, split="val"),
-                                                read_embeddings(restorecls_url), lpips, log, fid, skip_ids)
+                                                read_embeddings(restorecls_url), lpips, log, fid, skip_ids, total)
     means = aggregate(rows) | (fid_by_degradation(features, fid) if fid is not None else {})
     means |= skipped_metrics(skipped, means)
 

@@ -49,6 +49,7 @@ def pipeline_run(client: MlflowClient, exp: str, conditioning: str, metrics: dic
     if metrics is not None:
         ev = client.create_run(exp, run_name="evaluate", tags={STAGE_TAG: "evaluate", PARENT_TAG: parent})
         client.log_param(ev.info.run_id, "eval.steps", "2")
+        client.log_param(ev.info.run_id, "eval.clip_x0", "true")
         for run_id in (ev.info.run_id, parent):
             for key, value in metrics.items():
                 client.log_metric(run_id, key, value)
@@ -83,6 +84,7 @@ name               srdiff-tiny                                         srdiff-ti
 unet.conditioning  semantic                                            null
 clip.weights       {RANDOM_CLIP}  {RANDOM_CLIP}
 eval.steps         2                                                   2
+eval.clip_x0       true                                                true
 
 degradation  metric      LQ       A       B    B - A
 hazy         psnr     15.00   20.00   21.25    +1.25
@@ -124,6 +126,7 @@ def test_markdown_with_chosen_metrics(store, capsys):
 | unet.conditioning | semantic | null |
 | clip.weights | {RANDOM_CLIP} | {RANDOM_CLIP} |
 | eval.steps | 2 | 2 |
+| eval.clip_x0 | true | true |
 
 | degradation | metric | LQ | A | B | B - A |
 | --- | --- | ---: | ---: | ---: | ---: |
@@ -180,6 +183,7 @@ name               run-a  run-b  run-c
 unet.conditioning  -      -      -
 clip.weights       -      -      -
 eval.steps         -      -      -
+eval.clip_x0       -      -      -
 train.steps        4      6      4
 
 degradation  metric      LQ       A       B      C    B - A  C - A
@@ -221,7 +225,8 @@ def test_the_conditioning_ablation_end_to_end(tmp_path, prefect_harness, capsys)
     header, table, _ = capsys.readouterr().out.split("\n\n")
     header_lines = header.splitlines()
     assert header_lines[1].split()[1:] == [i[:8] for i in ids]
-    assert header_lines[2].split()[1:] == ["srdiff-tiny", "srdiff-tiny"]
+    # Parent runs are named "<config> <conditioning> <layout> <time>" (tasks.tracking), so they tell apart.
+    assert "srdiff-tiny semantic srdiff" in header_lines[2] and "srdiff-tiny null srdiff" in header_lines[2]
     assert header_lines[3].split()[1:] == ["semantic", "null"]
     rows = [line.split() for line in table.splitlines()[1:]]
     assert [(r[0], r[1]) for r in rows] == [(d, m) for d in (*DEGRADATIONS, "all") for m in ("psnr", "ssim", "psnr_y")]

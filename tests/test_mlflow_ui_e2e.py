@@ -132,7 +132,7 @@ def test_the_prefect_flow_run_has_the_results_as_artifacts(pipeline):
     client = tracking.client_for(cfg)
     flow_run_id = client.get_run(summary["parent_run_id"]).data.tags[tracking.FLOW_RUN_TAG]
     keys = {what: artifacts.artifact_key(cfg, what)
-            for what in ("evaluation", "evaluation-report", "datasets", "train-progress")}
+            for what in ("evaluation", "evaluation-report", "datasets", "train-progress", "evaluate-progress")}
     assert keys["evaluation"] == "srdiff-tiny-evaluation"
     with get_client(sync_client=True) as prefect:
         found = {what: prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
@@ -147,5 +147,6 @@ def test_the_prefect_flow_run_has_the_results_as_artifacts(pipeline):
     assert summary["stages"]["evaluate"]["run_id"] in report and "| degradation |" in report
     (datasets,) = json.loads(found["datasets"][0].data)
     assert datasets["dataset"] == "demo" and datasets["train pairs"] == 12 and datasets["quarantined"] == 0
-    (progress,) = found["train-progress"]
-    assert progress.type == "progress" and float(progress.data) == 100.0
+    for what in ("train-progress", "evaluate-progress"):
+        (progress,) = found[what]
+        assert progress.type == "progress" and float(progress.data) == 100.0, what

@@ -276,3 +276,16 @@ def test_prefect_artifact_content_and_keys(store):
     assert progress.update(10) == ""  # the first call starts the clock
     assert re.fullmatch(r" \([\d.e+]+ steps/s, ETA \S+\)", progress.update(20))
     assert progress.artifact_id is None  # outside a Prefect run: nothing published
+    assert re.fullmatch(r", ETA \S+", progress.update(30, rate=False))
+
+
+def test_the_evaluate_stage_knows_how_many_images_it_will_score(tmp_path):
+    index = pa.Table.from_pylist([{"shard": f"{s}-{d}-{i}", "split": s, "degradation": d, "count": c}
+                                  for s, d, i, c in (("val", "hazy", 0, 4), ("val", "hazy", 1, 3),
+                                                     ("val", "rainy", 0, 2), ("train", "hazy", 0, 9))])
+    tables.write_table(str(tmp_path / "index.parquet"), index)
+    url = str(tmp_path / "index.parquet")
+    assert artifacts.images_to_score(url) == 9
+    assert artifacts.images_to_score(url, max_images=5) == 7  # hazy capped at 5, rainy 2
+    assert artifacts.images_to_score(url, max_images=5, skipped=1) == 6
+    assert artifacts.images_to_score(url, "train") == 9

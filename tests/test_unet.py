@@ -213,3 +213,32 @@ def test_from_config_and_rejects_bad_settings():
         ConditionalUNet(nf=8, ch_mult=(1, 2), attn_heads=3, context_dim=CONTEXT_DIM)
     with pytest.raises(ValueError, match="conditioning"):
         ConditionalUNet(nf=8, ch_mult=(1, 2), context_dim=CONTEXT_DIM, conditioning="text")  # type: ignore[arg-type]
+
+
+def test_input_scaling_divides_the_residual_by_its_marginal_std():
+    from srdiff_core.config import SDEConfig, UNetConfig
+    from srdiff_core.sde import IRSDE
+    from srdiff_core.unet import build_unet
+
+    torch.manual_seed(0)
+    sde = IRSDE.from_config(SDEConfig(eps=0.005))
+    scales = sde.input_scales(0.25)
+    # t = 0: the clean residual alone, std 0.25; t = T: lambda^2 (1 - eps^2) + (eps 0.25)^2.
+    assert scales[0].item() == pytest.approx(4.0, rel=1e-6)
+    lam = 10 / 255
+    assert scales[-1].item() == pytest.approx((lam ** 2 * (1 - 0.005 ** 2) + (0.005 * 0.25) ** 2) ** -0.5, rel=1e-5)
+    cfg = UNetConfig(nf=8, ch_mult=[1, 2], num_res_blocks=1, input_scaling_std=0.25)
+    with pytest.raises(ValueError, match="needs the SDE"):
+        build_unet(cfg)
+    scaled, plain = build_unet(cfg, sde), build_unet(cfg.model_copy(update={"input_scaling_std": 0.0}))
+    torch.nn.init.normal_(scaled.final_conv.weight)  # zero-initialised: every output would be 0
+    plain.load_state_dict(scaled.state_dict())  # the factors are not weights: same state dict
+    assert "input_scales" not in scaled.state_dict()
+    torch.manual_seed(0)
+    xt, mu, ctx = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16), torch.randn(2, 512)
+    t = torch.tensor([1, 100])
+    # The scaled network on x_t equals the plain one on the residual pre-multiplied by the factor.
+    pre = mu + (xt - mu) * scales[t].view(-1, 1, 1, 1)
+    out = scaled(xt, mu, t, ctx)
+    torch.testing.assert_close(out, plain(pre, mu, t, ctx), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out, plain(xt, mu, t, ctx))
