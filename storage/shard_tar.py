@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import cached_property
 from typing import IO, Any
 
 import numpy as np
@@ -117,14 +118,22 @@ class _ShardTarFile(tarfile.TarFile):
         data = fileobj.read(size)  # TarWriter's BytesIO: its bytes object itself, not a copy
         if len(data) != size:
             raise OSError(f"{name}: {len(data)} bytes for a member of {size}")
-        header, padding = _usual_header(name, size), _PADDING[-size % BLOCK]
-        write_member = getattr(self.fileobj, "write_member", None)  # storage.shard_stream.ShardStream's
-        if write_member is not None:
-            write_member(header, data, padding)  # one call for the three
-        else:
-            for part in (header, data, padding):
-                self.fileobj.write(part)
+        padding = _PADDING[-size % BLOCK]
+        self._write_member(_usual_header(name, size), data, padding)
         self.offset += BLOCK + size + len(padding)
+
+    @cached_property
+    def _write_member(self) -> Callable[[bytes, bytes, bytes], None]:
+        """Write a member's header, data and padding: storage.shard_stream.ShardStream's
+        write_member (one call for the three), else three writes."""
+        write_member = getattr(self.fileobj, "write_member", None)
+        if write_member is not None:
+            return write_member
+
+        def write_parts(*parts: bytes) -> None:
+            for part in parts:
+                self.fileobj.write(part)
+        return write_parts
 
 
 def tar_writer(stream: IO[bytes]) -> wds.TarWriter:
@@ -191,6 +200,7 @@ def tar_files(stream: Recording, url: str) -> Iterator[dict]:
                 data = stream.read(info.size)
                 if len(data) != info.size:
                     raise tarfile.ReadError("unexpected end of data")
+                stream.read(-info.size % BLOCK)  # the padding: tarfile then finds the next header here
                 yield {"fname": info.name, "data": data, "__url__": url}
             tar.members = []  # as webdataset: no list of every member read
         end = tar.offset
