@@ -57,6 +57,26 @@ RECIPES: dict[str, list[str]] = {
     "daclip-eps0.005": ["unet.layout=daclip", "sde.eps=0.005"],
     "daclip-eps0.02": ["unet.layout=daclip", "sde.eps=0.02"],
     "daclip": ["unet.layout=daclip"],
+    "x0": ["unet.prediction=x0"],
+    "x0-eps0.005": ["unet.prediction=x0", "sde.eps=0.005"],
+    "x0-eps0.005-sigma10": ["unet.prediction=x0", "sde.eps=0.005", "sde.max_sigma=10"],
+    "x0-eps0.005-sigma10-k3": ["unet.prediction=x0", "sde.eps=0.005", "sde.max_sigma=10", "evaluate.steps=3"],
+    "x0-eps0.005-sigma10-k1": ["unet.prediction=x0", "sde.eps=0.005", "sde.max_sigma=10", "evaluate.steps=1"],
+    "x0-eps0.005-sigma30": ["unet.prediction=x0", "sde.eps=0.005", "sde.max_sigma=30"],
+    "x0-eps0.005-sigma0.5": ["unet.prediction=x0", "sde.eps=0.005", "sde.max_sigma=0.5"],
+    "x0-eps0.005-800-k3": ["unet.prediction=x0", "sde.eps=0.005", "train.steps=800", "evaluate.steps=3"],
+    "x0-eps0.005-800-k1": ["unet.prediction=x0", "sde.eps=0.005", "train.steps=800", "evaluate.steps=1"],
+    "x0-eps0.005-800": ["unet.prediction=x0", "sde.eps=0.005", "train.steps=800"],
+    "x0-eps0.005-k1": ["unet.prediction=x0", "sde.eps=0.005", "evaluate.steps=1"],
+    "x0-eps0.005-k3": ["unet.prediction=x0", "sde.eps=0.005", "evaluate.steps=3"],
+    "x0-eps0.005-k100": ["unet.prediction=x0", "sde.eps=0.005", "evaluate.steps=100"],
+    "x0-eps0.005-eta0": ["unet.prediction=x0", "sde.eps=0.005", "evaluate.eta=0"],
+    "x0s0.25-eps0.005": ["unet.prediction=x0", "unet.input_scaling_std=0.25", "sde.eps=0.005"],
+    "x0s0.1-eps0.005": ["unet.prediction=x0", "unet.input_scaling_std=0.1", "sde.eps=0.005"],
+    "x0s0.25-eps0.005-k3": ["unet.prediction=x0", "unet.input_scaling_std=0.25", "sde.eps=0.005", "evaluate.steps=3"],
+    "x0s0.25-eps0.005-k1": ["unet.prediction=x0", "unet.input_scaling_std=0.25", "sde.eps=0.005", "evaluate.steps=1"],
+    "x0s0.25": ["unet.prediction=x0", "unet.input_scaling_std=0.25"],
+    "x0-eps0.005-p32b32": ["unet.prediction=x0", "sde.eps=0.005", "train.patch_size=32", "train.batch_size=32"],
     "p32b32-1000": ["train.patch_size=32", "train.batch_size=32", "train.steps=1000"],
     "cin-eps0.005": ["unet.input_scaling_std=0.25", "sde.eps=0.005"],
     "cin-eps0.02": ["unet.input_scaling_std=0.25", "sde.eps=0.02"],
@@ -66,19 +86,23 @@ RECIPES: dict[str, list[str]] = {
 }
 
 
-def write_holdout_root(root: Path, holdout: int) -> None:
-    """The demo's train pairs as train, the next ``holdout`` train-split pairs per degradation as val."""
+def write_holdout_root(root: Path, holdout: int, train_pairs: int) -> None:
+    """``train_pairs`` train-split pairs per degradation as train, and the held-out slice as val:
+    always the pairs 32 .. 32 + holdout - 1 (those after the 32 of DemoSetConfig's default), so
+    every train size is scored on the same images (a larger train set skips over them)."""
     from srdiff_core import demo_data
-    from srdiff_core.config import DEGRADATIONS, load_config
+    from srdiff_core.config import DEGRADATIONS, DemoSetConfig, load_config
     from tasks.download import write_pair
 
     cfg = load_config(DEMO_CONFIG, [f"data_root={root}"])
     demo = cfg.download.demo
+    first_held_out = DemoSetConfig().train_per_degradation
+    held_out = range(first_held_out, first_held_out + holdout)
     for degradation in DEGRADATIONS:
-        for index in range(demo.train_per_degradation + holdout):
+        for index in range(train_pairs + holdout):
             pair = demo_data.make_demo_pair(seed=demo.seed, degradation=degradation, split="train", index=index,
                                             crop_size=demo.crop_size)
-            if index >= demo.train_per_degradation:  # the held-out slice, scored as "val"
+            if index in held_out:  # scored as "val"
                 pair = demo_data.DemoPair(id=pair.id, degradation=degradation, split="val", lq=pair.lq, gt=pair.gt)
             write_pair(cfg, pair)
 
@@ -113,21 +137,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipes", help="comma-separated recipe names (default: all)")
     parser.add_argument("--holdout", type=int, default=6, help="held-out train pairs per degradation")
-    parser.add_argument("--root", default=str(REPO / "bench" / "out" / "demo-recipe"))
+    parser.add_argument("--train-pairs", type=int, default=32, help="train pairs per degradation")
+    parser.add_argument("--root", default=None, help="default: bench/out/demo-recipe[-<train pairs>]")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "demo-recipe.json"))
     parser.add_argument("--set", action="append", default=[], help="extra override for every recipe")
     args = parser.parse_args()
     names = args.recipes.split(",") if args.recipes else list(RECIPES)
-    root = Path(args.root).resolve()
+    suffix = "" if args.train_pairs == 32 else f"-{args.train_pairs}"
+    root = Path(args.root or REPO / "bench" / "out" / f"demo-recipe{suffix}").resolve()
     if not (root / "datasets").exists():
-        write_holdout_root(root, args.holdout)
+        write_holdout_root(root, args.holdout, args.train_pairs)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     for name in names:
-        results[name] = run_recipe(root, [*RECIPES[name], *args.set])
+        results[name + suffix] = run_recipe(root, [*RECIPES[name], *args.set])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
-        print(table({name: results[name]}), flush=True)
+        print(table({name + suffix: results[name + suffix]}), flush=True)
     print(table(results))
     return 0
 

@@ -157,6 +157,15 @@ class UNetConfig(_Section):
     # (the input preconditioning c_in of Karras et al., EDM, NeurIPS 2022, sec. 5), so the network
     # sees unit-scale input at every t; the SDE, loss and sampler are unchanged. Layout srdiff only.
     input_scaling_std: float = Field(default=0.0, ge=0.0)
+    # What the network's output means. "noise": the noise eps in x_t (IR-SDE, DA-CLIP). "x0": the clean
+    # residual x0 - mu, turned into the noise x_t then implies, eps = (x_t - mu - e^{-thetabar_t}(x0 - mu))
+    # / sqrt(v_t) (diffusers' prediction_type "sample"; Ho et al. 2020, sec. 3.2, discuss both), so the
+    # SDE, matching loss and sampler are unchanged. A small network's noise error is multiplied by
+    # e^{thetabar_t} <= 1/eps in the x0 estimate near t = T; an x0 output is not, and the zero-initialised
+    # output starts at x0 = mu (the input). With input_scaling_std s > 0 also EDM's c_skip and c_out
+    # for a residual of std s (IRSDE.x0_coefficients): near t = 0 the output is x_t plus a small
+    # correction, which a small network need not learn to copy. Layout srdiff only.
+    prediction: Literal["noise", "x0"] = "noise"
 
     @field_validator("conditioning", mode="before")
     @classmethod
@@ -217,6 +226,11 @@ class EvalConfig(_Section):
     batch_size: int = Field(default=8, ge=1)  # val images of the same size restored together
     tile_size: int = Field(default=0, ge=0)  # 0 = never tile
     tile_overlap: int = Field(default=32, ge=0)
+    # On the CPU a large image restored whole is slow (a 1280x720 image, demo UNet, 2 cores: 404 s
+    # whole, 129 s in 256-px tiles): images over cpu_large_pixels pixels (0: no limit) get a warning
+    # with the expected time and, when tile_size is 0, cpu_tile_size tiles (0: restore them whole).
+    cpu_large_pixels: int = Field(default=512 * 512, ge=0)
+    cpu_tile_size: int = Field(default=256, ge=0)
     precision: Precision = "bf16"
     lpips: bool = True
     fid: bool = True  # per degradation, when pytorch-fid's Inception weights are in the torch hub cache

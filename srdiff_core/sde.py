@@ -137,6 +137,28 @@ class IRSDE:
         variance = self._sigma_bar64(thetabar) ** 2 + torch.exp(-2 * thetabar) * residual_std ** 2
         return variance.rsqrt().to(torch.float32)
 
+    def x0_coefficients(self, residual_std: float = 0.0) -> Tensor:
+        """[4, T+1] float32 rows (decay, std, skip, out) for t = 0..T, for a network whose output F
+        gives the clean residual as x0 - mu = skip (x_t - mu) + out F, and the noise as
+        eps = (x_t - mu - decay (x0 - mu)) / std, from x_t = mu + e^{-thetabar_t}(x0 - mu) + sqrt(v_t) eps.
+
+        decay = e^{-thetabar_t}, std = sqrt(v_t) (1 at t = 0, where v_0 = 0: the network never runs there).
+        ``residual_std`` s > 0: EDM's c_skip and c_out (Karras et al., NeurIPS 2022, eq. 7 and table 1)
+        for this SDE, with y = x_t - mu = decay r + std n and r = x0 - mu of std s: skip = decay s^2 /
+        (decay^2 s^2 + v_t), the least-squares linear estimate of r from y, and out = s std /
+        sqrt(decay^2 s^2 + v_t), the std of what it leaves. So near t = 0 the output is x_t itself plus
+        a small correction, which a small network need not learn to copy. s = 0: skip 0, out 1.
+        """
+        thetabar = self.thetas_cumsum * self.dt
+        decay, std = torch.exp(-thetabar), self._sigma_bar64(thetabar)
+        if residual_std > 0:
+            total = decay ** 2 * residual_std ** 2 + std ** 2
+            skip, out = decay * residual_std ** 2 / total, residual_std * std / total.sqrt()
+        else:
+            skip, out = torch.zeros_like(decay), torch.ones_like(decay)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        return torch.stack([decay, std, skip, out]).to(torch.float32)
+
     # -------------------------------------------------------------- forward process
 
     def mu_bar(self, x0: Tensor, mu: Tensor, t: Tensor | int) -> Tensor:

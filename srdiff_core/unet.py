@@ -256,10 +256,18 @@ class ConditionalUNet(nn.Module):
         # Per-step factors for the residual input (unet.input_scaling_std); derived from the SDE, so
         # not saved with the weights (build_unet sets them again from the model file's sde settings).
         self.register_buffer("input_scales", None, persistent=False)
+        # unet.prediction x0: per-step e^{-thetabar_t} and sqrt(v_t) that turn the output into noise;
+        # also derived from the SDE and not saved.
+        self.register_buffer("x0_coefficients", None, persistent=False)
 
     def set_input_scales(self, scales: Tensor) -> None:
         """Multiply the residual input x_t - mu by ``scales[t]`` (one float per step 0..T)."""
         self.input_scales = scales.to(torch.float32)
+
+    def set_x0_prediction(self, coefficients: Tensor) -> None:
+        """Read the output F as x0 - mu = skip[t] (x_t - mu) + out[t] F and return the noise that
+        implies (unet.prediction x0); ``coefficients``: IRSDE.x0_coefficients' (decay, std, skip, out)."""
+        self.x0_coefficients = coefficients.to(torch.float32)
 
     @classmethod
     def from_config(cls, cfg: "UNetConfig") -> "ConditionalUNet":
@@ -319,8 +327,12 @@ class ConditionalUNet(nn.Module):
             x = level.resample(x)
 
         x = self.final_block(torch.cat([x, first], dim=1), time_emb)
-        x = self.final_conv(x)
-        return x[:, :, :height, :width].to(xt.dtype)
+        x = self.final_conv(x)[:, :, :height, :width]
+        if self.x0_coefficients is not None:
+            decay, std, skip, out = self.x0_coefficients.to(xt.device)[:, t.long()][:, :, None, None, None]
+            x0_residual = skip * (xt - mu) + out * x.float()
+            x = (xt - mu - decay * x0_residual) / std
+        return x.to(xt.dtype)
 
     def _pad(self, x: Tensor) -> Tensor:
         """Replicate-pad the bottom/right to a multiple of the total downsampling (always valid,
@@ -335,10 +347,12 @@ class ConditionalUNet(nn.Module):
 def build_unet(cfg: "UNetConfig", sde: "IRSDE | None" = None) -> nn.Module:
     """The UNet ``cfg`` describes, in its ``layout``: every place that builds one from settings
     (the train stage, model.pt loading, benchmarks) goes through here. ``sde``: the schedule the
-    network runs under, needed when ``cfg.input_scaling_std`` > 0."""
+    network runs under, needed when ``cfg.input_scaling_std`` > 0 or ``cfg.prediction`` is x0."""
     if cfg.layout == "daclip":
         if cfg.input_scaling_std:
             raise ValueError("unet.input_scaling_std is for unet.layout: srdiff; set it to 0 for the daclip layout")
+        if cfg.prediction != "noise":
+            raise ValueError("unet.prediction x0 is for unet.layout: srdiff; the daclip layout predicts noise")
         from srdiff_core.unet_daclip import DAClipUNet  # imports this module: a late import
 
         return DAClipUNet.from_config(cfg)
@@ -348,5 +362,9 @@ def build_unet(cfg: "UNetConfig", sde: "IRSDE | None" = None) -> nn.Module:
             if sde is None:
                 raise ValueError("unet.input_scaling_std > 0 needs the SDE: pass build_unet(cfg, sde)")
             unet.set_input_scales(sde.input_scales(cfg.input_scaling_std))
+        if cfg.prediction == "x0":
+            if sde is None:
+                raise ValueError("unet.prediction x0 needs the SDE: pass build_unet(cfg, sde)")
+            unet.set_x0_prediction(sde.x0_coefficients(cfg.input_scaling_std))
         return unet
     raise ValueError(f"unknown unet.layout {cfg.layout!r}: use 'srdiff' or 'daclip'")

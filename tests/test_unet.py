@@ -242,3 +242,58 @@ def test_input_scaling_divides_the_residual_by_its_marginal_std():
     out = scaled(xt, mu, t, ctx)
     torch.testing.assert_close(out, plain(pre, mu, t, ctx), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(out, plain(xt, mu, t, ctx))
+
+
+def test_x0_prediction_turns_the_output_into_the_noise_it_implies():
+    from srdiff_core.config import SDEConfig, UNetConfig
+    from srdiff_core.samplers import posterior_sample
+    from srdiff_core.sde import IRSDE
+    from srdiff_core.unet import build_unet
+
+    torch.manual_seed(0)
+    sde = IRSDE.from_config(SDEConfig(max_sigma=2, eps=0.05))
+    decay, std, skip, out = sde.x0_coefficients().double()
+    assert skip.eq(0).all() and out.eq(1).all()
+    assert decay[0].item() == 1.0 and decay[-1].item() == pytest.approx(0.05, rel=1e-6)
+    assert std[0].item() == 1.0  # v_0 = 0: never used, kept finite
+    assert std[-1].item() == pytest.approx(2 / 255 * (1 - 0.05 ** 2) ** 0.5, rel=1e-6)
+    cfg = UNetConfig(nf=8, ch_mult=[1, 2], num_res_blocks=1, prediction="x0")
+    with pytest.raises(ValueError, match="needs the SDE"):
+        build_unet(cfg)
+    with pytest.raises(ValueError, match="srdiff"):
+        build_unet(cfg.model_copy(update={"layout": "daclip"}), sde)
+    x0_model, raw = build_unet(cfg, sde), build_unet(cfg.model_copy(update={"prediction": "noise"}))
+    ctx = torch.randn(2, 512)
+    lq = torch.rand(2, 3, 16, 16)
+    # Zero-initialised output: x0 - mu = 0 at every step, so the untrained model returns its input.
+    out = posterior_sample(x0_model.eval(), lq, sde, ctx, steps=5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, lq, rtol=0, atol=1e-5)  # rounding of the noise round trip
+    torch.nn.init.normal_(x0_model.final_conv.weight, std=0.01)
+    raw.load_state_dict(x0_model.state_dict())  # the coefficients are not weights
+    xt = torch.rand(2, 3, 16, 16)
+    t = torch.tensor([1, 100])
+    # The noise it returns gives back x0 = mu + raw output through the sampler's own inversion.
+    noise = x0_model(xt, lq, t, ctx)
+    torch.testing.assert_close(sde.predict_x0(xt, lq, t, noise), lq + raw(xt, lq, t, ctx), rtol=0, atol=2e-5)
+
+
+def test_x0_prediction_with_a_residual_std_skips_the_input_as_edm_does():
+    from srdiff_core.config import SDEConfig, UNetConfig
+    from srdiff_core.sde import IRSDE
+    from srdiff_core.unet import build_unet
+
+    torch.manual_seed(0)
+    sde = IRSDE.from_config(SDEConfig(max_sigma=2, eps=0.05))
+    s = 0.25
+    decay, std, skip, out = sde.x0_coefficients(s).double()
+    lam = 2 / 255
+    # t = T: decay 0.05, v = lambda^2 (1 - 0.05^2): the linear estimate of the residual from x_T - mu.
+    v_T = lam ** 2 * (1 - 0.05 ** 2)
+    assert skip[-1].item() == pytest.approx(0.05 * s ** 2 / (0.05 ** 2 * s ** 2 + v_T), rel=1e-5)
+    assert out[-1].item() == pytest.approx(s * v_T ** 0.5 / (0.05 ** 2 * s ** 2 + v_T) ** 0.5, rel=1e-5)
+    assert skip[0].item() == pytest.approx(1.0) and out[0].item() == 0.0  # x_0 is x0 itself
+    model = build_unet(UNetConfig(nf=8, ch_mult=[1, 2], num_res_blocks=1, prediction="x0", input_scaling_std=s), sde)
+    # Untrained (output F = 0): x0_hat - mu = skip (x_t - mu), the skip alone.
+    xt, mu, ctx, t = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16), torch.randn(2, 512), torch.tensor([3, 100])
+    expected = mu + skip.float()[t].view(-1, 1, 1, 1) * (xt - mu)
+    torch.testing.assert_close(sde.predict_x0(xt, mu, t, model(xt, mu, t, ctx)), expected, rtol=0, atol=2e-5)
