@@ -70,3 +70,55 @@ def labelled_grid(title: str, rows: list[list[tuple[np.ndarray, str]]], *, pad: 
             canvas.paste(big, (x, y))
             draw.text((x, y + tile.shape[0] * scale + pad // 2), caption, fill="black", font=font)
     return np.asarray(canvas)
+
+
+# ---------------------------------------------------------------- any PIL image as 8-bit RGB
+
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})  # PIL's 16-bit greyscale (a 16-bit PNG)
+PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}  # alpha-premultiplied modes PIL converts to RGB only via these
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA"})  # not "A" in the mode's name: LAB has none
+
+
+class UnsupportedImage(ValueError):
+    """A PIL image that has no unambiguous 8-bit RGB form (a floating-point image, integers beyond
+    16 bits, a mode PIL cannot convert). ``mode`` and ``detail`` are the facts; the caller words advice."""
+
+    def __init__(self, mode: str, detail: str):
+        super().__init__(f"{mode} image: {detail}")
+        self.mode, self.detail = mode, detail
+
+
+def rgb_uint8(im) -> tuple[np.ndarray, str]:
+    """A PIL image as uint8 HxWx3 and what the conversion did ("" for an RGB image).
+
+    PIL's own convert("RGB") clips 16- and 32-bit greyscale to 0..255, so a 16-bit PNG comes out
+    almost all white: those are scaled instead (0..65535 -> 0..255, rounded). Alpha is dropped (the
+    colour channels are what was degraded). Raises :class:`UnsupportedImage` where a scale would be a
+    guess (floating-point pixels, integers outside 0..65535)."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.array(im), ""  # a writable copy: torch wraps it
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        return _grey16_to_rgb(mode, np.asarray(im)), "16-bit greyscale scaled to 8 bits"
+    if mode == "F":
+        low, high = im.getextrema()
+        raise UnsupportedImage(mode, f"32-bit floating-point pixels (values {low:g}..{high:g}) have no standard "
+                                     f"8-bit scale")
+    source = im.convert(PREMULTIPLIED[mode]) if mode in PREMULTIPLIED else im
+    if source.mode == "P" and "transparency" in source.info:
+        source = source.convert("RGBA")  # PIL warns on a palette with transparency converted straight to RGB
+    try:
+        rgb = np.array(source.convert("RGB"))
+    except ValueError as e:  # a mode PIL has no conversion for
+        raise UnsupportedImage(mode, f"PIL cannot convert it to RGB ({e})") from e
+    return rgb, "alpha channel dropped" if source.mode in ALPHA_MODES else ""
+
+
+def _grey16_to_rgb(mode: str, values: np.ndarray) -> np.ndarray:
+    wide = values.astype(np.int64)
+    low, high = int(wide.min()), int(wide.max())
+    if low < 0 or high > 65535:  # mode I holds 32-bit integers: only a 16-bit range has a known scale
+        raise UnsupportedImage(mode, f"32-bit integer pixels (values {low}..{high}) outside the 16-bit range "
+                                     f"0..65535 have no standard 8-bit scale")
+    grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+    return np.repeat(grey[..., None], 3, axis=2)

@@ -7,15 +7,18 @@ image needs nothing precomputed: CLIP embeds the LQ, the SRM refines it, the UNe
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from pydantic import BaseModel, ValidationError
 
 from srdiff_core import clip_embed, samplers, srm
 from srdiff_core.checkpoint import state_dict_mismatch, unreadable_torch_file
-from srdiff_core.config import SDEConfig, SRMConfig, UNetConfig
+from srdiff_core.config import EvalConfig, SDEConfig, SRMConfig, UNetConfig
 from srdiff_core.sde import IRSDE
 from srdiff_core.unet import ConditionalUNet, build_unet
 from srdiff_core.unet_daclip import DAClipUNet
@@ -159,15 +162,164 @@ class Restorer:
     @torch.no_grad()
     def restore(self, lq: torch.Tensor, context: torch.Tensor, *, steps: int | None, seed: int,
                 tile_size: int = 0, tile_overlap: int = 32, autocast_dtype: torch.dtype | None = None,
-                clip_x0: bool = True, eta: float = 1.0) -> torch.Tensor:
+                clip_x0: bool = True, eta: float = 1.0,
+                on_network_call: Callable[[int], None] | None = None) -> torch.Tensor:
         """One seeded sample per image: float [N,3,H,W] in [0,1] -> restored, same shape.
 
         Each image's noise comes from its own CPU generator seeded with ``seed``, so an image
-        restores the same alone or in a batch, and on any device."""
+        restores the same alone or in a batch, and on any device. ``on_network_call(pixels)`` is
+        called after every network call (one per jump, or one per batch of tiles) with the pixels
+        it saw: progress and time estimates (:class:`RestoreClock`) come from it."""
         jumps = len(samplers.sampling_timesteps(self.sde.T, steps)) - 1
         per_image = [samplers.posterior_noise((1, *lq.shape[1:]), jumps, generator=torch.Generator().manual_seed(seed),
                                               device=self.device) for _ in range(lq.shape[0])]
         noise = [torch.cat(step) for step in zip(*per_image)]
-        return samplers.restore(self.unet, lq.to(self.device), self.sde, context.to(self.device), steps=steps,
+        model = self.unet if on_network_call is None else _reporting(self.unet, on_network_call)
+        return samplers.restore(model, lq.to(self.device), self.sde, context.to(self.device), steps=steps,
                                 noise=noise, tile_size=tile_size, tile_overlap=tile_overlap,
                                 autocast_dtype=autocast_dtype, clip_x0=clip_x0, eta=eta)
+
+
+def _reporting(model, report: Callable[[int], None]):
+    """``model`` calling ``report(pixels)`` after each call (inside the tiling: once per tile batch)."""
+    def call(x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        out = model(x, mu, t, context)
+        report(x.shape[0] * x.shape[-2] * x.shape[-1])
+        return out
+    return call
+
+
+# ---------------------------------------------------------------- tiling and time on slow hardware
+
+TILES_PER_BATCH = 8  # tiles per network call: samplers.restore's default, which Restorer.restore keeps
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How an image goes through the network at each posterior jump: whole (``size`` 0) or in
+    ``size`` tiles; ``cpu_default`` when the tiles are there because the image is large on the CPU."""
+
+    size: int
+    overlap: int
+    cpu_default: bool = False
+
+
+def large_on_cpu(height: int, width: int, device: torch.device | str, e: EvalConfig) -> bool:
+    return torch.device(device).type == "cpu" and 0 < e.cpu_large_pixels < height * width
+
+
+def tiling_for(height: int, width: int, device: torch.device | str, e: EvalConfig,
+               tile_size: int | None = None) -> Tiling:
+    """``tile_size`` (a caller's explicit choice, 0: never tile; None: evaluate.tile_size), and when
+    nothing asks for tiles, evaluate.cpu_tile_size for an image that is large on the CPU."""
+    size = e.tile_size if tile_size is None else tile_size
+    if size > 0:
+        return Tiling(size, e.tile_overlap)
+    if tile_size is None and e.cpu_tile_size > 0 and large_on_cpu(height, width, device, e):
+        return cpu_tiling(e)
+    return Tiling(0, e.tile_overlap)
+
+
+def cpu_tiling(e: EvalConfig) -> Tiling:
+    """The tiles of an image that is large on the CPU (evaluate.cpu_tile_size)."""
+    # The overlap must stay below the tile (samplers.tiled_model refuses it otherwise).
+    return Tiling(e.cpu_tile_size, min(e.tile_overlap, e.cpu_tile_size // 2), cpu_default=True)
+
+
+def _tile_grid(height: int, width: int, tiling: Tiling) -> tuple[int, int, int] | None:
+    """(tiles, tile height, tile width) when ``tiling`` tiles this image (samplers.restore's rule)."""
+    if tiling.size <= 0 or (height <= tiling.size and width <= tiling.size):
+        return None
+    tile_h, tile_w = min(tiling.size, height), min(tiling.size, width)
+    tiles = (len(samplers.tile_starts(height, tile_h, tiling.overlap))
+             * len(samplers.tile_starts(width, tile_w, tiling.overlap)))
+    return tiles, tile_h, tile_w
+
+
+def network_pixels(height: int, width: int, tiling: Tiling, images: int = 1) -> int:
+    """Pixels the network sees in one posterior jump of ``images`` images of height x width: the
+    images, or their tiles with the overlaps. A restoration's time is about proportional to it."""
+    grid = _tile_grid(height, width, tiling)
+    return images * (height * width if grid is None else grid[0] * grid[1] * grid[2])
+
+
+def calls_per_jump(height: int, width: int, tiling: Tiling, images: int = 1) -> int:
+    """Network calls in one posterior jump of ``images`` images of height x width."""
+    grid = _tile_grid(height, width, tiling)
+    return 1 if grid is None else math.ceil(images * grid[0] / TILES_PER_BATCH)
+
+
+class RestoreClock:
+    """Progress and speed of a restoration run, counted in network pixels (:func:`network_pixels`
+    per jump): ``total`` planned, ``done`` so far; the current restore call (:meth:`begin` ..
+    :meth:`end`) in jumps.
+
+    The speed is measured inside restore calls (CLIP, image files and metrics between them are not
+    in it) and from the end of the run's first network call on: that call carries one-time warm-up
+    (allocations, kernel choice) that would make a run of many small images look many times slower."""
+
+    def __init__(self, total: int, every_s: float = 5.0):
+        self.total, self.every_s = total, every_s
+        self.done = self.calls = 0
+        self.measured_pixels, self.measured_s = 0, 0.0
+        self._since: float | None = None  # inside a restore call: when the last call ended
+        self.last_line = time.perf_counter()
+        self.unit_pixels = self.unit_done = self.unit_calls = self.calls_per_jump = 0
+        self.unit_start = self.last_line
+
+    def begin(self, pixels: int, calls_per_jump: int) -> None:
+        """A restore call of ``pixels`` network pixels in all, ``calls_per_jump`` calls a jump, starts."""
+        self.unit_pixels, self.calls_per_jump = pixels, max(calls_per_jump, 1)
+        self.unit_done = self.unit_calls = 0
+        self.unit_start = self._since = time.perf_counter()
+
+    def end(self) -> None:
+        self._since = None
+
+    def add(self, pixels: int) -> bool:
+        """One network call of ``pixels`` pixels finished; True when a progress line is due (the first
+        after ``every_s`` seconds since the last)."""
+        now = time.perf_counter()
+        if self.calls > 0 and self._since is not None:
+            self.measured_pixels += pixels
+            self.measured_s += now - self._since
+        self._since = now
+        self.done += pixels
+        self.unit_done += pixels
+        self.calls += 1
+        self.unit_calls += 1
+        if now - self.last_line < self.every_s:
+            return False
+        self.last_line = now
+        return True
+
+    @property
+    def jumps_done(self) -> int:
+        return self.unit_calls // self.calls_per_jump
+
+    def jump_rate(self) -> float | None:
+        """Jumps per second of the current restore call."""
+        elapsed = time.perf_counter() - self.unit_start
+        return self.jumps_done / elapsed if self.jumps_done and elapsed > 0 else None
+
+    def seconds_for(self, pixels: float) -> float | None:
+        """Expected seconds for ``pixels`` network pixels (None until a call after the first is timed)."""
+        if self.measured_pixels <= 0 or self.measured_s <= 0:
+            return None
+        return max(pixels, 0) * self.measured_s / self.measured_pixels
+
+    def eta(self) -> float | None:
+        return self.seconds_for(self.total - self.done)
+
+    def unit_eta(self) -> float | None:
+        return self.seconds_for(self.unit_pixels - self.unit_done)
+
+
+def duration_text(seconds: float) -> str:
+    """45 s, 3 min 10 s, 2 h 05 min."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"

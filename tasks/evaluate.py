@@ -19,7 +19,17 @@ from srdiff_core import fid as fid_metric
 from srdiff_core import images, metrics
 from srdiff_core.config import Config, random_clip_weights
 from srdiff_core.metrics import MetricAvailability
-from srdiff_core.restorer import Restorer
+from srdiff_core.restorer import (
+    Restorer,
+    RestoreClock,
+    Tiling,
+    calls_per_jump,
+    cpu_tiling,
+    duration_text,
+    large_on_cpu,
+    network_pixels,
+    tiling_for,
+)
 from storage import fs, shards, tables
 from tasks import artifacts, tracking
 from tasks.common import (
@@ -33,14 +43,17 @@ from tasks.common import (
 from tasks.embed_tables import EmbeddedPairDataset, quarantine_rows, read_embeddings, skipped_by_degradation
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips")
+PROGRESS_EVERY_S = 5.0  # progress lines inside a batch at most this far apart (plus one network call)
+HOURS = 3600.0  # an evaluation expected to take longer than this on the CPU is announced as a warning
 
 
 def protocol(cfg: Config, lpips_reason: str | None, fid_reason: str | None = None,
-             max_sigma: float | None = None) -> dict[str, str]:
+             max_sigma: float | None = None, device: torch.device | None = None) -> dict[str, str]:
     """The evaluation protocol (metric definitions + sampling), logged with every evaluation run.
 
     ``max_sigma``: the SDE the model file was trained with, which is what sampling uses (default:
-    the config's, which the train stage wrote into that file)."""
+    the config's, which the train stage wrote into that file). ``device``: where it runs (on the
+    CPU large images are tiled, see :func:`resolution`)."""
     e = cfg.evaluate
     return {**metrics.protocol_description(e.crop_border, lpips_reason is None, lpips_reason or ""),
             "eval.protocol.fid": (f"pytorch-fid Inception-v3 ({fid_metric.FID_WEIGHTS}), 2048-d pool features, "
@@ -57,9 +70,19 @@ def protocol(cfg: Config, lpips_reason: str | None, fid_reason: str | None = Non
             "eval.headline_sample": f"the first sample (seed {e.seed}); " + (
                 f"psnr_best_of_{e.samples_per_image} picks the best of {e.samples_per_image} by PSNR against GT "
                 f"(an oracle figure, labelled as such)" if e.samples_per_image > 1 else "no best-of-N figure"),
-            "eval.resolution": "full" if not e.tile_size else f"full, tiles {e.tile_size}/{e.tile_overlap}",
+            "eval.resolution": resolution(e, device),
             "eval.clip_weights": (RANDOM_WEIGHTS_NOTE if random_clip_weights(cfg.embed.pretrained)
                                   else f"{cfg.embed.arch} {cfg.embed.pretrained}")}
+
+
+def resolution(e, device: torch.device | None) -> str:
+    """How val images go through the network: whole or in tiles (size/overlap)."""
+    if e.tile_size:
+        return f"full, tiles {e.tile_size}/{e.tile_overlap}"
+    if device is None or device.type != "cpu" or not (e.cpu_tile_size and e.cpu_large_pixels):
+        return "full"
+    tiles = cpu_tiling(e)
+    return f"full; on the CPU, images over {e.cpu_large_pixels} pixels in tiles {tiles.size}/{tiles.overlap}"
 
 
 def load_lpips(cfg: Config, device: torch.device):
@@ -138,14 +161,26 @@ def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], conte
     autocast = torch.bfloat16 if (e.precision == "bf16" and restorer.device.type == "cuda") else None
     progress = RateLogger(log, "evaluate", total, "images")
     eta = artifacts.Progress(cfg, "evaluate", total, "images") if total else None  # ETA, Prefect progress
+    if eta is not None:
+        eta.update(0)  # the rate counts from here: otherwise from the end of the first batch, and one batch has no ETA
+    steps_log = EvalLines(cfg, restorer.device, total, log)  # inside batches; time on the CPU
     for batch in same_size_batches(selected(dataset, e.max_images), e.batch_size):
         lq = torch.stack([ex["lq"] for ex in batch])
         gt = torch.stack([ex["gt"] for ex in batch])
         ctx = torch.stack([ex["context"] for ex in batch])
-        sample = lambda seed: restorer.restore(  # noqa: E731
-            lq, ctx, steps=e.steps, seed=seed, tile_size=e.tile_size, tile_overlap=e.tile_overlap,
-            autocast_dtype=autocast, clip_x0=e.clip_x0, eta=e.eta).float().cpu()
-        outs = [sample(e.seed + k) for k in range(e.samples_per_image)]  # outs[0]: the headline sample
+        tiling = tiling_for(lq.shape[-2], lq.shape[-1], restorer.device, e)
+        steps_log.begin_batch(len(rows), len(batch), lq.shape[-2], lq.shape[-1], tiling)
+
+        def sample(k: int) -> torch.Tensor:
+            steps_log.begin_sample(k)
+            try:
+                return restorer.restore(lq, ctx, steps=e.steps, seed=e.seed + k, tile_size=tiling.size,
+                                        tile_overlap=tiling.overlap, autocast_dtype=autocast, clip_x0=e.clip_x0,
+                                        eta=e.eta, on_network_call=steps_log.on_call).float().cpu()
+            finally:
+                steps_log.end()
+
+        outs = [sample(k) for k in range(e.samples_per_image)]  # outs[0]: the headline sample
         for i, ex in enumerate(batch):
             restored = score(metrics.quantize_uint8(outs[0][i:i + 1]), gt[i:i + 1], e.crop_border, lpips)
             baseline = score(lq[i:i + 1], gt[i:i + 1], e.crop_border, lpips)
@@ -167,6 +202,83 @@ def evaluate_samples(restorer: Restorer, cfg: Config, val_urls: list[str], conte
         raise ValueError("the val split has no samples: check download.demo.val_per_degradation or the val "
                          "folders of your datasets, then rerun from the shard stage")
     return rows, examples, features
+
+
+class EvalLines:
+    """Log lines while a batch is restored (a batch of full-size images takes minutes on the CPU,
+    and the per-batch lines come only when it is done). On the CPU: a warning for each image size
+    over evaluate.cpu_large_pixels, and, once a network call after the first is timed, the expected
+    time of the stage (a warning when it is hours). Everywhere: at most every PROGRESS_EVERY_S
+    seconds, the batch's steps with rate, and the stage's ETA. ``total``: the images to score
+    (None: unknown, then ETAs are the batch's)."""
+
+    def __init__(self, cfg: Config, device: torch.device, total: int | None, log):
+        self.e, self.device, self.total, self.log = cfg.evaluate, torch.device(device), total, log
+        self.clock = RestoreClock(0, every_s=PROGRESS_EVERY_S)
+        self.warned: set[tuple[int, int]] = set()
+        self.expected_said = False
+        self.done_images = self.batch = self.height = self.width = self.sample = 0
+        self.tiling = Tiling(0, self.e.tile_overlap)
+
+    def begin_batch(self, done_images: int, batch: int, height: int, width: int, tiling: Tiling) -> None:
+        self.done_images, self.batch, self.height, self.width, self.tiling = done_images, batch, height, width, tiling
+        # Re-planned at every batch: the images left are assumed to be of this batch's size.
+        left = max((self.total or 0) - done_images, batch)
+        self.clock.total = self.clock.done + left * self.image_pixels()
+        if (height, width) not in self.warned and large_on_cpu(height, width, self.device, self.e):
+            self.warned.add((height, width))
+            self.warn_large(left)
+
+    def image_pixels(self) -> int:
+        """Network pixels of one image: all its samples' jumps."""
+        return network_pixels(self.height, self.width, self.tiling) * self.e.steps * self.e.samples_per_image
+
+    def begin_sample(self, k: int) -> None:
+        self.sample = k
+        self.clock.begin(network_pixels(self.height, self.width, self.tiling, self.batch) * self.e.steps,
+                         calls_per_jump(self.height, self.width, self.tiling, self.batch))
+
+    def end(self) -> None:
+        self.clock.end()
+
+    def on_call(self, pixels: int) -> None:
+        due = self.clock.add(pixels)
+        if self.device.type == "cpu" and not self.expected_said and self.clock.seconds_for(1) is not None:
+            self.say_expected()
+        elif due:
+            self.say_progress()
+
+    def warn_large(self, left: int) -> None:
+        size = f"{self.width}x{self.height}"
+        how = (f"restoring them in {self.tiling.size}-px tiles (evaluate.cpu_tile_size; evaluate.tile_size sets "
+               f"the size)" if self.tiling.cpu_default else f"restoring them in {self.tiling.size}-px tiles"
+               if self.tiling.size else "restoring them whole (evaluate.cpu_tile_size: 0)")
+        expected = self.clock.seconds_for(left * self.image_pixels())
+        when = f", expected about {duration_text(expected)} for the {left} left" if expected is not None else ""
+        self.log.warning(f"evaluate: val images of {size} are large for the CPU: {how}{when}")
+
+    def say_expected(self) -> None:
+        self.expected_said = True
+        images = self.total if self.total is not None else self.batch
+        seconds = self.clock.seconds_for(images * self.image_pixels()) or 0.0
+        samples = f" x {self.e.samples_per_image} samples" if self.e.samples_per_image > 1 else ""
+        what = f"{images} val image(s) of {self.width}x{self.height} like the first, {self.e.steps} steps{samples}"
+        if seconds >= HOURS:
+            self.log.warning(f"evaluate: this will take about {duration_text(seconds)} on the CPU ({what}): a GPU, "
+                             f"fewer evaluate.steps or evaluate.max_images (per degradation) make it shorter")
+        else:
+            self.log.info(f"evaluate: expected about {duration_text(seconds)} on the CPU ({what}; timed on the "
+                          f"first network calls)")
+
+    def say_progress(self) -> None:
+        clock = self.clock
+        rate, eta = clock.jump_rate(), clock.eta()
+        of = f"/{self.total}" if self.total is not None else ""
+        sample = f", sample {self.sample + 1}/{self.e.samples_per_image}" if self.e.samples_per_image > 1 else ""
+        facts = ([f"{rate:.3g} steps/s"] if rate else []) + ([f"ETA {duration_text(eta)}"] if eta is not None else [])
+        self.log.info(f"evaluate: {self.done_images}{of} images done; batch of {self.batch} ({self.width}x"
+                      f"{self.height}){sample}: step {clock.jumps_done}/{self.e.steps}"
+                      + (f" ({', '.join(facts)})" if facts else ""))
 
 
 def best_of_n(samples: list[torch.Tensor], gt: torch.Tensor, border: int) -> dict[str, float]:
@@ -290,7 +402,7 @@ def evaluate(cfg: Config, key: str, shards_url: str, restorecls_url: str, model_
     if fid_reason:
         log.warning(f"FID unavailable: {fid_reason}")
     skip_ids, skipped, skipped_param = skipped_summary(restorecls_url, log)
-    proto = protocol(cfg, lpips_reason, fid_reason, restorer.sde.max_sigma) | skipped_param
+    proto = protocol(cfg, lpips_reason, fid_reason, restorer.sde.max_sigma, device) | skipped_param
     total = artifacts.images_to_score(f"{shards_url}/index.parquet", "val", cfg.evaluate.max_images,
                                       sum(skipped.values()))
     rows, examples, features = evaluate_samples(restorer, cfg, shards.shard_urls(shards_url, split="val"),

@@ -201,15 +201,24 @@ def test_restore_cli_on_a_folder_by_path_and_by_run_id(pipeline, tmp_path, capsy
             np.asarray(Image.open(tmp_path / "out_run" / "colour.png"))).all()  # same seed, same model
 
 
+def tiny_png(folder: Path) -> str:
+    """An image to restore: restore checks its input before it loads the model."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (90, 120, 150)).save(folder / "in.png")
+    return str(folder / "in.png")
+
+
 def test_restore_cli_rejects_an_unknown_checkpoint(pipeline, tmp_path):
     with pytest.raises(SystemExit, match="neither a model.pt file nor an MLflow train run"):
-        cli.main(["restore", str(tmp_path), str(tmp_path / "o"), "--checkpoint", "0123456789abcdef",
+        cli.main(["restore", tiny_png(tmp_path), str(tmp_path / "o.png"), "--checkpoint", "0123456789abcdef",
                   "--config", TINY, *sum((["--set", o] for o in pipeline["overrides"]), [])])
 
 
 def test_restore_cli_names_a_training_checkpoint_given_for_a_model(pipeline, tmp_path, capsys):
     checkpoints = Path(pipeline["first"]["stages"]["train"]["outputs"]["checkpoints"])
-    code = cli.main(["restore", str(tmp_path), str(tmp_path / "o"), "--checkpoint", str(checkpoints / "ckpt-00000004.pt"),
+    code = cli.main(["restore", tiny_png(tmp_path), str(tmp_path / "o.png"), "--checkpoint",
+                     str(checkpoints / "ckpt-00000004.pt"),
                      "--config", TINY, *sum((["--set", o] for o in pipeline["overrides"]), [])])
     err = capsys.readouterr().err
     assert code == 1 and "is not an srdiff model file" in err and "model.pt" in err
@@ -226,7 +235,7 @@ def test_restore_cli_names_a_bad_model_of_a_run_by_the_run(pipeline, tmp_path, c
     run = client.create_run(client.get_run(first["parent_run_id"]).info.experiment_id)
     client.log_artifact(run.info.run_id, str(bad / "model.pt"), "model")
     client.set_terminated(run.info.run_id)
-    code = cli.main(["restore", str(tmp_path), str(tmp_path / "o"), "--checkpoint", run.info.run_id,
+    code = cli.main(["restore", tiny_png(tmp_path), str(tmp_path / "o.png"), "--checkpoint", run.info.run_id,
                      "--config", TINY, *sum((["--set", o] for o in pipeline["overrides"]), [])])
     err = capsys.readouterr().err
     assert code == 1 and f"model/model.pt of MLflow run {run.info.run_id} is not an srdiff model file" in err
