@@ -23,7 +23,58 @@ import webdataset as wds
 from PIL import Image
 from webdataset.utils import pytorch_worker_info
 
+from storage.errors import Refusal
 from storage.shards import shard_samples
+
+
+# Errors of the data module: facts only, as storage.errors (tasks/advice.py words the next step).
+
+class PairMismatch(Refusal, ValueError):
+    """An LQ image and its GT differ in size (``sample_id``: None where the caller did not say)."""
+
+    fields = ("lq_shape", "gt_shape", "sample_id")
+    joiner = ": "
+
+    def facts(self) -> str:
+        if self.sample_id is None:
+            return f"LQ {self.lq_shape} and GT {self.gt_shape} differ in size; a paired crop needs equal sizes"
+        return f"sample {self.sample_id}: LQ {self.lq_shape} and GT {self.gt_shape} differ in size"
+
+
+class MissingEmbedding(Refusal, KeyError):
+    """A sample in the shards has no embedding in the table the dataset was given."""
+
+    fields = ("sample_id",)
+    joiner = ": "
+
+    def facts(self) -> str:
+        return f"no embedding for sample id {self.sample_id!r}"
+
+
+class NoShardUrls(Refusal, ValueError):
+    """A dataset asked to read no shards at all."""
+
+    joiner = ": "
+
+    def facts(self) -> str:
+        return "PairDataset got no shard URLs"
+
+
+class TooFewShards(Refusal, ValueError):
+    """Fewer shards than (rank, DataLoader worker) readers: ``workers`` readers per rank."""
+
+    fields = ("num_shards", "world_size", "workers")
+    joiner = ": "
+
+    @property
+    def too_many_ranks(self) -> bool:
+        """Whether even one reader per rank is too many (else the workers are)."""
+        return self.num_shards < self.world_size
+
+    def facts(self) -> str:
+        readers = (f"{self.world_size} ranks" if self.too_many_ranks
+                   else f"{self.world_size} ranks x {self.workers} workers")
+        return f"{self.num_shards} shards cannot feed {readers} (one each at least)"
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -52,8 +103,7 @@ def paired_random_crop(lq: np.ndarray, gt: np.ndarray, size: int,
                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """The same random size x size window of LQ and GT (padded first if smaller)."""
     if lq.shape != gt.shape:
-        raise ValueError(f"LQ {lq.shape} and GT {gt.shape} differ in size; a paired crop needs "
-                         f"equal sizes: rerun the download stage")
+        raise PairMismatch(lq.shape, gt.shape)
     lq, gt = pad_to_at_least(lq, size), pad_to_at_least(gt, size)
     top = int(rng.integers(0, lq.shape[0] - size + 1))
     left = int(rng.integers(0, lq.shape[1] - size + 1))
@@ -88,19 +138,13 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
 
 
-def check_feed(num_shards: int, world_size: int, num_workers: int, *, ranks_setting: str = "train.nproc") -> None:
+def check_feed(num_shards: int, world_size: int, num_workers: int) -> None:
     """Every (rank, DataLoader worker) reader needs a shard of its own, or it gets nothing in
     exact mode and, in resampled mode, streams the same shard in the same order as another
-    reader (the same samples in nearby batches). Refused up front, naming the setting to lower."""
+    reader (the same samples in nearby batches). Refused up front (TooFewShards)."""
     workers = max(num_workers, 1)
-    if num_shards >= world_size * workers:
-        return
-    fix = "or lower shard.maxcount so the shard stage writes more, smaller shards"
-    if num_shards < world_size:
-        raise ValueError(f"{num_shards} shards cannot feed {world_size} ranks (one each at least): lower "
-                         f"{ranks_setting} to at most {max(num_shards, 1)}, {fix}")
-    raise ValueError(f"{num_shards} shards cannot feed {world_size} ranks x {workers} workers (one each at least): "
-                     f"lower train.num_workers to at most {num_shards // world_size}, {fix}")
+    if num_shards < world_size * workers:
+        raise TooFewShards(num_shards, world_size, workers)
 
 
 def split_by_node(rank: int, world_size: int) -> Callable[[Iterable], Iterator]:
@@ -146,8 +190,7 @@ class PairDataset(torch.utils.data.IterableDataset):
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0):
         super().__init__()
         if not urls:
-            raise ValueError("PairDataset got no shard URLs: run the shard stage, and check the "
-                             "split and degradations asked of shard_urls()")
+            raise NoShardUrls()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if patch_size is not None and patch_size < 1:
@@ -195,8 +238,7 @@ class PairDataset(torch.utils.data.IterableDataset):
         """Raw sample -> {"id", "degradation", "lq", "gt"[, "context"]} (crop, augment)."""
         lq, gt = decode_png(raw["lq_png"]), decode_png(raw["gt_png"])
         if lq.shape != gt.shape:
-            raise ValueError(f"sample {raw['id']}: LQ {lq.shape} and GT {gt.shape} differ in size: "
-                             f"rerun the download stage")
+            raise PairMismatch(lq.shape, gt.shape, raw["id"])
         if self.patch_size is not None:
             lq, gt = paired_random_crop(lq, gt, self.patch_size, rng)
         if self.augment:
@@ -209,8 +251,7 @@ class PairDataset(torch.utils.data.IterableDataset):
 
     def context(self, sample_id: str) -> torch.Tensor:
         if sample_id not in self.embeddings:
-            raise KeyError(f"no embedding for sample id {sample_id!r}: rerun the embed stage "
-                           f"(its tables must cover every id in the shards)")
+            raise MissingEmbedding(sample_id)
         vector = np.asarray(self.embeddings[sample_id], dtype=np.float32)
         if vector.ndim != 1:
             raise ValueError(f"embedding of {sample_id!r} has shape {vector.shape}, expected [D]")

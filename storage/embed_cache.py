@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage import fs, tables
+from storage.errors import OtherModelCache
 
 CACHE_FORMAT = 1  # bump when the part schema changes: older parts then sit under another key
 DESCRIPTOR_NAME = "model.json"
@@ -209,8 +210,7 @@ class EmbeddingCache:
             self._set_aside_folder(url, f"a JSON {type(stored).__name__}, not a descriptor")
             return False
         if stored != self.descriptor:
-            raise ValueError(f"the embedding cache {self.url} holds another model's embeddings ({stored}, "
-                             f"expected {self.descriptor}); delete that folder and rerun")
+            raise OtherModelCache(self.url, stored, self.descriptor)
         return True
 
     def _write_descriptor(self) -> None:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage import fs
+from storage.errors import BadManifest, EmptyManifest, RepeatedIds
 from storage.shard_stream import Member, source_sizes
 from storage.shard_tar import BLOCK, RECORD, member_tar_size, needs_pax, tar_size
 from storage.tables import PAIRS_SCHEMA, as_table
@@ -285,20 +286,17 @@ def _plan_group(source: SampleTable, rows: np.ndarray, sample_sizes: np.ndarray,
 def _check_manifest(manifest: pa.Table) -> pa.Table:
     missing = [f.name for f in PAIRS_SCHEMA if f.name not in manifest.column_names and not f.nullable]
     if missing:
-        raise ValueError(f"the manifest lacks column(s) {missing}; it must follow "
-                         f"storage.tables.PAIRS_SCHEMA: rerun the download stage")
+        raise BadManifest(f"lacks column(s) {missing}; it must follow storage.tables.PAIRS_SCHEMA")
     manifest = as_table(manifest, PAIRS_SCHEMA)
     if manifest.num_rows == 0:
-        raise ValueError("the manifest has no pairs: rerun the download stage (check its "
-                         "quarantine table for rejected files)")
+        raise EmptyManifest()
     for name in ("id", "split", "degradation", "lq_path", "gt_path"):
         if manifest.column(name).null_count:
-            raise ValueError(f"the manifest has empty '{name}' values: rerun the download stage")
+            raise BadManifest(f"has empty '{name}' values")
     ids = manifest.column("id")
     if _has_repeats(ids):
         dupes = sorted(i for i, n in Counter(ids.to_pylist()).items() if n > 1)
-        raise ValueError(f"the manifest repeats sample id(s) {dupes[:5]}: ids must be unique "
-                         f"across datasets and splits; fix the download stage's id scheme")
+        raise RepeatedIds(dupes[:5])
     for name in ("split", "degradation"):
         for value in pc.unique(manifest.column(name), memory_pool=SCRATCH_POOL).to_pylist():
             if not value or "/" in value or value.startswith("."):

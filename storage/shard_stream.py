@@ -23,6 +23,7 @@ from typing import IO, Any, NamedTuple
 from fsspec.implementations.local import LocalFileSystem
 
 from storage import fs
+from storage.errors import StaleManifest
 
 COPY_BUFSIZE = 1 << 20
 
@@ -92,16 +93,12 @@ def member_bytes(member: Member, check_sources: bool = False) -> bytes:
         finally:
             os.close(fd)
     if len(data) != member.size:
-        raise changed_source(member, f"is {'longer' if len(data) > member.size else 'shorter'} than "
-                                     f"{member.size} bytes")
+        longer = "longer" if len(data) > member.size else "shorter"
+        raise StaleManifest(member.source, f"is {longer} than {member.size} bytes")
     if check_sources and member.sha256 and hashlib.sha256(data).hexdigest() != member.sha256:
-        raise changed_source(member, "does not match its manifest sha256")
+        raise StaleManifest(member.source, "does not match its manifest sha256")
     return data
 
-
-def changed_source(member: Member, what: str) -> RuntimeError:
-    return RuntimeError(f"{member.source} {what}: it changed after the download stage wrote the "
-                        f"manifest; rerun the download stage")
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:

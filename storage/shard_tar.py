@@ -32,10 +32,8 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys
 
-# A reader's error sends the user through verify_shards, which marks damaged shards unfinished
-# (a damaged shard of the right size still looks finished to the writer: its sidecar matches).
-REPAIR_HINT = ("run `srdiff verify-shards` on the shard folder (it marks damaged shards for rewriting), "
-               "then rerun the shard stage with --refresh shard")
+from storage.errors import DamagedShard
+
 BLOCK, RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
 # TarWriter's arguments: fixed metadata, so a rerun (any machine, user or time) gives identical bytes.
 FIXED = {"user": "", "group": "", "mode": 0o444, "mtime": 0}
@@ -206,8 +204,8 @@ def tar_files(stream: Recording, url: str) -> Iterator[dict]:
         end = tar.offset
     except tarfile.ReadError as e:
         if "unexpected end of data" in str(e):
-            raise ValueError(f"{url} ends in the middle of a tar member (truncated); {REPAIR_HINT}") from None
-        raise ValueError(f"{url}: damaged tar header ({e}); {REPAIR_HINT}") from None
+            raise DamagedShard(url, "ends in the middle of a tar member (truncated)") from None
+        raise DamagedShard(url, f"damaged tar header ({e})") from None
     _check_end(stream, end, url)
 
 
@@ -222,18 +220,18 @@ def _check_end(stream: Recording, end: int, url: str) -> None:
         tail += more
     header = tail[:BLOCK]
     if len(header) < BLOCK or header.count(0) == BLOCK and len(tail) < 2 * BLOCK:
-        raise ValueError(f"{url}: no tar end marker (truncated); {REPAIR_HINT}")
+        raise DamagedShard(url, "no tar end marker (truncated)")
     if header.count(0) != BLOCK:
         try:
             tarfile.TarInfo.frombuf(header, ENCODING, "surrogateescape")
             why = "a header tarfile did not read"
         except tarfile.HeaderError as e:
             why = str(e)
-        raise ValueError(f"{url}: damaged tar header ({why}); {REPAIR_HINT}")
+        raise DamagedShard(url, f"damaged tar header ({why})")
     rest = tail[BLOCK:]
     while rest:
         if rest.count(0) != len(rest):
-            raise ValueError(f"{url}: data after the tar end marker; {REPAIR_HINT}")
+            raise DamagedShard(url, "data after the tar end marker")
         rest = stream.read(1 << 20)
 
 
@@ -247,6 +245,5 @@ def tar_samples(stream: Recording, url: str) -> Iterator[dict]:
     for sample in group_by_keys(tar_files(stream, url)):
         missing = [p for p in FIELDS if p not in sample]
         if missing:
-            raise ValueError(f"{url}: sample '{sample['__key__']}' lacks {missing}; the shard is damaged: "
-                             f"{REPAIR_HINT}")
+            raise DamagedShard(url, f"sample '{sample['__key__']}' lacks {missing}")
         yield sample

@@ -40,14 +40,16 @@ import pyarrow as pa
 from storage import fs
 from storage.shard_plan import SHARD_FORMAT, PlanDigest, ShardPlan, plan_groups, plan_shards, sample_key
 from storage.shard_stream import ShardStream, Side, local_os_path, member_bytes
-from storage.shard_tar import REPAIR_HINT, Recording, tar_samples, tar_writer
+from storage.errors import DamagedShard, MissingDegradations, MissingSplit, ShardFailure, ShardVerificationError
+from storage.shard_tar import Recording, tar_samples, tar_writer
 from storage.tables import read_table, write_table
 
-__all__ = ["INDEX_NAME", "INDEX_SCHEMA", "REPAIR_HINT", "SHARD_FORMAT", "ShardPlan", "ShardVerificationError",
+__all__ = ["INDEX_KIND", "INDEX_NAME", "INDEX_SCHEMA", "SHARD_FORMAT", "ShardPlan", "ShardVerificationError",
            "iter_samples", "plan_shards", "read_index", "sample_key", "shard_samples", "shard_urls", "verify_shards",
            "write_shard", "write_shards"]
 
 INDEX_NAME = "index.parquet"
+INDEX_KIND = "shard index"  # what a missing or unreadable index.parquet is, for the errors' ``kind``
 SIDECAR_SUFFIX = ".json"
 
 INDEX_SCHEMA = pa.schema([
@@ -64,10 +66,6 @@ INDEX_SCHEMA = pa.schema([
 # Our own file names inside out_url: anything else there is never touched.
 _OWN_FILE = re.compile(r"^[^/]+/[^/]+/pairs-\d{6}\.tar(\.json)?$")
 _OWN_TEMP = re.compile(r"^([^/]+/[^/]+/)?\.(pairs-\d{6}\.tar(\.json)?|index\.parquet)\.[0-9a-f]{12}\.tmp$")
-
-
-class ShardVerificationError(RuntimeError):
-    """One or more shards do not match index.parquet."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +336,7 @@ def _report(progress: Callable[[int, int], None] | None, done: int, total: int) 
 # Reading.
 
 def read_index(out_url: str) -> pa.Table:
-    return read_table(fs.join(out_url, INDEX_NAME), hint="the shard stage (`srdiff run --stages shard`)")
+    return read_table(fs.join(out_url, INDEX_NAME), kind=INDEX_KIND)
 
 
 def shard_urls(out_url: str, *, split: str, degradations: list[str] | None = None) -> list[str]:
@@ -351,16 +349,12 @@ def shard_urls(out_url: str, *, split: str, degradations: list[str] | None = Non
     splits = sorted({r["split"] for r in index})
     rows = [r for r in index if r["split"] == split]
     if not rows:
-        raise ValueError(f"no shards for split '{split}' in {fs.join(out_url, INDEX_NAME)} (it has "
-                         f"splits {splits}); check the manifest's split names or rerun the "
-                         f"download and shard stages")
+        raise MissingSplit(fs.join(out_url, INDEX_NAME), split, splits)
     if degradations is not None:
         present = {r["degradation"] for r in rows}
         missing = sorted(set(degradations) - present)
         if missing:
-            raise ValueError(f"split '{split}' has no shards for degradation(s) {missing} (it has "
-                             f"{sorted(present)}); fix the degradation list or rerun the download "
-                             f"and shard stages")
+            raise MissingDegradations(split, missing, sorted(present))
         rows = [r for r in rows if r["degradation"] in set(degradations)]
     return [fs.join(out_url, r["shard"]) for r in rows]
 
@@ -416,8 +410,10 @@ def _verify_one(out_url: str, row: dict) -> _Failure | None:
             ids = [s["id"] for s in _raw_samples(reader, url)]
     except FileNotFoundError:
         return _Failure("missing", damaged=True)
-    except (ValueError, KeyError) as e:
-        return _Failure(f"unreadable ({_without_hint(str(e))})", damaged=True)
+    except DamagedShard as e:
+        return _Failure(f"unreadable ({e.problem})", damaged=True)
+    except (ValueError, KeyError) as e:  # a sample's json that is not JSON, or has no id
+        return _Failure(f"unreadable ({e})", damaged=True)
     except OSError as e:
         return _Failure(f"could not be read ({e})", damaged=False)
     problems = []
@@ -430,10 +426,6 @@ def _verify_one(out_url: str, row: dict) -> _Failure | None:
     elif ids and (ids[0] != row["first_id"] or ids[-1] != row["last_id"]):
         problems.append(f"ids {ids[0]}..{ids[-1]}, index says {row['first_id']}..{row['last_id']}")
     return _Failure("; ".join(problems), damaged=True) if problems else None
-
-
-def _without_hint(message: str) -> str:
-    return message.removesuffix("; " + REPAIR_HINT).removesuffix(": " + REPAIR_HINT)
 
 
 def _mark_for_rewriting(out_url: str, row: dict) -> str | None:
@@ -475,25 +467,18 @@ def verify_shards(out_url: str, *, workers: int = 0) -> None:
     A damaged shard loses its sidecar, the writer's "finished" marker, so the next run of the
     shard stage rewrites exactly the damaged shards: one of the right size would otherwise be
     kept (write_shards trusts a sidecar that matches the plan and the size). A shard that could
-    not be read (an I/O error, perhaps passing) is reported but not marked.
+    not be read (an I/O error, perhaps passing) is reported but not marked. Raises
+    ShardVerificationError listing each bad shard and whether it was marked.
     """
     out_url = os.fspath(out_url)
     rows = read_index(out_url).to_pylist()
     results = _run_parallel(lambda r: _verify_one(out_url, r), rows, workers or os.cpu_count() or 1)
-    failed = [(row, failure) for row, failure in zip(rows, results) if failure]
-    if not failed:
-        return
-    lines, unmarked = [f"{len(failed)} of {len(rows)} shard(s) under {out_url} failed verification:"], []
-    for row, failure in failed:
-        left = _mark_for_rewriting(out_url, row) if failure.damaged else "it was not marked for rewriting"
-        lines.append(f"  {row['shard']}: {failure.why}" + (f"; {left}" if left else ""))
-        if left:
-            unmarked.append(row["shard"])
-    if len(unmarked) < len(failed):
-        lines.append("the damaged shards are marked for rewriting: rerun the shard stage with the config that "
-                     "wrote them and --refresh shard (`srdiff run --config <it> --stages shard --refresh shard`), "
-                     "which rewrites only these")
-    if unmarked:
-        lines.append(f"not marked: {', '.join(unmarked)}; run `srdiff verify-shards` again, or delete those "
-                     f"shards and rerun the shard stage")
-    raise ShardVerificationError("\n".join(lines))
+    failures = [_mark_if_damaged(out_url, row, failure) for row, failure in zip(rows, results) if failure]
+    if failures:
+        raise ShardVerificationError(out_url, len(rows), failures)
+
+
+def _mark_if_damaged(out_url: str, row: dict, failure: _Failure) -> ShardFailure:
+    """The report of one bad shard, after marking it for rewriting if its bytes are wrong."""
+    unmarked = _mark_for_rewriting(out_url, row) if failure.damaged else "it was not marked for rewriting"
+    return ShardFailure(row["shard"], failure.why, unmarked)

@@ -1,4 +1,4 @@
-"""Parquet tables at fsspec URLs: atomic writes, reads that say which stage is missing, digests."""
+"""Parquet tables at fsspec URLs: atomic writes, reads that name a missing or unreadable file, digests."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage import fs
+from storage.errors import MissingFile, UnreadableTable
+
+__all__ = ["PAIRS_SCHEMA", "MissingFile", "UnreadableTable", "as_table", "read_metadata", "read_table",
+           "table_digest", "write_table"]
 
 # The download stage writes one row per LQ/GT pair to manifests/pairs.parquet. Paths are full
 # URLs; width/height are the (shared) pixel size of LQ and GT.
@@ -68,50 +72,43 @@ def write_table(url: str | os.PathLike, table: pa.Table | list[dict],
 
 
 def read_table(url: str | os.PathLike, hint: str | None = None,
-               columns: list[str] | None = None) -> pa.Table:
-    """Read a Parquet file; a missing file raises FileNotFoundError naming the stage to run.
+               columns: list[str] | None = None, *, kind: str | None = None) -> pa.Table:
+    """Read a Parquet file; a missing file raises MissingFile, one that is not Parquet UnreadableTable.
 
-    ``hint`` names what writes the file (e.g. "the download stage"), so the message can say
-    what to run next.
+    ``hint`` (what writes the file, e.g. "the download stage") and ``kind`` (what the file is)
+    are carried by those errors as facts (``written_by``, ``kind``), from which the task layer
+    (tasks/advice.py) words what to run next.
     """
-    with _open_written(url, hint) as f, _parquet_errors_named(url, hint):
+    with _open_written(url, hint, kind) as f, _parquet_errors_named(url, hint, kind):
         return pq.read_table(f, columns=columns)
 
 
-class UnreadableTable(ValueError):
-    """A file that exists but is not a Parquet table (truncated, overwritten, another format)."""
-
-
 @contextmanager
-def _open_written(url: str | os.PathLike, hint: str | None) -> Iterator[IO[bytes]]:
-    """``url`` opened for reading; a missing file raises FileNotFoundError naming what writes
-    it (``hint``, e.g. "the shard stage (`srdiff run --stages shard`)")."""
+def _open_written(url: str | os.PathLike, hint: str | None, kind: str | None) -> Iterator[IO[bytes]]:
+    """``url`` opened for reading; a missing file raises MissingFile."""
     url = os.fspath(url)
     if not fs.exists(url):
-        raise FileNotFoundError(f"{url} does not exist; it is written by {hint or 'an earlier pipeline stage'}: "
-                                f"run that first (or check data_root)")
+        raise MissingFile(url, kind, hint)
     filesystem, path = fs.resolve(url)
     with filesystem.open(path, "rb") as f:
         yield f
 
 
 @contextmanager
-def _parquet_errors_named(url: str | os.PathLike, hint: str | None) -> Iterator[None]:
+def _parquet_errors_named(url: str | os.PathLike, hint: str | None, kind: str | None) -> Iterator[None]:
     """pyarrow's parse errors (ArrowInvalid: "Parquet magic bytes not found...", or an OSError:
-    "Couldn't deserialize thrift" for a damaged footer) as an UnreadableTable naming the file
-    and what rewrites it."""
+    "Couldn't deserialize thrift" for a damaged footer) as an UnreadableTable naming the file."""
     try:
         yield
     except (pa.ArrowInvalid, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
-        raise UnreadableTable(f"{os.fspath(url)} is not a readable Parquet table ({e}); it is written by "
-                              f"{hint or 'an earlier pipeline stage'}: rerun that with --refresh") from e
+        raise UnreadableTable(os.fspath(url), str(e), kind, hint) from e
 
 
-def read_metadata(url: str | os.PathLike, hint: str | None = None) -> dict[str, str]:
+def read_metadata(url: str | os.PathLike, hint: str | None = None, *, kind: str | None = None) -> dict[str, str]:
     """A Parquet file's schema metadata as text, read from its footer alone (not its rows)."""
-    with _open_written(url, hint) as f, _parquet_errors_named(url, hint):
+    with _open_written(url, hint, kind) as f, _parquet_errors_named(url, hint, kind):
         metadata = pq.read_schema(f).metadata or {}
     return {k.decode(): v.decode() for k, v in metadata.items()}
 

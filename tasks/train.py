@@ -24,6 +24,7 @@ from srdiff_core.sde import IRSDE
 from srdiff_core.unet import build_unet
 from storage import fs, shards, tables
 from tasks import artifacts, launch, tracking
+from tasks.advice import advised
 from tasks.common import StageResult, pick_device, stage_dir, stage_logger
 from tasks.embed_tables import EmbeddedPairDataset, quarantined_ids, read_embeddings
 
@@ -52,8 +53,7 @@ def model_file_state(ema: torch.nn.Module, cfg: Config, srm_url: str, *, clip_me
 
 def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
     """Rank ``rank``'s own shards: every ``world_size``-th, so ranks never read the same samples."""
-    check_feed(len(urls), world_size, 0, ranks_setting="the training processes (train.nproc, or "
-                                                              "torchrun's --nproc_per_node x --nnodes)")
+    check_feed(len(urls), world_size, 0)
     return urls[rank::world_size]
 
 
@@ -123,6 +123,7 @@ def mlflow_log_fn(cfg: Config, run_id: str | None, log):
     return log_fn
 
 
+@advised()  # also run by torchrun's ranks (flows/train_ddp.py), whose errors reach the user as their text
 def fit(cfg: Config, out_dir: Path, shards_url: str, restorecls_url: str, run_id: str | None, log,
         info: DistInfo = DistInfo()) -> training.TrainState:
     """The train stage's training on this rank: model (in DDP when ``info`` has several ranks),

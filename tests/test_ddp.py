@@ -33,6 +33,7 @@ from srdiff_core.unet import ConditionalUNet
 from storage import fs, shards, tables
 from tasks import embed_tables, launch
 from tasks import train as train_task
+from tasks.advice import advised
 from tasks.train import batch_source, rank_shards, rank_workers
 
 CONTEXT_DIM = 8
@@ -205,7 +206,7 @@ def test_rank_shards_splits_round_robin_and_needs_a_shard_per_rank():
     assert rank_shards(list("abcde"), 1, 2) == ["b", "d"]
     with pytest.raises(ValueError, match=r"^2 shards cannot feed 3 ranks \(one each at least\): lower the training "
                                          r"processes \(train.nproc, or torchrun's --nproc_per_node x --nnodes\) "
-                                         r"to at most 2, or lower shard.maxcount"):
+                                         r"to at most 2, or lower shard.maxcount"), advised():
         rank_shards(["a", "b"], 0, 3)
 
 

@@ -22,6 +22,7 @@ from embed_data import embed_config, register_tiny_arch, tiny_local_dir, write_c
 from srdiff_core import clip_embed
 from srdiff_core.distributed import DistInfo
 from storage import fs, tables
+from tasks.advice import advised
 from storage.embed_cache import BAD_SUFFIX, DESCRIPTOR_NAME, EmbeddingCache, model_key
 from tasks import embed
 
@@ -64,7 +65,7 @@ def test_a_folder_of_another_model_is_refused(tmp_path):
     cache = EmbeddingCache(str(tmp_path), DESCRIPTOR)
     cache.append(vectors("a"))
     fs.atomic_write_bytes(fs.join(cache.url, DESCRIPTOR_NAME), b'{"arch": "B"}')
-    with pytest.raises(ValueError, match="holds another model's embeddings.*delete that folder"):
+    with pytest.raises(ValueError, match="holds another model's embeddings.*delete that folder"), advised():
         cache.load()
 
 

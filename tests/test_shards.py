@@ -26,6 +26,7 @@ from PIL import Image
 
 from srdiff_core import data
 from storage import fs, shard_plan, shard_stream, shard_tar, shards, tables
+from tasks.advice import REPAIR_HINT, advised
 
 DEGRADATIONS = ("hazy", "rainy")
 PER_GROUP = {"train": 4, "val": 2}  # maxcount 3 -> train groups 3+1, val groups 2: 6 shards
@@ -175,7 +176,7 @@ def test_local_os_path_takes_only_local_urls(monkeypatch, tmp_path):
 
 
 def test_manifest_problems_are_named(source):
-    with pytest.raises(ValueError, match="has no pairs: rerun the download stage"):
+    with pytest.raises(ValueError, match="has no pairs: rerun the download stage"), advised():
         shards.plan_shards(source.slice(0, 0))
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['lq_sha256'\]"):
         shards.plan_shards(source.drop(["lq_sha256"]))
@@ -346,7 +347,8 @@ def test_changed_source_file_is_refused(source, tmp_path):
     data = bytearray(fs.read_bytes(victim))
     data[-20] ^= 0xFF  # same size, different bytes: only the manifest sha256 can tell
     fs.atomic_write_bytes(victim, bytes(data))
-    with pytest.raises(RuntimeError, match="does not match its manifest sha256.*rerun the download stage"):
+    with pytest.raises(RuntimeError, match="does not match its manifest sha256.*rerun the download stage"), \
+            advised():
         shards.write_shards(src, str(tmp_path / "shards"), maxcount=3, workers=1, check_sources=True)
     # Sizes come from the plan: a file that grew or shrank since is caught while copying.
     sizes = fs.sizes([r[k] for r in src.to_pylist() for k in ("lq_path", "gt_path")])
@@ -497,7 +499,7 @@ def test_verify_names_corrupted_and_missing_shards(written, tmp_path):
     _flip_byte(os.path.join(out, "train/rainy/pairs-000000.tar"), 612)  # inside the first PNG
     _flip_byte(os.path.join(out, "train/rainy/pairs-000001.tar"), 1500)  # inside the second header
     os.remove(os.path.join(out, "val/rainy/pairs-000000.tar"))
-    with pytest.raises(shards.ShardVerificationError) as err:
+    with pytest.raises(shards.ShardVerificationError) as err, advised():
         shards.verify_shards(out)
     lines = str(err.value).splitlines()
     assert lines[0] == f"3 of 6 shard(s) under {out} failed verification:"
@@ -533,7 +535,7 @@ def test_verify_marks_only_what_it_saw_damaged(written, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fs, "remove", failing_remove)
     monkeypatch.setattr(shards, "_raw_samples", _raising_for(shards._raw_samples, "val/rainy"))
-    with pytest.raises(shards.ShardVerificationError) as err:
+    with pytest.raises(shards.ShardVerificationError) as err, advised():
         shards.verify_shards(out, workers=1)
     lines = str(err.value).splitlines()
     assert lines[1] == "  train/hazy/pairs-000000.tar: sha256 differs from the index"
@@ -607,9 +609,14 @@ def test_reader_refuses_damaged_or_truncated_shards(written, tmp_path):
     for name, damaged in cases.items():
         path = str(tmp_path / f"{name}.tar")
         fs.atomic_write_bytes(path, bytes(damaged))
-        with pytest.raises(ValueError, match=r"run `srdiff verify-shards` on the shard folder \(it marks damaged "
-                                              r"shards for rewriting\), then rerun the shard stage with --refresh shard"):
+        with (pytest.raises(ValueError, match=r"run `srdiff verify-shards` on the shard folder \(it marks damaged "
+                                               r"shards for rewriting\), then rerun the shard stage with --refresh "
+                                               r"shard"),
+              advised()):
             list(shards.iter_samples([path]))
+        with pytest.raises(ValueError) as err:  # advice is the task layer's: storage states the facts
+            list(shards.iter_samples([path]))
+        assert str(err.value).startswith(f"{path}: ") and REPAIR_HINT not in str(err.value)
 
 
 def test_shard_urls_and_missing_stage_messages(written, tmp_path):
@@ -622,7 +629,8 @@ def test_shard_urls_and_missing_stage_messages(written, tmp_path):
         shards.shard_urls(written, split="test")
     with pytest.raises(ValueError, match=r"no shards for degradation\(s\) \['low-light'\]"):
         shards.shard_urls(written, split="val", degradations=["hazy", "low-light"])
-    with pytest.raises(FileNotFoundError, match="index.parquet does not exist; it is written by the shard stage"):
+    with pytest.raises(FileNotFoundError, match="index.parquet does not exist; it is written by the shard stage"), \
+            advised():
         shards.shard_urls(str(tmp_path / "never-written"), split="train")
     with pytest.raises(ValueError, match="no shard URLs"):
         data.PairDataset([])
@@ -698,10 +706,11 @@ def test_exact_mode_split_covers_each_sample_once(written):
     assert sorted(ids) == sorted(f"train/{d}/img.{i}" for d in DEGRADATIONS for i in range(4))
     with pytest.raises(ValueError, match=r"^4 shards cannot feed 2 ranks x 3 workers \(one each at least\): lower "
                                          r"train.num_workers to at most 2, or lower shard.maxcount so the shard "
-                                         r"stage writes more, smaller shards$"):
+                                         r"stage writes more, smaller shards$"), advised():
         data.make_loader(data.PairDataset(urls, world_size=2), batch_size=2, num_workers=3)
-    with pytest.raises(ValueError, match=r"^4 shards cannot feed 5 ranks \(one each at least\): lower train.nproc "
-                                         r"to at most 4, or lower shard.maxcount"):
+    with pytest.raises(ValueError, match=r"^4 shards cannot feed 5 ranks \(one each at least\): lower the training "
+                                         r"processes \(train.nproc, or torchrun's --nproc_per_node x --nnodes\) "
+                                         r"to at most 4, or lower shard.maxcount"), advised():
         data.make_loader(data.PairDataset(urls, world_size=5), batch_size=2, num_workers=0)
 
 
@@ -758,7 +767,7 @@ def test_embeddings_join_by_id(written):
         n = ids.index(s["id"])
         assert s["context"].dtype == torch.float32 and s["context"].tolist() == [n, -n, 0.5]
     del embeddings[ids[2]]
-    with pytest.raises(KeyError, match=f"no embedding for sample id '{ids[2]}': rerun the embed stage"):
+    with pytest.raises(KeyError, match=f"no embedding for sample id '{ids[2]}': rerun the embed stage"), advised():
         list(data.PairDataset(urls, embeddings=embeddings))
 
 
@@ -862,7 +871,7 @@ def test_sizes_recorded_in_the_manifest_plan_the_shards_and_a_stale_one_is_refus
         os.stat = real_stat
     assert not [p for p in stat_calls if p.endswith(".png")]
     (tmp_path / "gt3.png").write_bytes(b"x" * 10)  # replaced after the manifest was written
-    with pytest.raises(RuntimeError, match="gt3.png is shorter than 303 bytes.*rerun the download stage"):
+    with pytest.raises(RuntimeError, match="gt3.png is shorter than 303 bytes.*rerun the download stage"), advised():
         shards.write_shards(with_sizes, str(tmp_path / "c"), maxcount=2, workers=1)
 
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from storage import fs, tables
+from tasks.advice import advised
 
 ABC_SHA256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # FIPS 180-2 B.1
 
@@ -138,10 +139,11 @@ def test_write_table_errors_say_what_is_wrong(tmp_path):
 
 def test_read_table_missing_names_url_and_stage(tmp_path):
     url = str(tmp_path / "manifests" / "pairs.parquet")
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(FileNotFoundError) as err, advised():
         tables.read_table(url, hint="the download stage")
     assert url in str(err.value) and "written by the download stage" in str(err.value)
-    with pytest.raises(FileNotFoundError, match="an earlier pipeline stage"):
+    assert (err.value.url, err.value.written_by) == (url, "the download stage")
+    with pytest.raises(FileNotFoundError, match="an earlier pipeline stage"), advised():
         tables.read_table(url)
 
 
@@ -155,7 +157,7 @@ def test_unreadable_table_names_the_file_and_its_writer(root):
     for case, data in damaged.items():
         fs.atomic_write_bytes(url, data)
         for read in (tables.read_table, tables.read_metadata):
-            with pytest.raises(tables.UnreadableTable) as err:
+            with pytest.raises(tables.UnreadableTable) as err, advised():
                 read(url, hint="the shard stage (`srdiff run --stages shard`)")
             assert str(err.value).startswith(f"{url} is not a readable Parquet table ("), case
             assert str(err.value).endswith("; it is written by the shard stage (`srdiff run --stages shard`): "
@@ -168,7 +170,7 @@ def test_shard_task_names_a_missing_manifest(tmp_path):
 
     cfg = load_config(None, [f"data_root={tmp_path}"])
     url = str(tmp_path / "manifests" / "pairs.parquet")
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(FileNotFoundError) as err, advised():  # as the flow runs it (flows.pipeline.run_stage)
         shard.fn(cfg, "key", url)
     assert str(err.value) == (f"{url} does not exist; it is written by the download stage "
                               f"(`srdiff run --stages download`): run that first (or check data_root)")
@@ -180,7 +182,7 @@ def test_read_metadata_gives_the_schema_metadata_as_text(root):
     assert tables.read_metadata(url) == {"arch": "ViT-B-32", "n": "3"}
     tables.write_table(url, pa.table({"id": ["a"]}))
     assert tables.read_metadata(url) == {}
-    with pytest.raises(FileNotFoundError, match="written by the embed stage"):
+    with pytest.raises(FileNotFoundError, match="written by the embed stage"), advised():
         tables.read_metadata(fs.join(root, "missing.parquet"), hint="the embed stage")
 
 
