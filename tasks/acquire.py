@@ -2,14 +2,21 @@
 fetch -> verify sha256 -> extract safely -> pair by id -> decode, check, write -> per-dataset table.
 
 Each finished dataset leaves ``manifests/datasets/<name>.parquet`` (its rows), a quarantine
-table and, written last, ``<name>.json`` with the fingerprint of what produced it; a rerun with
-the same fingerprint reads the table and touches nothing else. Downloads resume from their
+table and, written last, ``<name>.json``: the record of what produced it (its catalog entry, the
+settings that shape its files, where its files came from). Later runs reuse it whatever its
+origin, ``--from`` or a source, so a run without ``--from`` never goes to the network for a
+dataset a ``--from`` run prepared; only ``--refresh download``, a changed catalog entry, other
+``--from`` files or settings normalise it again (see :func:`plan`). Downloads resume from their
 ``.part`` file, extraction restarts from the archive, so a kill at any point loses little.
 """
 
 from __future__ import annotations
 
+import lzma
 import os
+import tarfile
+import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,13 +42,20 @@ class DatasetUnavailable(DatasetError):
     """No source could deliver a file: the network kind of failure, worth retrying later."""
 
 
+class BadInput(DatasetError):
+    """Something the user gave cannot be used (a ``--from`` path that does not exist, is no
+    archive, or holds another dataset): found before any download, and never worth a retry."""
+
+
 @dataclass
 class Prepared:
     name: str
     rows: list[dict]                 # PAIRS_SCHEMA + note
     quarantine: list[dict]
-    origin: dict[str, str] = field(default_factory=dict)  # file -> where it came from (+ sha256)
+    # Where its files came from: {"kind": "--from"|"sources", "files": [{"path"|"name", "source", "sha256"}]}
+    origin: dict = field(default_factory=dict)
     reused: bool = False
+    marker: dict = field(default_factory=dict)  # the record it was reused from (reused only)
 
 
 # --- where things go ---------------------------------------------------------------------------
@@ -60,14 +74,31 @@ def _table_url(cfg: Config, name: str, suffix: str) -> str:
     return common.path(cfg, "manifests", "datasets", f"{name}{suffix}")
 
 
-def fingerprint(cfg: Config, name: str, spec: datasets.DatasetSpec) -> str:
-    """What determines a dataset's normalised output (allow_partial does not: it only decides
-    whether a shortfall is an error)."""
-    dl = cfg.download
-    return common.sha256_json({
-        "spec": spec.model_dump(mode="json"), "from": [_path_identity(Path(p)) for p in dl.from_paths.get(name, [])],
-        "gopro_lq_folder": dl.gopro_lq_folder, "data_root": cfg.data_root,
-        "code": closure.cached_code_digest((__name__,))})  # this module and every project module it can run
+MARKER_VERSION = 2  # records of version 1 (a fingerprint only) cannot tell what changed: redone once
+
+
+def entry_digest(spec: datasets.DatasetSpec) -> str:
+    """The dataset's catalog entry (sources, digests, layout, counts): a change renormalises it."""
+    return common.sha256_json(spec.model_dump(mode="json"))
+
+
+def shaping_settings(cfg: Config, spec: datasets.DatasetSpec) -> dict:
+    """The settings besides the catalog entry that change a dataset's normalised files (the rows
+    hold absolute paths under data_root). allow_partial does not: it only judges the counts."""
+    out = {"data_root": common.data_root(cfg)}
+    if spec.layout == "gopro":
+        out["gopro_lq_folder"] = cfg.download.gopro_lq_folder
+    return out
+
+
+def code_digest() -> str:
+    """This module and every project module it can run: recorded, so a reused dataset made by
+    other code can say so, but never a reason to refetch by itself."""
+    return closure.cached_code_digest((__name__,))
+
+
+def from_identity(paths: list[str]) -> list:
+    return [_path_identity(Path(p)) for p in paths]
 
 
 def _path_identity(path: Path) -> list:
@@ -77,8 +108,8 @@ def _path_identity(path: Path) -> list:
     if not path.exists():
         return [str(path), None]
     files = [path] if path.is_file() else archives.content_files(path)
-    return [str(path), [(str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns)
-                        for f in files]]
+    return [str(path), [[str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns]
+                        for f in files]]  # lists, not tuples: compared with the JSON record as read back
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -118,14 +149,14 @@ def fetch_from_source(source: datasets.Source, name: str, dest_dir: Path, dl: Do
     return fetch.fetch_hf_dataset(source.repo, dest_dir / name, endpoint=source.endpoint, revision=source.revision)
 
 
-def fetch_file(dataset: str, item: datasets.DatasetFile, dest_dir: Path, dl: DownloadConfig, log) -> tuple[Path, str]:
-    """Try the sources in order; return the local path and where it came from."""
+def fetch_file(dataset: str, item: datasets.DatasetFile, dest_dir: Path, dl: DownloadConfig, log) -> tuple[Path, dict]:
+    """Try the sources in order; return the local path and where it came from (an origin file record)."""
     failures: list[fetch.FetchError] = []
     for source in item.sources:
         try:
             path = fetch_from_source(source, item.name, dest_dir, dl, log)
             digest = file_sha256(path, fetch.verify_sha256(path, source.sha256)) if path.is_file() else "folder"
-            return path, f"{source.describe()} (sha256 {digest})"
+            return path, {"name": item.name, "source": source.describe(), "sha256": digest}
         except fetch.FetchError as e:
             log.warning(f"{dataset}/{item.name}: source failed: {e}")
             failures.append(e)
@@ -133,39 +164,95 @@ def fetch_file(dataset: str, item: datasets.DatasetFile, dest_dir: Path, dl: Dow
     # Only "could not connect" is worth a later retry; a 404, a checksum or a quota page is not.
     error = DatasetUnavailable if failures and all(isinstance(e, fetch.Unreachable) for e in failures) else DatasetError
     raise error(f"{dataset}: could not fetch {item.name} from any source:\n{tried}\n"
-                f"Download it yourself and run with --from {dataset}=PATH (an archive or an "
-                f"extracted folder), or add a mirror to {dl.datasets_file}")
+                f"Download it yourself and run with --from {dataset}=PATH (an archive or an extracted "
+                f"folder), or list a mirror in a catalog of your own and point download.datasets_file at "
+                f"it (see {datasets.OWN_COPIES_DOC})")
 
 
-def local_inputs(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> tuple[list[Path], dict[str, str], set[Path]]:
+def local_inputs(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> tuple[list[Path], dict, set[Path]]:
     """The archives/folders to read: the user's --from paths, else fetched files. Also returns
-    which of them we own (downloaded), since only those may be moved aside when bad."""
+    where they came from and which of them we own (downloaded): only those may be moved aside."""
     given = cfg.download.from_paths.get(name)
     if given:
         paths = [Path(p).expanduser() for p in given]
-        missing = [str(p) for p in paths if not p.exists()]
-        if missing:
-            raise DatasetError(f"{name}: --from path(s) {missing} do not exist")
-        return paths, {str(p): _from_origin(p, spec, log) for p in paths}, set()
+        if problems := from_path_problems(cfg, name, spec, check_layout=False):  # checked before, but
+            raise BadInput("\n".join(problems))                              # a file may vanish since
+        files = [{"path": str(p), "sha256": _from_sha256(p, spec, log)} for p in paths]
+        return paths, {"kind": "--from", "files": files}, set()
     dest = work_dir(cfg) / name
-    paths, origin = [], {}
+    paths, files = [], []
     for item in spec.files:
-        path, where = fetch_file(name, item, dest, cfg.download, log)
+        path, record = fetch_file(name, item, dest, cfg.download, log)
         paths.append(path)
-        origin[item.name] = where
-    return paths, origin, set(paths)
+        files.append(record)
+    return paths, {"kind": "sources", "files": files}, set(paths)
 
 
-def _from_origin(path: Path, spec: datasets.DatasetSpec, log) -> str:
-    """Record a --from archive's sha256, and say so when it is none of the published ones."""
+def _from_sha256(path: Path, spec: datasets.DatasetSpec, log) -> str:
+    """A --from archive's sha256 (a warning when it is none of the published ones); "folder" for a folder."""
     if not path.is_file():
-        return "--from folder"
+        return "folder"
     digest = file_sha256(path)
     known = {s.sha256.lower() for f in spec.files for s in f.sources if s.sha256}
     if known and digest not in known:
         log.warning(f"--from {path}: sha256 {digest} matches no published digest of this dataset "
                     f"({', '.join(sorted(known))}); using it anyway, check the counts below")
-    return f"--from (sha256 {digest})"
+    return digest
+
+
+def from_path_problems(cfg: Config, name: str, spec: datasets.DatasetSpec, check_layout: bool = True) -> list[str]:
+    """What is wrong with the dataset's --from paths, one line each saying what to do (empty: nothing).
+    Reads file and member names without extracting, so it runs before any download or extraction."""
+    problems = []
+    for given in cfg.download.from_paths.get(name, []):
+        path = Path(given).expanduser()
+        if not path.exists():
+            problems.append(f"{name}: --from {path} does not exist; check the path (quote it when it has "
+                            "spaces or brackets) or drop that --from to download the dataset")
+        elif check_layout:
+            problems += _layout_problem(name, spec, path)
+    return problems
+
+
+def _layout_problem(name: str, spec: datasets.DatasetSpec, path: Path) -> list[str]:
+    try:
+        names = names_inside(path)
+    except BadInput as e:
+        return [f"{name}: {e}"]
+    found = datasets.matching_layouts(names)
+    if spec.layout in found:
+        return []
+    rule = (datasets.LAYOUTS[spec.layout].__doc__ or "").strip().splitlines()[0]
+    looks = f"the {found[0]} layout" if found else f"{names[:3] or 'nothing (empty)'}"
+    return [f"{name}: --from {path} holds no file of the {spec.layout} layout ({rule}); its files look like {looks}. Pass that "
+            f"dataset's archive or folder, or extract it into that layout and pass the folder"]
+
+
+def _member_names(archive: Path) -> list[str]:
+    try:
+        return archives.member_names(archive)
+    except (archives.ArchiveError, tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+        raise BadInput(f"--from {archive} is a truncated or corrupt archive ({type(e).__name__}: {e}); "
+                       "fetch a fresh copy") from e
+
+
+def names_inside(path: Path) -> list[str]:
+    """The relative file names an archive or folder holds, as the layout rules will see them (a
+    folder's own name first, archives inside it by their member names), without extracting."""
+    if path.is_dir():
+        files = archives.content_files(path)
+        names = [str(f.relative_to(path.parent)) for f in files]
+        # Images are never archives: skip opening each of a large folder's images to ask.
+        for inner in (f for f in files if f.suffix.lower() not in datasets.IMAGE_SUFFIXES and archives.archive_kind(f)):
+            names += [f"{inner.name}/{n}" for n in _member_names(inner)]
+        return names
+    if archives.archive_kind(path):
+        return _member_names(path)
+    reason = fetch.web_page_reason(path)
+    what = (f"a web page ({reason})" if reason
+            else "a truncated or corrupt archive" if archives.looks_like_archive(path)
+            else "neither a folder nor a zip/tar archive")
+    raise BadInput(f"--from {path} is {what}; pass the dataset's zip/tar archive or its extracted folder")
 
 
 # --- extraction ----------------------------------------------------------------------------------
@@ -269,17 +356,59 @@ def quarantine_row(name: str, spec: datasets.DatasetSpec, split: str, native_id:
 
 # --- one dataset, end to end ---------------------------------------------------------------------
 
-def prepare_dataset(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> Prepared:
+@dataclass(frozen=True)
+class Plan:
+    """One dataset's fate in this run: reuse what data_root holds (``redo`` is None, ``rows`` read)
+    or normalise it (``redo`` says why)."""
+    name: str
+    spec: datasets.DatasetSpec
+    marker: dict
+    redo: str | None
+    rows: list[dict] | None = None
+
+
+def plan(cfg: Config, name: str, spec: datasets.DatasetSpec, *, refresh: bool = False,
+         run_id: str | None = None) -> Plan:
+    """Decide, without touching the network, whether a dataset must be normalised again. What is
+    in data_root is reused whatever its origin (--from, a source) unless ``refresh`` (--refresh
+    download; not again by the retries of the run ``run_id`` that already redid it), its catalog
+    entry or shaping settings changed, or --from now names other files."""
     marker_url = _table_url(cfg, name, ".json")
-    stamp = fingerprint(cfg, name, spec)
     marker = fs.read_json(marker_url) if fs.exists(marker_url) else {}
-    if marker.get("fingerprint") == stamp:
-        rows = tables.read_table(_table_url(cfg, name, ".parquet")).to_pylist()
-        if _outputs_present(rows):
-            log.info(f"{name}: already normalised ({marker_url}); nothing to do")
-            return Prepared(name, rows, tables.read_table(_table_url(cfg, name, ".quarantine.parquet")).to_pylist(),
-                            marker.get("origin", {}), reused=True)
-        log.warning(f"{name}: normalised images are missing under {common.path(cfg, 'datasets')}; redoing")
+    redo = _redo_reason(cfg, name, spec, marker, refresh, run_id)
+    if redo is not None:
+        return Plan(name, spec, marker, redo)
+    rows = tables.read_table(_table_url(cfg, name, ".parquet")).to_pylist()
+    if not _outputs_present(rows):
+        return Plan(name, spec, marker, f"its normalised images are missing under {common.path(cfg, 'datasets')}")
+    return Plan(name, spec, marker, None, rows)
+
+
+def _redo_reason(cfg: Config, name: str, spec: datasets.DatasetSpec, marker: dict, refresh: bool,
+                 run_id: str | None) -> str | None:
+    if not marker:
+        return "not normalised yet"
+    if marker.get("version") != MARKER_VERSION:
+        return "its record was written by an older srdiff"
+    if refresh and (run_id is None or marker.get("run_id") != run_id):
+        return "--refresh download"
+    if marker.get("entry") != entry_digest(spec):
+        return f"its entry in the catalog {cfg.download.datasets_file} changed"
+    if marker.get("settings") != shaping_settings(cfg, spec):
+        return f"settings that shape its files changed ({marker.get('settings')} -> {shaping_settings(cfg, spec)})"
+    given = cfg.download.from_paths.get(name)
+    if given and marker.get("from") != from_identity(given):
+        return "--from names other (or changed) files than the ones it was made from"
+    return None
+
+
+def prepare_dataset(cfg: Config, planned: Plan, log, run_id: str | None = None) -> Prepared:
+    """Reuse the dataset (see :func:`plan`) or fetch, extract and normalise it."""
+    name, spec = planned.name, planned.spec
+    if planned.redo is None:
+        return _reuse(cfg, planned, log)
+    if planned.marker:
+        log.info(f"{name}: normalising again: {planned.redo}")
     paths, origin, owned = local_inputs(cfg, name, spec, log)
     extracted = work_dir(cfg) / name / "extracted"
     limits = archives.Limits(cfg.download.max_extract_bytes, cfg.download.max_extract_files)
@@ -294,31 +423,54 @@ def prepare_dataset(cfg: Config, name: str, spec: datasets.DatasetSpec, log) -> 
     quarantine = [quarantine_row(name, spec, r.split, r.native_id, r.path, r.reason) for r in rejected] + bad
     tables.write_table(_table_url(cfg, name, ".parquet"), rows, schema=ROWS_SCHEMA)
     tables.write_table(_table_url(cfg, name, ".quarantine.parquet"), quarantine, schema=QUARANTINE_SCHEMA)
-    fs.write_json(marker_url, {"fingerprint": stamp, "origin": origin, "pairs": len(rows),
-                               "quarantined": len(quarantine)})  # last: the table above is complete
+    given = cfg.download.from_paths.get(name)
+    fs.write_json(_table_url(cfg, name, ".json"), {  # last: the tables above are complete
+        "version": MARKER_VERSION, "entry": entry_digest(spec), "settings": shaping_settings(cfg, spec),
+        "from": from_identity(given) if given else None, "origin": origin, "run_id": run_id,
+        "code": code_digest(), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "pairs": len(rows), "quarantined": len(quarantine)})
     if not cfg.download.keep_extracted:
         archives.remove_tree(extracted)
     return Prepared(name, rows, quarantine, origin)
 
 
+def _reuse(cfg: Config, planned: Plan, log) -> Prepared:
+    marker, name = planned.marker, planned.name
+    origin = marker.get("origin", {})
+    made = f", normalised {marker['written']}" if marker.get("written") else ""
+    made += f" in MLflow run {marker['run_id']}" if marker.get("run_id") else ""
+    log.info(f"{name}: reusing the pairs already in data_root ({len(planned.rows)} pairs from "
+             f"{describe_origin(origin)}{made}); --refresh download normalises it again")
+    if marker.get("code") != code_digest():
+        log.info(f"{name}: it was normalised by another version of srdiff's download code; "
+                 "--refresh download redoes it with this one")
+    quarantine = tables.read_table(_table_url(cfg, name, ".quarantine.parquet")).to_pylist()
+    return Prepared(name, planned.rows, quarantine, origin, reused=True, marker=marker)
+
+
+def describe_origin(origin: dict) -> str:
+    """Where a dataset's files came from, in words (a log line, an MLflow param value)."""
+    files = origin.get("files", [])
+    if origin.get("kind") == "--from":
+        return "--from " + ", ".join(f["path"] for f in files)
+    if origin.get("kind") == "sources":
+        return "; ".join(f"{f['name']} from {f['source']}" for f in files)
+    return "an unrecorded origin"
+
+
 def detect_dataset(cfg: Config, path: Path) -> str:
     """Which catalog dataset an archive or folder holds, from the names of the files inside."""
     if not path.exists():
-        raise DatasetError(f"--from {path}: no such file or folder")
-    if path.is_dir():
-        names = [str(p.relative_to(path)) for p in archives.content_files(path)]
-        names += [n for p in archives.content_files(path) if archives.archive_kind(p) for n in archives.member_names(p)]
-    elif archives.archive_kind(path):
-        names = archives.member_names(path)
-    else:
-        raise DatasetError(f"--from {path}: not a folder or a readable zip/tar archive")
+        raise BadInput(f"--from {path}: no such file or folder; check the path (quote it when it has spaces "
+                       "or brackets)")
+    names = names_inside(path)
     catalog = datasets.load_catalog(datasets.resolve_catalog(cfg.download.datasets_file))
     found = [name for layout in datasets.matching_layouts(names) for name, spec in catalog.items()
              if spec.layout == layout]
     if len(found) != 1:
         what = f"it matches {found}" if found else "no dataset layout matches the files inside"
-        raise DatasetError(f"--from {path}: cannot tell which dataset this is ({what}); write "
-                           f"--from DATASET={path} with DATASET one of {sorted(catalog)}")
+        raise BadInput(f"--from {path}: cannot tell which dataset this is ({what}); write "
+                       f"--from DATASET={path} with DATASET one of {sorted(catalog)}")
     return found[0]
 
 
@@ -351,10 +503,19 @@ def count_problems(prepared: Prepared, spec: datasets.DatasetSpec, log) -> list[
         got = sum(r["split"] == split for r in prepared.rows)
         line = f"{prepared.name}: {split} {got} pairs of {expected} expected"
         if got < expected:
-            log.warning(f"{line} (SHORTFALL of {expected - got}; see manifests/quarantine.parquet)")
+            log.warning(f"{line} (SHORTFALL of {expected - got}; {_shortfall_hint(prepared, split)})")
             problems.append(f"{prepared.name}/{split}: {got} pairs, {expected} expected")
         elif got > expected:
             log.warning(f"{line} (more than expected: a different version of the dataset?)")
         else:
             log.info(line)
     return problems
+
+
+def _shortfall_hint(prepared: Prepared, split: str) -> str:
+    """Where the missing pairs went: the quarantine when it holds some, else the source itself."""
+    held = sum(q["split"] == split for q in prepared.quarantine)
+    if held:
+        return f"{held} of its files are in manifests/quarantine.parquet with the reason"
+    return ("nothing was quarantined, so the archive or folder holds fewer pairs: is it the full release "
+            "of this dataset, with its files in their original folders?")

@@ -2,8 +2,8 @@
 
 A stage's cache key holds a digest of its code: every module of this project (the packages in
 :data:`PROJECT_PACKAGES`) that its task module, or its torchrun entry point, can run
-(flows/stages.py); the download stage's per-dataset fingerprint does the same for its
-normalisation (tasks/acquire.py). The set is the import closure, found by walking the ``import``
+(flows/stages.py); the download stage records the digest of its normalisation code with each
+dataset (tasks/acquire.py: a reuse by other code says so). The set is the import closure, found by walking the ``import``
 statements of each file with :mod:`ast` (imports inside functions included: they run too),
 never listed by hand, so a module added or moved later is in the digest the day it is imported.
 Files are read, never imported: a walk from a flows module imports nothing of flows. Third-party

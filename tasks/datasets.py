@@ -16,12 +16,29 @@ from pathlib import Path, PurePath
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from srdiff_core.config import DEGRADATIONS
+from srdiff_core.config import DEGRADATIONS, ConfigError
 
 Side = Literal["LQ", "GT"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Where a user reads how to use a catalog of their own (messages point here, never at the
+# repository's configs/datasets.yaml, which an installed copy should not need edited).
+OWN_COPIES_DOC = "docs/datasets.md, 'Your own copies and mirrors'"
+# Dataset names key MLflow metrics (dataset/<name>/train), sample ids and file names.
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def sha256_text(value: object) -> object:
+    """A catalog sha256 as the 64-digit string it was written as. Unquoted in YAML, one made of
+    digits only is read as an integer (in octal when it starts with 0 and has no 8 or 9)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return value.strip().lower() if isinstance(value, str) else value
+    decimal = str(value)
+    # A decimal YAML integer never starts with 0, so its 64 digits come back whole; an octal one
+    # lost its leading zeros, which zfill restores.
+    return decimal if len(decimal) == 64 else format(value, "o").zfill(64)
 
 
 class Source(BaseModel):
@@ -36,6 +53,14 @@ class Source(BaseModel):
     revision: str | None = None
     endpoint: str | None = None
     sha256: str | None = None
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _sha256_string(cls, value: object) -> object:
+        value = sha256_text(value)
+        if isinstance(value, str) and not _SHA256.fullmatch(value):
+            raise ValueError(f"sha256 {value!r} is not 64 hexadecimal digits (the output of sha256sum)")
+        return value
 
     @model_validator(mode="after")
     def _needs(self) -> Source:
@@ -74,12 +99,14 @@ class DatasetSpec(BaseModel):
         return self
 
 
-class CatalogError(ValueError):
-    pass
+class CatalogError(ConfigError):
+    """The dataset catalog (download.datasets_file) is missing or invalid: a config error."""
 
 
 def resolve_catalog(path: str) -> str:
-    """A relative catalog path is looked up in the working directory, then in the project."""
+    """A relative catalog path is looked up in the working directory, then in the project. A
+    leading ~ is expanded (a shell leaves it in `--set download.datasets_file=~/...`)."""
+    path = str(Path(path).expanduser())
     if Path(path).is_absolute() or Path(path).exists():
         return path
     packaged = Path(__file__).resolve().parents[1] / path
@@ -89,9 +116,19 @@ def resolve_catalog(path: str) -> str:
 def load_catalog(path: str | Path) -> dict[str, DatasetSpec]:
     path = Path(path)
     if not path.exists():
-        raise CatalogError(f"dataset catalog {path} does not exist: set download.datasets_file to a "
-                           "file like configs/datasets.yaml")
-    raw = yaml.safe_load(path.read_text()) or {}
+        raise CatalogError(f"dataset catalog {path} does not exist: set download.datasets_file to a catalog "
+                           f"file (written like configs/datasets.yaml; see {OWN_COPIES_DOC})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CatalogError(f"dataset catalog {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise CatalogError(f"dataset catalog {path}: expected a mapping of dataset name -> entry, got "
+                           f"{type(raw).__name__}")
+    bad = [name for name in raw if not (isinstance(name, str) and DATASET_NAME.fullmatch(name))]
+    if bad:
+        raise CatalogError(f"dataset catalog {path}: dataset name(s) {bad} must be letters, digits, '_' and '-' "
+                           "(they name MLflow metrics, sample ids and files)")
     try:
         return {name: DatasetSpec.model_validate(spec) for name, spec in raw.items()}
     except ValueError as e:
@@ -147,8 +184,8 @@ _RAIN = re.compile(r"(no)?rain-(\d+)", re.IGNORECASE)
 
 def parse_rain100h(parts: tuple[str, ...], **_) -> Member | None:
     """``rain-N.png`` (LQ) / ``norain-N.png`` (GT), flat or with the LQ side in a ``rainy``
-    folder; RainTrainH is the train set, Rain100H the test set (the folder or archive name
-    nearest to the file decides; without either name, train)."""
+    folder; RainTrainH (or a ``train`` folder) is the train set, Rain100H (or a ``test`` folder)
+    the test set: the folder or archive name nearest to the file decides; without one, train."""
     if not _image(parts):
         return None
     m = _RAIN.fullmatch(_stem(parts[-1]))
@@ -157,12 +194,18 @@ def parse_rain100h(parts: tuple[str, ...], **_) -> Member | None:
     return Member(_rain_split(parts[:-1]), m.group(2), "GT" if m.group(1) else "LQ")
 
 
+# Folder names that say the split on their own: a renamed copy (myrain/{train,test}/...) keeps them.
+_SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "val", "testing": "val", "val": "val"}
+
+
 def _rain_split(folders: tuple[str, ...]) -> str:
     for folder in map(str.lower, reversed(folders)):
         if "raintrainh" in folder:
             return "train"
         if "rain100h" in folder:
             return "val"
+        if folder in _SPLIT_FOLDERS:
+            return _SPLIT_FOLDERS[folder]
     return "train"
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections import Counter
 
 import pyarrow as pa
 from PIL import Image
 from prefect import task
+from prefect.context import FlowRunContext
 
 from srdiff_core import demo_data
 from srdiff_core.config import DEGRADATIONS, Config
@@ -122,32 +124,41 @@ def write_quarantine(cfg: Config, rows: list[dict]) -> str:
     return url
 
 
-def real_datasets(cfg: Config, log) -> tuple[list[dict], list[dict], dict[str, float], dict[str, str]]:
+def real_datasets(cfg: Config, log, *, refresh: bool = False, run_id: str | None = None
+                  ) -> tuple[list[dict], list[dict], dict[str, float], dict[str, str]]:
     """Prepare every configured dataset; one that fails does not stop the others (their work is
-    kept, and a rerun reuses it). Raises at the end with every problem listed."""
+    kept, and a rerun reuses it). Raises at the end with every problem listed. What the user gave
+    (dataset names, --from paths) is checked first, so a mistake there fails before any download."""
     catalog = datasets.load_catalog(datasets.resolve_catalog(cfg.download.datasets_file))
     unknown = [n for n in [*cfg.download.datasets, *cfg.download.from_paths] if n not in catalog]
     if unknown:
-        raise datasets.CatalogError(f"unknown dataset(s) {unknown}: the catalog has {sorted(catalog)}")
+        raise datasets.CatalogError(f"unknown dataset(s) {unknown}: the catalog {cfg.download.datasets_file} has "
+                                    f"{sorted(catalog)} (for others, see {datasets.OWN_COPIES_DOC})")
     ignored = sorted(set(cfg.download.from_paths) - set(cfg.download.datasets))
     if ignored:
         log.warning(f"--from given for {ignored}, which download.datasets {cfg.download.datasets} does not "
                     "include: ignored (add them with --set download.datasets=[...])")
+    plans = [acquire.plan(cfg, name, catalog[name], refresh=refresh, run_id=run_id) for name in cfg.download.datasets]
+    bad_inputs = [p for plan in plans if plan.redo is not None
+                  for p in acquire.from_path_problems(cfg, plan.name, plan.spec)]
+    if bad_inputs:
+        raise acquire.BadInput("cannot use what --from gives (nothing was downloaded):\n" +
+                               "\n".join(f"* {p}" for p in bad_inputs))
     rows, quarantine, metrics, params, problems = [], [], {}, {}, []
     network = False
-    for name in cfg.download.datasets:
-        spec = catalog[name]
+    for planned in plans:
+        name, spec = planned.name, planned.spec
         try:
-            prepared = acquire.prepare_dataset(cfg, name, spec, log)
+            prepared = acquire.prepare_dataset(cfg, planned, log, run_id)
         except (acquire.DatasetError, datasets.CatalogError) as e:
-            log.error(str(e))
-            problems.append(str(e))
+            problems.append(_named(name, e))
+            log.error(problems[-1])
             network |= isinstance(e, acquire.DatasetUnavailable)
             continue
         rows += prepared.rows
         quarantine += prepared.quarantine
         metrics.update(dataset_metrics(prepared, spec))
-        params.update({f"download.{name}.{k}": v for k, v in prepared.origin.items()})
+        params.update(origin_params(prepared))
         shortfall = acquire.count_problems(prepared, spec, log)
         if shortfall and not cfg.download.allow_partial:
             problems.append("pair count shortfall: " + "; ".join(shortfall) +
@@ -158,6 +169,40 @@ def real_datasets(cfg: Config, log) -> tuple[list[dict], list[dict], dict[str, f
     return rows, quarantine, metrics, params
 
 
+def _named(name: str, error: Exception) -> str:
+    """The error's message, starting with the dataset it is about (an archive path alone may not say)."""
+    message = str(error)
+    return message if message.startswith(f"{name}:") else f"{name}: {message}"
+
+
+def origin_params(prepared: acquire.Prepared) -> dict[str, str]:
+    """Where a dataset's files came from, as MLflow params under fixed names
+    (download.<dataset>.<field>): paths, file names and digests are values, never part of a name,
+    since MLflow refuses most characters a path can hold."""
+    origin, key = prepared.origin, f"download.{prepared.name}"
+    files = origin.get("files", [])
+    out = {f"{key}.origin": origin.get("kind", "unrecorded"), f"{key}.reused": str(prepared.reused).lower(),
+           f"{key}.sha256": " ".join(f.get("sha256", "?") for f in files)}
+    if origin.get("kind") == "--from":
+        paths = [f["path"] for f in files]
+        out[f"{key}.from"] = paths[0] if len(paths) == 1 else json.dumps(paths, ensure_ascii=False)
+    else:
+        out[f"{key}.sources"] = acquire.describe_origin(origin)
+    if prepared.reused and prepared.marker.get("run_id"):
+        out[f"{key}.normalised_in_run"] = prepared.marker["run_id"]
+    return out
+
+
+def refresh_requested() -> bool:
+    """Whether the user asked for --refresh download. It reaches the task as the ``refresh``
+    parameter of the flow running it (the stage subflow of flows/pipeline.py: a bool; the srdiff
+    flow: a list of stages). The task's own refresh_cache is no sign: the pipeline also sets it
+    when a cache record is merely unusable, and that must never refetch every dataset."""
+    ctx = FlowRunContext.get()
+    value = ctx.parameters.get("refresh") if ctx is not None else None
+    return value is True or (isinstance(value, (list, tuple)) and "download" in value)
+
+
 class DownloadError(RuntimeError):
     def __init__(self, message: str, network: bool = False):
         super().__init__(message)
@@ -166,7 +211,8 @@ class DownloadError(RuntimeError):
 
 def network_failure(task, task_run, state) -> bool:
     """Prefect retry condition: retry the stage only when a source was unreachable, never for a
-    checksum, an unsafe archive or a count shortfall (retrying cannot fix those)."""
+    checksum, an unsafe archive, a count shortfall or a user's mistake (acquire.BadInput, a
+    CatalogError: found before any download; retrying cannot fix those)."""
     return isinstance(state.data, DownloadError) and state.data.network
 
 
@@ -195,13 +241,14 @@ def download(cfg: Config, key: str, run_id: str | None = None) -> StageResult:
         rows = materialize_demo_set(cfg, log)
     elif cfg.download.source == "seed":
         rows, quarantine = scan_seed_layout(cfg, log)
+        params["download.seed_folder"] = common.path(cfg, "datasets")
         if not rows:
             raise FileNotFoundError(
                 f"no image pairs under {common.path(cfg, 'datasets')}: put the datasets there in the layout "
                 f"datasets/{{train,val}}/<degradation>/{{LQ,GT}}/<id>.png, use download.source: real to "
                 f"fetch them, or run the demo with `srdiff demo` (download.source: demo)")
     else:
-        rows, quarantine, metrics, params = real_datasets(cfg, log)
+        rows, quarantine, metrics, params = real_datasets(cfg, log, refresh=refresh_requested(), run_id=run_id)
         params["download.source"] = "real"
         notes = [{"id": r["id"], "dataset": r["dataset"], "note": r["note"]} for r in rows if r.get("note")]
         tables.write_table(common.path(cfg, NOTES), notes, schema=NOTES_SCHEMA)

@@ -7,6 +7,7 @@ would silently attach metrics to the wrong run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from srdiff_core.config import Config, random_clip_weights
 from tasks.common import data_root
@@ -82,7 +84,8 @@ def experiment_id(client: MlflowClient, cfg: Config) -> str:
 
 
 def environment_tags() -> dict[str, str]:
-    tags = {"env.python": platform.python_version(), "env.host": platform.node()}
+    # env.pid with env.host: a later run can tell a run whose process is gone (killed) from a live one.
+    tags = {"env.python": platform.python_version(), "env.host": platform.node(), "env.pid": str(os.getpid())}
     for pkg in PACKAGES:
         try:
             tags[f"env.{pkg}"] = metadata.version(pkg)
@@ -93,13 +96,19 @@ def environment_tags() -> dict[str, str]:
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
-    """Nested config -> dotted MLflow params (values truncated to MLflow's 6000-char limit)."""
-    if isinstance(value, dict):
+    """Nested config -> dotted MLflow params (log_params shortens values over MLflow's limit). A
+    mapping keyed by data rather than field names (download.from_paths: dataset -> paths) stays
+    one JSON value when a key is not a plain name, since MLflow refuses such names."""
+    if isinstance(value, dict) and (not prefix or all(_plain_name(str(k)) for k in value)):
         out: dict[str, str] = {}
         for k, v in value.items():
             out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
         return out
-    return {prefix: json.dumps(value)[:6000] if not isinstance(value, str) else value[:6000]}
+    return {prefix: value if isinstance(value, str) else json.dumps(value)}
+
+
+def _plain_name(key: str) -> bool:
+    return bool(key) and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
 
 
 def clip_weights_tags(cfg: Config) -> dict[str, str]:
@@ -150,11 +159,30 @@ def start_stage_run(cfg: Config, parent_run_id: str, stage: str, *, flow_run_id:
     return run.info.run_id
 
 
+PARAMS_FULL_DIR = "params-full"  # artifacts holding the whole value of params too long for MLflow
+
+
 def log_params(cfg: Config, run_id: str, params: dict[str, Any]) -> None:
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    """Log params by name. A value over MLflow's limit (MAX_PARAM_VAL_LENGTH characters) is logged
+    shortened, ending with its length and sha256, and whole as the artifact params-full/<name>.txt."""
     client = client_for(cfg)
+    items = []
+    for key, value in params.items():
+        text = str(value)
+        if len(text) > MAX_PARAM_VAL_LENGTH:
+            artifact = f"{PARAMS_FULL_DIR}/{key}.txt"
+            client.log_text(run_id, text, artifact)
+            text = shortened_param(text, artifact)
+        items.append(Param(key, text))
     for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params per call
         client.log_batch(run_id, params=items[i:i + 100])
+
+
+def shortened_param(text: str, artifact: str) -> str:
+    """A value cut to MLflow's limit that says it was cut, how to recognise it and where it is whole."""
+    tail = (f" ... [{len(text)} characters, sha256 {hashlib.sha256(text.encode()).hexdigest()}; "
+            f"the whole value is the run's artifact {artifact}]")
+    return text[:MAX_PARAM_VAL_LENGTH - len(tail)] + tail
 
 
 def log_metrics(cfg: Config, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

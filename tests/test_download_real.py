@@ -116,7 +116,9 @@ def test_four_datasets_from_their_real_layouts(tmp_path):
         assert Path(cropped["lq_path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert result.metrics["dataset/gopro/train"] == 3 and result.metrics["dataset/lol/val"] == 2
         assert result.metrics["quarantined"] == 0
-        assert sha(blobs["/lol_dataset.zip"]) in result.params["download.lol.lol_dataset.zip"]
+        assert result.params["download.lol.sha256"] == sha(blobs["/lol_dataset.zip"])
+        assert result.params["download.lol.sources"] == f"lol_dataset.zip from {server.url('/lol_dataset.zip')}"
+        assert (result.params["download.lol.origin"], result.params["download.lol.reused"]) == ("sources", "false")
         # The extracted archives are gone (the archives stay, so nothing is fetched again).
         assert not (tmp_path / "data/downloads/gopro/extracted").exists()
 
@@ -143,7 +145,7 @@ def test_a_failing_source_falls_through_to_the_next(tmp_path, caplog):
         with caplog.at_level(logging.WARNING):
             result = download.fn(config(tmp_path, catalog, ["lol"], "download.retries=1"), key="k")
     assert len(manifest_of(result)) == 5
-    assert "/mirror/lol_dataset.zip" in result.params["download.lol.lol_dataset.zip"]
+    assert "/mirror/lol_dataset.zip" in result.params["download.lol.sources"]
     text = caplog.text
     assert "unreachable" in text and "HTTP 404" in text
     assert "Google Drive file LOLID: the server sent a web page" in text and "Too many users" in text
@@ -200,7 +202,7 @@ def test_truncated_archive_is_set_aside_and_refetched_on_rerun(tmp_path):
     lol = A.zip_bytes(LOL)
     with FileServer(files={"/lol.zip": lol[: len(lol) // 2]}) as server:
         cfg = config(tmp_path, _lol_catalog(tmp_path, server), ["lol"])
-        with pytest.raises(DownloadError, match="truncated or corrupt.*rerun to fetch it again"):
+        with pytest.raises(DownloadError, match=r"\* lol: .*lol_dataset.zip is truncated or corrupt.*rerun to fetch it again"):
             download.fn(cfg, key="k")
         server.files["/lol.zip"] = lol  # the mirror is fixed
         assert len(manifest_of(download.fn(cfg, key="k"))) == 5
@@ -419,7 +421,7 @@ def test_hugging_face_and_drive_sources_deliver(tmp_path, monkeypatch):
         result = download.fn(config(tmp_path, catalog, ["reside6k", "lol", "rain100h"]), key="k")
     ids = {r["id"] for r in manifest_of(result)}
     assert len(ids) == 13 and {"reside6k-val-0003_1_0.2", "lol-val-22", "rain100h-val-002"} <= ids
-    assert "sha256 " + sha(lol) in result.params["download.lol.lol_dataset.zip"]
+    assert result.params["download.lol.sha256"] == sha(lol)
 
 
 def test_download_stage_in_the_flow_logs_the_dataset_summary_to_mlflow(tmp_path, prefect_harness):
@@ -443,7 +445,7 @@ def test_download_stage_in_the_flow_logs_the_dataset_summary_to_mlflow(tmp_path,
     m = run.data.metrics
     assert (m["dataset/lol/train"], m["dataset/lol/train_expected"], m["dataset/lol/val"]) == (3, 3, 2)
     assert m["dataset/lol/quarantined"] == 0 and m["pairs/total"] == 5
-    assert sha(lol) in run.data.params["download.lol.lol_dataset.zip"]
+    assert run.data.params["download.lol.sha256"] == sha(lol)
 
 
 def test_rain_train_set_with_a_rainy_folder_and_both_sets_in_one_archive(tmp_path):
