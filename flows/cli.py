@@ -8,19 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from flows.args import add_config_args
+from flows.args import REPO_ROOT, add_config_args, resolve_config  # noqa: F401 (re-exported)
+from flows.ui import serve_until_signal, ui_command, ui_store  # noqa: F401 (re-exported)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = "configs/demo.yaml"
-
-
-def resolve_config(path: str) -> str:
-    """A config path as given, or relative to the repository (so `srdiff demo` works anywhere)."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return str(p)
-    candidate = REPO_ROOT / path
-    return str(candidate) if candidate.exists() else str(p)
 
 
 def _split_list(value: str | None) -> list[str] | None:
@@ -58,25 +49,66 @@ def stage_lines(summary: dict) -> str:
 
 def from_overrides(config_path: str, overrides: list[str], given: list[str]) -> list[str]:
     """`--from [DATASET=]PATH` (repeatable) as one download.from_paths override; a bare PATH is
-    recognised by the file names inside it."""
+    recognised by the file names inside it. A path that does not exist or a dataset the catalog
+    does not have fails here, before Prefect starts (a ConfigError: `srdiff: ...`, exit 2)."""
     if not given:
         return overrides
     from srdiff_core.config import ConfigError, load_config
-    from tasks import acquire
+    from tasks import acquire, datasets
     cfg = load_config(config_path, overrides)
     paths: dict[str, list[str]] = {k: list(v) for k, v in cfg.download.from_paths.items()}
     for item in given:
-        name, _, path = item.partition("=") if "=" in item and not Path(item).exists() else ("", "", item)
+        name, _, raw = item.partition("=") if "=" in item and not Path(item).exists() else ("", "", item)
+        path = Path(raw).expanduser()
         try:
-            name = name or acquire.detect_dataset(cfg, Path(path))
+            if not name:
+                name = acquire.detect_dataset(cfg, path)
+            elif not path.exists():
+                raise acquire.BadInput(f"--from {name}={path}: no such file or folder; check the path (quote "
+                                       "it when it has spaces or brackets)")
         except acquire.DatasetError as e:
             raise ConfigError(str(e)) from e
-        paths.setdefault(name, []).append(str(Path(path).expanduser().resolve()))
+        catalog = datasets.load_catalog(datasets.resolve_catalog(cfg.download.datasets_file))
+        if name not in catalog:
+            raise ConfigError(f"--from {name}={path}: the catalog {cfg.download.datasets_file} has no dataset "
+                              f"{name!r}; write one of {sorted(catalog)} before '=', or leave 'DATASET=' out to "
+                              "have it recognised")
+        paths.setdefault(name, []).append(str(path.resolve()))
     return [*overrides, f"download.from_paths={json.dumps(paths)}"]
 
 
+def check_stage_names(stages: list[str] | None, refresh: list[str]) -> None:
+    """Bad --stages / --refresh names fail here, before Prefect starts (flows/stages.py names them)."""
+    from flows.stages import unknown
+    from srdiff_core.config import ConfigError
+
+    for names, what in ((stages or [], "--stages"), (refresh, "--refresh")):
+        if (error := unknown(names, f"stage(s) in {what}")) is not None:
+            raise ConfigError(str(error))
+
+
+def run_log_folder(cfg) -> Path:
+    """data_root/logs for a local data root (else the user's cache folder), checked writable."""
+    from srdiff_core.config import ConfigError
+    from tasks.common import data_root
+
+    root = data_root(cfg)
+    folder = Path.home() / ".cache" / "srdiff" / "logs" if "://" in root else Path(root) / "logs"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write under data_root {root} ({e.strerror or e}); choose a folder you can "
+                          f"write with --set data_root=PATH") from None
+    return folder
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import srdiff
+    import traceback
+
+    from flows import console, interrupt
     from srdiff_core.config import load_config
     from srdiff_core.config import random_clip_weights
     from tasks.common import RANDOM_WEIGHTS_NOTE
@@ -85,21 +117,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     config_path = resolve_config(args.config)
     args.set = from_overrides(config_path, args.set, getattr(args, "from_paths", None) or [])
     cfg = load_config(config_path, args.set)  # fail fast on a bad config, before Prefect starts
-    summary = srdiff(config_path=config_path, overrides=args.set, stages=_split_list(args.stages),
-                     refresh=_split_list(args.refresh) or [])
+    stages, refresh = _split_list(args.stages), _split_list(args.refresh) or []
+    check_stage_names(stages, refresh)
+    verbose = getattr(args, "verbose", False)
+    with console.run_log(run_log_folder(cfg), quiet=not verbose) as log_path, interrupt.handled_signals():
+        interrupt.start_guarded_prefect_server()
+        from flows.pipeline import srdiff  # after the handlers: importing the stages takes a while
+
+        try:
+            summary = srdiff(config_path=config_path, overrides=args.set, stages=stages, refresh=refresh)
+        except Exception as e:
+            if verbose:
+                traceback.print_exc()
+            where = f"the traceback is in {log_path}" + ("" if verbose else " (--verbose prints it here)")
+            print(f"srdiff: {e}\n  ({type(e).__name__}; {where})", file=sys.stderr)
+            return 2 if console.is_user_error(e) else 1
     print("\nstages:\n" + stage_lines(summary))
     print("\nresults (one seeded sample per image; PSNR/SSIM on RGB with a "
           f"{cfg.evaluate.crop_border}-px border crop):\n" + results_table(summary))
     if random_clip_weights(cfg.embed.pretrained):
         print(f"\nnote: {RANDOM_WEIGHTS_NOTE}")
     print(f"\nMLflow parent run {summary['parent_run_id']}. Open the UI on these runs with:\n"
-          f"  srdiff ui --config {args.config}\n"
+          f"  {ui_command(args.config, args.set)}\n"
           f"  (or: mlflow ui --backend-store-uri {tracking_uri(cfg)} --port 5000)")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.config, args.stages, args.refresh = DEMO_CONFIG, None, None
+    args.config, args.stages, args.refresh, args.from_paths = DEMO_CONFIG, None, None, []
     return cmd_run(args)
 
 
@@ -117,14 +162,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
     from srdiff_core.config import load_config
     from tasks.tracking import mlflow_server_command
 
     cfg = load_config(resolve_config(args.config), args.set)
-    print(f"MLflow UI on the runs of {cfg.data_root}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
-    return subprocess.call(mlflow_server_command(cfg, args.port))
+    uri = ui_store(cfg)
+    print(f"MLflow UI on {uri}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    return serve_until_signal(mlflow_server_command(cfg, args.port))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -141,10 +185,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from flows.restore import restore_path
-    return restore_path(args.input, args.output, checkpoint=args.checkpoint, config_path=resolve_config(args.config),
-                        overrides=args.set, steps=args.steps, seed=args.seed, tile_size=args.tile_size,
-                        device=args.device, clip_pretrained=args.clip_pretrained, clip_x0=args.clip_x0)
+    from flows.restore import RestoreError, restore_path
+    try:
+        return restore_path(args.input, args.output, checkpoint=args.checkpoint,
+                            config_path=resolve_config(args.config), overrides=args.set, steps=args.steps,
+                            seed=args.seed, tile_size=args.tile_size, device=args.device,
+                            clip_pretrained=args.clip_pretrained, clip_x0=args.clip_x0)
+    except RestoreError as e:  # input, output, --steps, --tile-size: found before the restoration ran
+        print(f"srdiff restore: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -166,11 +215,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_verify_shards(args: argparse.Namespace) -> int:
     from storage.shards import ShardVerificationError, verify_shards
     from storage.tables import UnreadableTable
+    from tasks.advice import with_advice
 
     try:
         verify_shards(args.shards)
     except (ShardVerificationError, FileNotFoundError, UnreadableTable) as e:
-        print(f"srdiff verify-shards: {e}", file=sys.stderr)
+        print(f"srdiff verify-shards: {with_advice(e)}", file=sys.stderr)
         return 1
     print(f"{args.shards}: every shard matches index.parquet")
     return 0
@@ -179,6 +229,7 @@ def cmd_verify_shards(args: argparse.Namespace) -> int:
 def cmd_import_embeddings(args: argparse.Namespace) -> int:
     """The original SR-Diff per-image layout (<id>.pt files) as one of our embedding tables."""
     from storage import tables
+    from tasks.advice import with_advice
     from tasks.embed import import_pt_layout
 
     try:
@@ -188,7 +239,7 @@ def cmd_import_embeddings(args: argparse.Namespace) -> int:
         table = import_pt_layout(args.folder, samples=samples,
                                  metadata={"imported_from": str(args.folder), "weights": "unknown (imported)"})
     except (FileNotFoundError, ValueError) as e:
-        print(f"srdiff import-embeddings: {e}", file=sys.stderr)
+        print(f"srdiff import-embeddings: {with_advice(e)}", file=sys.stderr)
         return 1
     tables.write_table(args.output, table)
     dim = table.schema.field("embedding").type.list_size
@@ -204,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config = add_config_args
     demo = with_config(sub.add_parser("demo", help="the whole pipeline on the embedded demo set"), DEMO_CONFIG)
+    demo.add_argument("--verbose", action="store_true", help="print tracebacks on the console too")
     demo.set_defaults(func=cmd_demo)
     run = with_config(sub.add_parser("run", help="run the pipeline or some of its stages"))
     # The stage names are flows/stages.py's (a test checks): importing it here would load every task.
@@ -214,11 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use an archive or extracted folder you already have for a real dataset instead "
                           "of downloading it, e.g. --from lol=~/LOLdataset.zip (repeatable; without "
                           "DATASET= the dataset is recognised from the file names inside)")
+    run.add_argument("--verbose", action="store_true",
+                     help="print tracebacks on the console too (they are always in data_root/logs/)")
     run.set_defaults(func=cmd_run)
     serve = with_config(sub.add_parser("serve", help="serve the deployments full-pipeline and one per stage"))
     serve.set_defaults(func=cmd_serve)
-    ui = with_config(sub.add_parser("ui", help="start the MLflow UI on the pipeline's run store"))
-    ui.add_argument("--port", type=int, default=5000)
+    ui = with_config(sub.add_parser("ui", help="start the MLflow UI on the pipeline's run store (pass the "
+                                               "--config and --set data_root=... of the runs)"))
+    ui.add_argument("--port", type=int, default=5000, help="on 127.0.0.1 (default: %(default)s)")
     ui.set_defaults(func=cmd_ui)
     compare = with_config(sub.add_parser("compare", help="per-degradation metrics of MLflow runs side by side"))
     compare.add_argument("runs", nargs="+", metavar="RUN_ID",
@@ -232,9 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--checkpoint", required=True,
                          help="a model.pt path, an MLflow run id of a train run, or a registered model version: "
                               "models:/srdiff/<version> or models:/srdiff@<alias>")
-    restore.add_argument("--steps", type=int, default=None, help="posterior steps (default: evaluate.steps)")
+    restore.add_argument("--steps", type=int, default=None,
+                         help="posterior steps, at least 1 (default: evaluate.steps); fewer are faster")
     restore.add_argument("--seed", type=int, default=0)
-    restore.add_argument("--tile-size", type=int, default=None, help="tile large images (default: evaluate.tile_size)")
+    restore.add_argument("--tile-size", type=int, default=None,
+                         help="restore images in tiles of this many pixels, 0: whole (default: evaluate.tile_size; "
+                              "on the CPU, images over evaluate.cpu_large_pixels in evaluate.cpu_tile_size tiles)")
     restore.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                          help="clamp the sampler's x0 estimate to [0, 1] (default: evaluate.clip_x0)")
     restore.add_argument("--device", default="auto")

@@ -158,8 +158,11 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Rate and ETA of a counted job (training steps) as text for its log lines, and, inside a
-    Prefect run, a progress artifact (0-100 %) updated at most every ``every_s`` seconds."""
+    """Rate and ETA of a counted job (training steps, images) as text for its log lines, and, inside
+    a Prefect run, at most every ``every_s`` seconds: a progress artifact (0-100 %) and a progress
+    line in the log of the pipeline's top-level flow run. The stages run as subflows, whose logs
+    `prefect deployment run --watch` (which follows one flow run's logs) does not show; the line
+    on the top-level run is what it shows while a stage works."""
 
     def __init__(self, cfg: Config, what: str, total: int, unit: str, every_s: float = 10.0):
         self.cfg, self.what, self.total, self.unit, self.every_s = cfg, what, max(int(total), 1), unit, every_s
@@ -167,6 +170,7 @@ class Progress:
         self.start_done = 0
         self.artifact_id = None
         self.last_push = 0.0
+        self.top_log: Any = None  # logger of the top-level flow run, found on the first push
 
     def update(self, done: int, rate: bool = True) -> str:
         """Record ``done`` units finished; returns " (R unit/s, ETA T)" for a log line (without
@@ -175,20 +179,28 @@ class Progress:
         if self.start_time is None:  # a resumed run counts its rate from where it resumed
             self.start_time, self.start_done = now, done
         elapsed, progressed = now - self.start_time, done - self.start_done
-        text = ""
+        per_s, eta = None, None
         if elapsed > 0 and progressed > 0:
             per_s = progressed / elapsed
             eta = _duration(max(self.total - done, 0) / per_s)
-            text = f" ({per_s:.3g} {self.unit}/s, ETA {eta})" if rate else f", ETA {eta}"
-        self._push(100.0 * min(done, self.total) / self.total, now, final=done >= self.total)
-        return text
+        percent = 100.0 * min(done, self.total) / self.total
+        if self._due(now, final=done >= self.total):
+            line = f"{self.what}: {done}/{self.total} {self.unit} ({percent:.0f}%"
+            line += f", {per_s:.3g} {self.unit}/s, ETA {eta})" if per_s else ")"
+            self._push(percent, line)
+        if per_s is None:
+            return ""
+        return f" ({per_s:.3g} {self.unit}/s, ETA {eta})" if rate else f", ETA {eta}"
 
-    def _push(self, percent: float, now: float, final: bool) -> None:
+    def _due(self, now: float, final: bool) -> bool:
         if not self.cfg.tracking.prefect_artifacts or not in_prefect_run():
-            return
+            return False
         if not final and self.artifact_id is not None and now - self.last_push < self.every_s:
-            return
+            return False
         self.last_push = now
+        return True
+
+    def _push(self, percent: float, line: str) -> None:
         try:
             from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -196,9 +208,26 @@ class Progress:
                 self.artifact_id = create_progress_artifact(
                     percent, key=artifact_key(self.cfg, f"{self.what}-progress"),
                     description=f"{self.what} of {self.cfg.name}: {self.total} {self.unit}")
+                self.top_log = top_flow_run_logger()
             else:
                 update_progress_artifact(self.artifact_id, percent)
+            if self.top_log is not None:
+                self.top_log.info(line)
         except Exception as e:
             log.warning(f"could not update the Prefect progress artifact of {self.what}: {e}")
             self.cfg = self.cfg.model_copy(update={"tracking": self.cfg.tracking.model_copy(
                 update={"prefect_artifacts": False})})  # once is enough
+
+
+def top_flow_run_logger() -> Any:
+    """A logger writing to the top-level flow run's log when the caller runs in a subflow (None at
+    the top level, where the caller's own log lines are there already)."""
+    from prefect.client.orchestration import get_client
+    from prefect.logging.loggers import flow_run_logger
+    from prefect.runtime import flow_run
+
+    current, top = flow_run.get_id(), flow_run.get_root_flow_run_id()
+    if not top or top == current:
+        return None
+    with get_client(sync_client=True) as client:  # its name, for the console's "Flow run '<name>'"
+        return flow_run_logger(flow_run=client.read_flow_run(top))

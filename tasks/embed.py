@@ -27,6 +27,8 @@ from srdiff_core.distributed import DistInfo, barrier, device_for, is_main
 from storage import fs, shards, tables
 from storage.embed_cache import EmbeddingCache
 from tasks import common, tracking
+from tasks.advice import advised
+from tasks.artifacts import Progress
 from tasks.common import RateLogger, StageResult, pick_device, stage_dir, stage_logger
 from tasks import launch
 from tasks.embed_tables import QUARANTINE_NAME, column_vectors, quarantine_table, vector_column
@@ -196,18 +198,20 @@ def loader_workers(num_workers: int, num_shards: int, world_size: int) -> int:
 
 
 def embed_rank(encoder: clip_embed.ClipEncoder, urls: list[str], *, batch_size: int, num_workers: int, log,
-               cache: Mapping[str, np.ndarray] | None = None, rank: int = 0, world_size: int = 1) -> Embeddings:
+               cache: Mapping[str, np.ndarray] | None = None, rank: int = 0, world_size: int = 1,
+               eta: Progress | None = None) -> Embeddings:
     """Embed LQ and GT of every sample in rank ``rank``'s share of ``urls``, sorted by id (may be
     empty). With ``cache`` ({sha256: vector}, the embedding cache's content) only images it lacks
     are decoded and embedded; ``Embeddings.fresh`` holds those, for the cache. Samples whose LQ
-    or GT does not decode are skipped, logged, and listed in ``Embeddings.quarantine``."""
+    or GT does not decode are skipped, logged, and listed in ``Embeddings.quarantine``. ``eta``
+    counts images (LQ and GT of every sample of the share) for the ETA and the Prefect progress."""
     dataset = DecodedShardImages(urls, known=None if cache is None else frozenset(cache), rank=rank,
                                  world_size=world_size, chunk=batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=_collate,
                                          num_workers=loader_workers(num_workers, len(urls), world_size))
     known = _KnownVectors(cache)
     ids, splits, degradations, lq_out, gt_out, quarantine = [], [], [], [], [], []
-    progress = RateLogger(log, "embed", None, "images")
+    progress = RateLogger(log, "embed", eta.total if eta else None, "images")
     for items in loader:
         batch = [b for b in items if not is_quarantined(b)]
         for bad in (b for b in items if is_quarantined(b)):
@@ -221,7 +225,7 @@ def embed_rank(encoder: clip_embed.ClipEncoder, urls: list[str], *, batch_size: 
         ids += [b["id"] for b in batch]
         splits += [b["split"] for b in batch]
         degradations += [b["degradation"] for b in batch]
-        progress.update(2 * len(batch))
+        progress.update(2 * len(items), extra=eta.update(progress.done, rate=False) if eta else "")
     empty = torch.empty(0, encoder.embed_dim)
     return Embeddings(ids, splits, degradations, torch.cat(lq_out) if lq_out else empty,
                       torch.cat(gt_out) if gt_out else empty, quarantine, known.computed, known.hits,
@@ -263,6 +267,13 @@ def table_metadata(encoder: clip_embed.ClipEncoder) -> dict[str, str]:
 def stage_shard_urls(shards_url: str) -> list[str]:
     """Every shard the stage embeds, train then val, in index order (the order ranks split)."""
     return [u for split in SPLITS for u in shards.shard_urls(shards_url, split=split)]
+
+
+def share_images(shards_url: str, urls: list[str], info: DistInfo) -> int:
+    """LQ and GT images in this rank's share of ``urls`` (two per sample), from the shard index."""
+    counts = {fs.join(shards_url, row["shard"]): row["count"] for row in shards.read_index(shards_url).to_pylist()}
+    own = split_shards(urls, rank=info.rank, world_size=info.world_size, worker_id=0, num_workers=1)
+    return 2 * sum(counts.get(url, 0) for url in own)
 
 
 def embedding_cache(cfg: Config, encoder: clip_embed.ClipEncoder) -> EmbeddingCache | None:
@@ -367,13 +378,15 @@ def _embed_share(cfg: Config, encoder: clip_embed.ClipEncoder, cache: EmbeddingC
         raise ValueError(f"{len(urls)} shards cannot feed {info.world_size} embedding processes (each takes whole "
                          f"shards): lower embed.nproc or shard.maxcount")
     emb = embed_rank(encoder, urls, batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers, log=log,
-                     cache=cache.load() if cache is not None else None, rank=info.rank, world_size=info.world_size)
+                     cache=cache.load() if cache is not None else None, rank=info.rank, world_size=info.world_size,
+                     eta=Progress(cfg, "embed", share_images(shards_url, urls, info), "images"))
     rank = f" (rank {info.rank} of {info.world_size})" if info.distributed else ""
     log.info(f"embed{rank}: {len(emb.ids)} pairs, {emb.computed} images computed, {emb.cache_hits} already known"
              + (f" (embedding cache {cache.url})" if cache is not None else " (embed.cache off)"))
     return emb
 
 
+@advised()  # also run by torchrun's ranks (flows/embed_ddp.py), whose errors reach the user as their text
 def extract(cfg: Config, shards_url: str, out_url: str, info: DistInfo, log) -> dict[str, float]:
     """Embed rank ``info.rank``'s share of the shards (looking up the embedding cache first, adding
     what it computed), and on rank 0 write lqcls / gtcls / embed_quarantine.parquet sorted by id and

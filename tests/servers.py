@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -58,3 +59,55 @@ def post_json(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
+
+
+@contextmanager
+def prefect_server(home: Path, log: Path, timeout: float = 180):
+    """A real `prefect server start` on a free 127.0.0.1 port with its own PREFECT_HOME (so its
+    own database), stopped by process id on exit. Yields the environment for clients of it. No
+    dashboard and no background services: the API is all the tests use, and it starts sooner."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-services"]
+    with background(cmd, env=env, log=log, health_url=f"{api}/health", timeout=timeout):
+        yield {**env, "PREFECT_API_URL": api}
+
+
+def process_tree(pid: int) -> list:
+    """The process and all its descendants now (psutil.Process objects, which stay valid after
+    the process is reparented, so a test can check later that none of them survived)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def survivors(procs: list) -> list:
+    """Those of ``procs`` still running (a zombie waiting to be reaped has stopped running)."""
+    import psutil
+
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def kill_survivors(procs: list) -> None:
+    """SIGKILL, by process id, whichever of ``procs`` still run: a failed test leaves no server."""
+    import psutil
+
+    left = survivors(procs)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=10)

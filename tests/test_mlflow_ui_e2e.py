@@ -132,7 +132,8 @@ def test_the_prefect_flow_run_has_the_results_as_artifacts(pipeline):
     client = tracking.client_for(cfg)
     flow_run_id = client.get_run(summary["parent_run_id"]).data.tags[tracking.FLOW_RUN_TAG]
     keys = {what: artifacts.artifact_key(cfg, what)
-            for what in ("evaluation", "evaluation-report", "datasets", "train-progress", "evaluate-progress")}
+            for what in ("evaluation", "evaluation-report", "datasets", "embed-progress", "train-progress",
+                         "evaluate-progress")}
     assert keys["evaluation"] == "srdiff-tiny-evaluation"
     # The session's Prefect server also holds other tests' srdiff-tiny runs (same keys, older
     # versions): read this pipeline's flow run's own.
@@ -154,6 +155,14 @@ def test_the_prefect_flow_run_has_the_results_as_artifacts(pipeline):
     assert summary["stages"]["evaluate"]["run_id"] in report and "| degradation |" in report
     (datasets,) = json.loads(found["datasets"][0].data)
     assert datasets["dataset"] == "demo" and datasets["train pairs"] == 12 and datasets["quarantined"] == 0
-    for what in ("train-progress", "evaluate-progress"):
+    for what in ("embed-progress", "train-progress", "evaluate-progress"):
         (progress,) = found[what]
         assert progress.type == "progress" and float(progress.data) == 100.0, what
+    # `prefect deployment run --watch` follows the top-level flow run's logs: the stages' progress is there.
+    with get_client(sync_client=True) as prefect:
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        lines = [entry.message for entry in prefect.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+    for done in ("embed: 32/32 images (100%", "train: 4/4 steps (100%", "evaluate: 4/4 images (100%"):
+        assert any(line.startswith(done) for line in lines), (done, lines)
