@@ -225,7 +225,8 @@ def embed_rank(encoder: clip_embed.ClipEncoder, urls: list[str], *, batch_size: 
         ids += [b["id"] for b in batch]
         splits += [b["split"] for b in batch]
         degradations += [b["degradation"] for b in batch]
-        progress.update(2 * len(items), extra=eta.update(progress.done, rate=False) if eta else "")
+        done = progress.done + 2 * len(items)
+        progress.update(2 * len(items), extra=eta.update(done, rate=False) if eta else "")
     empty = torch.empty(0, encoder.embed_dim)
     return Embeddings(ids, splits, degradations, torch.cat(lq_out) if lq_out else empty,
                       torch.cat(gt_out) if gt_out else empty, quarantine, known.computed, known.hits,
