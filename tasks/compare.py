@@ -12,6 +12,7 @@ pipeline's parent run.
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +69,29 @@ def open_store(cfg: Config) -> MlflowClient:
 
 
 def get_run(client: MlflowClient, run_id: str) -> Run:
+    """The run ``run_id`` names: a full id, or a unique prefix of one (the 8 characters this
+    command prints in its header)."""
+    if len(run_id) < 32 and re.fullmatch(r"[0-9a-f]{4,31}", run_id):
+        return run_by_prefix(client, run_id)
     try:
         return client.get_run(run_id)
     except MlflowException as e:
         raise CompareError(f"no MLflow run '{run_id}' in {client.tracking_uri} ({e.message}): copy the "
                            f"full run id from `srdiff run`'s output or the MLflow UI (`srdiff ui`), and pass "
                            f"the --config/--set data_root=... of the pipeline that made it") from None
+
+
+def run_by_prefix(client: MlflowClient, prefix: str) -> Run:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = [r for r in client.search_runs(experiments, max_results=50_000) if r.info.run_id.startswith(prefix)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CompareError(f"no MLflow run id starts with '{prefix}' in {client.tracking_uri}: copy the run id "
+                           f"from `srdiff run`'s output or the MLflow UI (`srdiff ui`), and pass the "
+                           f"--config/--set data_root=... of the pipeline that made it")
+    raise CompareError(f"'{prefix}' starts {len(found)} run ids ({', '.join(r.info.run_id for r in found[:5])}"
+                       f"{', ...' if len(found) > 5 else ''}): give more characters")
 
 
 def child_runs(client: MlflowClient, parent: Run) -> dict[str, Run]:

@@ -200,6 +200,8 @@ def train(cfg: Config, key: str, shards_url: str, restorecls_url: str, srm_url: 
     log = stage_logger()
     start = time.perf_counter()
     out_dir = Path(fs.local_path(stage_dir(cfg, "runs/train", key)))
+    resumed = latest_checkpoint(out_dir / "checkpoints") if cfg.train.resume == "auto" else None
+    first_step = (checkpoint_step(resumed) or 0) if resumed is not None else 0
     if cfg.train.nproc > 1:
         step = fit_in_processes(cfg, ddp_entry, key, out_dir, shards_url, restorecls_url, srm_url, run_id, log)
     else:
@@ -208,10 +210,14 @@ def train(cfg: Config, key: str, shards_url: str, restorecls_url: str, srm_url: 
         step = state.step
     model_path = out_dir / "model.pt"
     seconds = time.perf_counter() - start
-    log.info(f"train: {step} steps in {seconds:.1f} s on {cfg.train.nproc} process(es) -> {model_path}")
+    # The steps this run took, not the total: a resumed run started at its checkpoint's step.
+    ran = step - first_step
+    since = f" (resumed at step {first_step}, {step} in all)" if first_step else ""
+    log.info(f"train: {ran} steps in {seconds:.1f} s{since} on {cfg.train.nproc} process(es) -> {model_path}")
     return StageResult(stage="train", key=key, digest=fs.sha256_file(model_path),
                        outputs={"model": str(model_path), "checkpoints": str(out_dir / "checkpoints")},
-                       metrics={"train/final_step": float(step), "train/seconds": seconds},
+                       metrics={"train/final_step": float(step), "train/seconds": seconds,
+                                "train/steps_this_run": float(ran), "train/resumed_at_step": float(first_step)},
                        params={"unet.conditioning": cfg.unet.conditioning, "unet.layout": cfg.unet.layout,
                                "train.steps": cfg.train.steps,
                                "sde.max_sigma": cfg.sde.max_sigma, "train.nproc": cfg.train.nproc},

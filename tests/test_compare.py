@@ -147,6 +147,16 @@ def test_a_run_without_eval_metrics_is_named_with_what_to_do(store, capsys):
                    f"<its config> --stages evaluate`, and compare that pipeline run\n")
 
 
+def test_the_short_ids_it_prints_are_accepted(store, capsys):
+    a, b = store["a"]["parent"], store["b"]["parent"]
+    assert run_cli(store, a, b) == 0
+    full = capsys.readouterr().out
+    assert run_cli(store, a[:8], b[:8]) == 0
+    assert capsys.readouterr().out == full
+    assert run_cli(store, a[:8], "ffffffff") == 2
+    assert "no MLflow run id starts with 'ffffffff'" in capsys.readouterr().err
+
+
 def test_an_unknown_run_id_is_an_error_naming_it(store, capsys):
     assert run_cli(store, store["a"]["parent"], "0123456789abcdef0123456789abcdef") == 2
     err = capsys.readouterr().err

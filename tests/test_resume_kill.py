@@ -1,6 +1,7 @@
 """Killing the pipeline in the middle of the train stage, then running it again."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,6 +89,10 @@ def test_kill_or_ctrl_c_during_train_then_rerun_resumes_without_redoing_or_dupli
     for stage in ("download", "shard", "embed"):
         assert f"{stage}: reused cached outputs" in out
     assert "resuming from" in out and "train step 150/150" in out
+    # The steps this run took, not the total.
+    ran, resumed_at = map(int, re.search(r"train: (\d+) steps in [\d.]+ s \(resumed at step (\d+), 150 in all\)",
+                                         out).groups())
+    assert resumed_at > 0 and ran + resumed_at == 150
 
     # one copy of everything: one folder per stage key, one model file, one model artifact
     for folder in ("shards", "embeddings", "runs/train", "runs/evaluate"):
