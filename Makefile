@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/srdiff demo
 
+# Two workers, one per core, each taking whole test files (module fixtures run once); the
+# longest files go first (tests/conftest.py) so neither worker is left with a long tail.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -rs
+	HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -m "not slow"

@@ -164,7 +164,7 @@ class UNetConfig(_Section):
     # e^{thetabar_t} <= 1/eps in the x0 estimate near t = T; an x0 output is not, and the zero-initialised
     # output starts at x0 = mu (the input). With input_scaling_std s > 0 also EDM's c_skip and c_out
     # for a residual of std s (IRSDE.x0_coefficients): near t = 0 the output is x_t plus a small
-    # correction, which a small network need not learn to copy. Layout srdiff only.
+    # correction, which a small network need not learn to copy. Both layouts.
     prediction: Literal["noise", "x0"] = "noise"
 
     @field_validator("conditioning", mode="before")

@@ -329,9 +329,7 @@ class ConditionalUNet(nn.Module):
         x = self.final_block(torch.cat([x, first], dim=1), time_emb)
         x = self.final_conv(x)[:, :, :height, :width]
         if self.x0_coefficients is not None:
-            decay, std, skip, out = self.x0_coefficients.to(xt.device)[:, t.long()][:, :, None, None, None]
-            x0_residual = skip * (xt - mu) + out * x.float()
-            x = (xt - mu - decay * x0_residual) / std
+            x = noise_from_x0_output(x, xt, mu, t, self.x0_coefficients)
         return x.to(xt.dtype)
 
     def _pad(self, x: Tensor) -> Tensor:
@@ -344,6 +342,15 @@ class ConditionalUNet(nn.Module):
         return x
 
 
+def noise_from_x0_output(output: Tensor, xt: Tensor, mu: Tensor, t: Tensor, coefficients: Tensor) -> Tensor:
+    """The noise an x0-predicting network's ``output`` F implies (unet.prediction x0):
+    x0 - mu = skip (x_t - mu) + out F, eps = (x_t - mu - decay (x0 - mu)) / std, with the rows
+    (decay, std, skip, out) of IRSDE.x0_coefficients at each sample's step ``t`` (float32)."""
+    decay, std, skip, out = coefficients.to(xt.device)[:, t.long()][:, :, None, None, None]
+    x0_residual = skip * (xt - mu) + out * output.float()
+    return (xt - mu - decay * x0_residual) / std
+
+
 def build_unet(cfg: "UNetConfig", sde: "IRSDE | None" = None) -> nn.Module:
     """The UNet ``cfg`` describes, in its ``layout``: every place that builds one from settings
     (the train stage, model.pt loading, benchmarks) goes through here. ``sde``: the schedule the
@@ -351,11 +358,14 @@ def build_unet(cfg: "UNetConfig", sde: "IRSDE | None" = None) -> nn.Module:
     if cfg.layout == "daclip":
         if cfg.input_scaling_std:
             raise ValueError("unet.input_scaling_std is for unet.layout: srdiff; set it to 0 for the daclip layout")
-        if cfg.prediction != "noise":
-            raise ValueError("unet.prediction x0 is for unet.layout: srdiff; the daclip layout predicts noise")
         from srdiff_core.unet_daclip import DAClipUNet  # imports this module: a late import
 
-        return DAClipUNet.from_config(cfg)
+        unet = DAClipUNet.from_config(cfg)
+        if cfg.prediction == "x0":
+            if sde is None:
+                raise ValueError("unet.prediction x0 needs the SDE: pass build_unet(cfg, sde)")
+            unet.set_x0_prediction(sde.x0_coefficients(cfg.input_scaling_std))
+        return unet
     if cfg.layout == "srdiff":
         unet = ConditionalUNet.from_config(cfg)
         if cfg.input_scaling_std:

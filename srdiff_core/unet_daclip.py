@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from srdiff_core.unet import Conditioning, group_norm
+from srdiff_core.unet import Conditioning, group_norm, noise_from_x0_output
 
 if TYPE_CHECKING:
     from srdiff_core.config import UNetConfig
@@ -293,6 +293,12 @@ class DAClipUNet(nn.Module):
         self.mid_block2 = ResBlock(mid, mid, time_dim)
         self.final_block = ResBlock(2 * nf, nf, time_dim)
         self.final_conv = nn.Conv2d(nf, out_channels, 3, padding=1)
+        # unet.prediction x0 (not DA-CLIP's): derived from the SDE, not saved (build_unet sets it).
+        self.register_buffer("x0_coefficients", None, persistent=False)
+
+    def set_x0_prediction(self, coefficients: Tensor) -> None:
+        """Read the output as the clean residual (see unet.noise_from_x0_output)."""
+        self.x0_coefficients = coefficients.to(torch.float32)
 
     @classmethod
     def from_config(cls, cfg: "UNetConfig") -> "DAClipUNet":
@@ -350,8 +356,10 @@ class DAClipUNet(nn.Module):
             x = level.resample(x)
 
         x = self.final_block(torch.cat([x, first], dim=1), time_emb)
-        x = self.final_conv(x)
-        return x[:, :, :height, :width].to(xt.dtype)
+        x = self.final_conv(x)[:, :, :height, :width]
+        if self.x0_coefficients is not None:
+            x = noise_from_x0_output(x, xt, mu, t, self.x0_coefficients)
+        return x.to(xt.dtype)
 
     def _pad(self, x: Tensor) -> Tensor:
         """Reflect-pad the bottom/right to a multiple of ``size_multiple`` (replicate where a side is

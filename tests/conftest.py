@@ -19,6 +19,13 @@ atexit.register(shutil.rmtree, SESSION_TMP, ignore_errors=True)
 # whatever the developer's ~/.cache/torch holds.
 os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="torch-home-")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on the two cores: one intra-op thread each, since OpenMP
+    # threads spin-wait and, oversubscribed, made tiny training steps many times slower.
+    import torch
+
+    torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 
@@ -42,3 +49,18 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# The longest test files (minutes each on 2 cores), scheduled first: `make test` gives whole files
+# to two workers in collection order, and one of these last would leave a worker idle for minutes.
+LONGEST_FIRST = ("test_demo_restores.py", "test_deployments.py", "test_training.py", "test_resume_kill.py",
+                 "test_pipeline_e2e.py", "test_cli_errors.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, and among the rest, the order stays
+

@@ -103,20 +103,30 @@ def test_keep_last_must_be_positive(tmp_path):
         save_checkpoint(tmp_path, _payload(1.0), step=1, keep_last=0)
 
 
+def _draws() -> tuple:
+    """Draws from copies of the global states, taken at once: a background thread of an earlier
+    test (Prefect's, MLflow's) may draw from the global ``random`` between two of our lines."""
+    py, npy = random.Random(), np.random.RandomState()
+    py.setstate(random.getstate())
+    npy.set_state(np.random.get_state())
+    return py.random(), py.gauss(0, 1), npy.standard_normal(3), torch.rand(3)
+
+
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     random.seed(11)
     np.random.seed(12)
     torch.manual_seed(13)
     random.gauss(0, 1)  # leaves a cached gaussian in Python's state
     np.random.standard_normal()  # and one in numpy's
-    path = save_checkpoint(tmp_path, {"rng": capture_rng_state()}, step=0)
-    expected = (random.random(), random.gauss(0, 1), np.random.standard_normal(3), torch.rand(3))
+    state = capture_rng_state()
+    expected = _draws()
+    path = save_checkpoint(tmp_path, {"rng": state}, step=0)
 
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
     restore_rng_state(load_checkpoint(path, weights_only=True)["rng"])
-    actual = (random.random(), random.gauss(0, 1), np.random.standard_normal(3), torch.rand(3))
+    actual = _draws()
 
     assert actual[:2] == expected[:2]
     np.testing.assert_array_equal(actual[2], expected[2])
