@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.args import REPO_ROOT, add_config_args, resolve_config  # noqa: F401 (re-exported)
+from flows.args import add_config_args, resolve_config  # noqa: F401 (resolve_config re-exported)
 from flows.ui import serve_until_signal, ui_command, ui_store  # noqa: F401 (re-exported)
 
 DEMO_CONFIG = "configs/demo.yaml"
@@ -230,7 +230,7 @@ def cmd_import_embeddings(args: argparse.Namespace) -> int:
     """The original SR-Diff per-image layout (<id>.pt files) as one of our embedding tables."""
     from storage import tables
     from tasks.advice import with_advice
-    from tasks.embed import import_pt_layout
+    from tasks.pt_layout import import_pt_layout
 
     try:
         samples = None

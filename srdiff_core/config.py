@@ -347,16 +347,17 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: Path, *, what: str, missing: str, error: type[ConfigError] = ConfigError) -> dict:
+    """The mapping a YAML file (``what``: "config file", "dataset catalog") holds; ``error`` naming
+    the file when it is missing (``missing``: what to do then), not YAML, or not a mapping."""
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist; pass --config configs/demo.yaml "
-                          f"or a path to your own YAML file")
+        raise error(f"{what} {path} does not exist; {missing}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        raise error(f"{what} {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+        raise error(f"{what} {path} must hold a mapping, not {type(data).__name__}")
     return data
 
 
@@ -375,7 +376,8 @@ def load_config_data(path: str | Path | None) -> dict:
     if path is None:
         return {}
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path, what="config file", missing="pass --config configs/demo.yaml or a path to your "
+                             "own YAML file")
     base = data.pop("base", None)
     if base is not None:
         data = _merge(load_config_data(path.parent / base), data)

@@ -18,7 +18,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from srdiff_core.config import DEGRADATIONS, ConfigError
+from srdiff_core.config import DEGRADATIONS, ConfigError, read_yaml_mapping
 
 Side = Literal["LQ", "GT"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -114,17 +114,9 @@ def resolve_catalog(path: str) -> str:
 
 
 def load_catalog(path: str | Path) -> dict[str, DatasetSpec]:
-    path = Path(path)
-    if not path.exists():
-        raise CatalogError(f"dataset catalog {path} does not exist: set download.datasets_file to a catalog "
-                           f"file (written like configs/datasets.yaml; see {OWN_COPIES_DOC})")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise CatalogError(f"dataset catalog {path} is not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise CatalogError(f"dataset catalog {path}: expected a mapping of dataset name -> entry, got "
-                           f"{type(raw).__name__}")
+    raw = read_yaml_mapping(Path(path), what="dataset catalog", error=CatalogError,
+                            missing=f"set download.datasets_file to a catalog file (written like "
+                                    f"configs/datasets.yaml; see {OWN_COPIES_DOC})")
     bad = [name for name in raw if not (isinstance(name, str) and DATASET_NAME.fullmatch(name))]
     if bad:
         raise CatalogError(f"dataset catalog {path}: dataset name(s) {bad} must be letters, digits, '_' and '-' "

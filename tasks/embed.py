@@ -1,17 +1,15 @@
-"""Embed stage: open_clip LQCLS/GTCLS, the Semantic Refinement Module, RestoreCLS."""
+"""Embed stage: open_clip LQCLS/GTCLS of every sample (one process or several, with the
+embedding cache), then the Semantic Refinement Module (tasks/refine.py) and RestoreCLS."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -32,10 +30,11 @@ from tasks.artifacts import Progress
 from tasks.common import RateLogger, StageResult, pick_device, stage_dir, stage_logger
 from tasks import launch
 from tasks.embed_tables import QUARANTINE_NAME, column_vectors, quarantine_table, vector_column
+from tasks.pt_layout import export_pt_layout
+from tasks.refine import cosine_by_degradation, save_srm, split_cosines, train_refinement, write_selection
 
 SPLITS = ("train", "val")
 COUNTS_NAME = "extraction.json"  # the counts of the extraction (cache hits, computed, ...)
-SELECTION_NAME = "srm_selection.json"  # the held-out train rows that chose the SRM's epoch
 PARTS_DIR = "parts"  # per-rank parts while several processes extract
 
 
@@ -422,170 +421,6 @@ def extract(cfg: Config, shards_url: str, out_url: str, info: DistInfo, log) -> 
             cache.compact()
     barrier(info)  # no rank leaves (and tears down the group) before the tables are written
     return counts
-
-
-# ---------------------------------------------------------------- the SRM, RestoreCLS and the .pt layout
-
-
-def cosine_by_degradation(emb: Embeddings, pred: torch.Tensor, split: str) -> dict[str, float]:
-    rows = [i for i, s in enumerate(emb.splits) if s == split]
-    out = {}
-    for deg in sorted({emb.degradations[i] for i in rows}):
-        idx = torch.tensor([i for i in rows if emb.degradations[i] == deg])
-        out[deg] = float(srm.cosine(pred[idx], emb.gt[idx]).mean())
-    return out
-
-
-def split_cosines(emb: Embeddings, pred: torch.Tensor, split: str) -> dict[str, float]:
-    """srm/<split>_cos_before and _after over every row of ``split`` (no rows: none)."""
-    rows = torch.tensor([i for i, s in enumerate(emb.splits) if s == split], dtype=torch.long)
-    if not len(rows):
-        return {}
-    return {f"srm/{split}_cos_before": float(srm.cosine(emb.lq[rows], emb.gt[rows]).mean()),
-            f"srm/{split}_cos_after": float(srm.cosine(pred[rows], emb.gt[rows]).mean())}
-
-
-@dataclass
-class SRMSelection:
-    """Which rows chose the SRM's epoch (early stopping and the best weights kept): a seeded
-    hold-out of the train split, stratified by degradation (srm.stratified_holdout). The val
-    split never takes part: its rows are only refined and scored."""
-
-    split: str  # "train-holdout", or "train-loss" when no row could be held out (then the training loss)
-    fraction: float
-    seed: int
-    holdout_ids: list[str]  # sorted
-    training_ids: list[str]  # the train rows the SRM is fitted on, sorted
-    holdout_by_degradation: dict[str, int]
-
-    def record(self) -> dict:
-        """The selection as SELECTION_NAME holds it (and the embed run logs as an artifact)."""
-        return {"selection_split": self.split, "val_fraction": self.fraction, "seed": self.seed,
-                "stratified_by": "degradation", "holdout_rows": len(self.holdout_ids),
-                "training_rows": len(self.training_ids), "holdout_by_degradation": self.holdout_by_degradation,
-                "holdout_ids": self.holdout_ids}
-
-    def params(self) -> dict[str, str]:
-        return {"srm.selection_split": self.split, "srm.selection_rows": str(len(self.holdout_ids)),
-                "srm.selection_fraction": str(self.fraction), "srm.selection_seed": str(self.seed),
-                "srm.selection_stratified_by": "degradation", "srm.training_rows": str(len(self.training_ids))}
-
-
-def srm_selection(emb: Embeddings, cfg: Config) -> tuple[list[int], list[int], SRMSelection]:
-    """(training row indices, held-out row indices, the selection) among ``emb``'s train rows:
-    ``embed.srm.val_fraction`` of each degradation's train rows (in id order), seeded by
-    ``embed.srm.seed``. Rows of any other split are in neither list."""
-    train_rows = [i for i, s in enumerate(emb.splits) if s == "train"]
-    keep, held = srm.stratified_holdout([emb.degradations[i] for i in train_rows], cfg.embed.srm.val_fraction,
-                                        cfg.embed.srm.seed)
-    fit_rows, held_rows = [train_rows[i] for i in keep.tolist()], [train_rows[i] for i in held.tolist()]
-    selection = SRMSelection(split="train-holdout" if held_rows else "train-loss", fraction=cfg.embed.srm.val_fraction,
-                             seed=cfg.embed.srm.seed, holdout_ids=sorted(emb.ids[i] for i in held_rows),
-                             training_ids=sorted(emb.ids[i] for i in fit_rows),
-                             holdout_by_degradation=dict(sorted(Counter(emb.degradations[i] for i in held_rows).items())))
-    return fit_rows, held_rows, selection
-
-
-def train_refinement(emb: Embeddings, cfg: Config, device: torch.device,
-                     log) -> tuple[srm.SRMTrainResult, SRMSelection]:
-    """Fit the SRM on the train split less a held-out slice of it (:func:`srm_selection`), which
-    alone chooses the epoch; val rows (the benchmarks' test sets) are never read here."""
-    fit_rows, held_rows, selection = srm_selection(emb, cfg)
-    fit, held = torch.tensor(fit_rows, dtype=torch.long), torch.tensor(held_rows, dtype=torch.long)
-    result = srm.train_srm(emb.lq[fit], emb.gt[fit], cfg.embed.srm, val_lq=emb.lq[held], val_gt=emb.gt[held],
-                           device=device, log_fn=lambda epoch, m: log.debug(f"srm epoch {epoch}: {m}"))
-    if held_rows:
-        log.info(f"SRM: best epoch {result.best_epoch} of {len(result.history)}, chosen on {len(held_rows)} held-out "
-                 f"train rows ({selection.holdout_by_degradation}); their cosine LQ-vs-GT "
-                 f"{result.val_cos_before:.4f} -> {result.val_cos_after:.4f}; fitted on {len(fit_rows)} train rows")
-    else:
-        log.warning(f"SRM: no train row held out (embed.srm.val_fraction {cfg.embed.srm.val_fraction}, or one train "
-                    f"row per degradation): best epoch {result.best_epoch} chosen on the training loss")
-    return result, selection
-
-
-def write_selection(cfg: Config, out_url: str, selection: SRMSelection, run_id: str | None) -> str:
-    """SELECTION_NAME under ``out_url`` (the rows that chose the SRM epoch), logged to ``run_id``."""
-    url = fs.join(out_url, SELECTION_NAME)
-    data = json.dumps(selection.record(), indent=1).encode()
-    fs.atomic_write_bytes(url, data)
-    if run_id:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / SELECTION_NAME
-            local.write_bytes(data)
-            tracking.log_artifact(cfg, run_id, local, "srm")
-    return url
-
-
-def export_pt_layout(out_url: str, folder: str, ids: list[str], values: torch.Tensor) -> None:
-    """The seed's per-image layout (`LQCLS/<id>.pt`) for users of the original SR-Diff code."""
-    for sample_id, vec in zip(ids, values):
-        buf = io.BytesIO()
-        torch.save(vec.clone().unsqueeze(0), buf)
-        fs.atomic_write_bytes(fs.join(out_url, folder, f"{sample_id}.pt"), buf.getvalue())
-
-
-def _load_pt_vector(url: str) -> torch.Tensor:
-    """One ``<id>.pt`` of the seed's layout as a float32 [D] vector ([1, D] and [D] both accepted)."""
-    try:
-        value = torch.load(io.BytesIO(fs.read_bytes(url)), map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickled code; a non-torch file fails to unpickle
-        raise ValueError(f"{url} is not a tensor file torch.load(weights_only=True) can read "
-                         f"({type(e).__name__}: {e}); remove it or re-export it with torch.save(tensor)") from e
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{url} holds a {type(value).__name__}, not a tensor; the per-image layout wants one "
-                         f"[1, D] or [D] tensor per file: re-export it with torch.save(tensor)")
-    if not (value.ndim == 1 or (value.ndim == 2 and value.shape[0] == 1)) or not value.is_floating_point():
-        raise ValueError(f"{url} holds a {value.dtype} tensor of shape {tuple(value.shape)}; expected a "
-                         f"floating [1, D] or [D] embedding")
-    return value.reshape(-1).float()
-
-
-def _sample_columns(ids: list[str], samples: pa.Table | None) -> tuple[list, list]:
-    """split and degradation of each id from ``samples`` (None columns when no table is given)."""
-    if samples is None:
-        return [None] * len(ids), [None] * len(ids)
-    known = {r["id"]: r for r in samples.select(["id", "split", "degradation"]).to_pylist()}
-    missing = [i for i in ids if i not in known]
-    if missing:
-        raise ValueError(f"{len(missing)} imported id(s) are not in the samples table, e.g. {missing[:3]}; "
-                         f"pass the pairs manifest these embeddings were made from")
-    return [known[i]["split"] for i in ids], [known[i]["degradation"] for i in ids]
-
-
-def import_pt_layout(folder: str, *, samples: pa.Table | None = None,
-                     metadata: dict[str, str] | None = None) -> pa.Table:
-    """The seed's per-image layout (``<folder>/<id>.pt``, as ``export_pt_layout`` writes it) as an
-    embedding table (id, split, degradation, embedding), sorted by id.
-
-    The id is the file's path under ``folder`` without ``.pt`` (ids with "/" live in subfolders).
-    ``samples`` (any table with id, split, degradation, e.g. the pairs manifest) fills split and
-    degradation; without it they are null. Files are read with torch.load(weights_only=True).
-    """
-    filesystem, root = fs.resolve(folder)
-    root = root.rstrip("/")
-    paths = filesystem.glob(f"{root}/**/*.pt")
-    if not paths:
-        raise FileNotFoundError(f"no .pt files under {folder}; point at the LQCLS/ or RestoreCLS/ folder "
-                                f"of an export (embed.export_pt: true)")
-    ids = sorted({p[len(root) + 1:-len(".pt")] for p in paths})
-    vectors = [_load_pt_vector(fs.join(folder, f"{i}.pt")) for i in ids]
-    dims = sorted({v.numel() for v in vectors})
-    if len(dims) > 1:
-        raise ValueError(f"the .pt files under {folder} mix embedding sizes {dims}; import one model's export")
-    splits, degradations = _sample_columns(ids, samples)
-    flat = pa.array(torch.stack(vectors).numpy().astype(np.float32).ravel())
-    table = pa.table({"id": pa.array(ids, pa.string()), "split": pa.array(splits, pa.string()),
-                      "degradation": pa.array(degradations, pa.string()),
-                      "embedding": pa.FixedSizeListArray.from_arrays(flat, dims[0])})
-    return table.replace_schema_metadata({k: str(v) for k, v in (metadata or {}).items()})
-
-
-def save_srm(url: str, model: torch.nn.Module, cfg: Config, dim: int) -> None:
-    buf = io.BytesIO()
-    torch.save({"state_dict": model.state_dict(), "dim": dim, "srm": cfg.embed.srm.model_dump(mode="json"),
-                "arch": cfg.embed.arch, "pretrained": cfg.embed.pretrained}, buf)
-    fs.atomic_write_bytes(url, buf.getvalue())
 
 
 def run_ranks(cfg: Config, entry: ModuleType | None, shards_url: str, out_url: str, log) -> None:

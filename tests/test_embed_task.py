@@ -26,7 +26,7 @@ from srdiff_core.distributed import DistInfo
 from srdiff_core.sde import IRSDE
 from storage import fs, shards, tables
 from storage.shard_tar import tar_header
-from tasks import embed, embed_tables
+from tasks import embed, embed_tables, pt_layout, refine
 from tasks import evaluate as evaluate_task
 from tasks.common import StageResult
 from tasks.evaluate import evaluate_samples
@@ -114,17 +114,17 @@ def embedded(encoder, corrupt_shards) -> embed.Embeddings:
 def test_pt_layout_export_then_import_is_identical(embedded, tmp_path):
     meta = {"arch": TINY_ARCH, "weights": "random"}
     for folder, values in (("LQCLS", embedded.lq), ("RestoreCLS", embedded.gt)):
-        embed.export_pt_layout(str(tmp_path), folder, embedded.ids, values)
+        pt_layout.export_pt_layout(str(tmp_path), folder, embedded.ids, values)
         expected = embed.embedding_table(embedded, values, meta).sort_by("id")
-        imported = embed.import_pt_layout(str(tmp_path / folder), samples=expected, metadata=meta)
+        imported = pt_layout.import_pt_layout(str(tmp_path / folder), samples=expected, metadata=meta)
         assert imported.equals(expected, check_metadata=True)  # ids, splits, bit-identical vectors
-        assert embed.import_pt_layout(str(tmp_path / folder)).column("split").null_count == 4
+        assert pt_layout.import_pt_layout(str(tmp_path / folder)).column("split").null_count == 4
 
 
 def test_import_embeddings_cli_writes_the_table_the_train_stage_reads(embedded, tmp_path, capsys):
     from flows import cli
 
-    embed.export_pt_layout(str(tmp_path), "RestoreCLS", embedded.ids, embedded.gt)
+    pt_layout.export_pt_layout(str(tmp_path), "RestoreCLS", embedded.ids, embedded.gt)
     samples = embed.embedding_table(embedded, embedded.gt, {}).select(["id", "split", "degradation"])
     manifest = str(tmp_path / "pairs.parquet")
     tables.write_table(manifest, samples)
@@ -150,26 +150,26 @@ def test_import_embeddings_cli_writes_the_table_the_train_stage_reads(embedded, 
 def test_pt_layout_import_takes_flat_vectors_and_names_bad_files(tmp_path):
     torch.save(torch.tensor([1.0, 2.0, 3.0]), tmp_path / "b.pt")  # [D]
     torch.save(torch.tensor([[4.0, 5.0, 6.0]], dtype=torch.float64), tmp_path / "a.pt")  # [1, D]
-    table = embed.import_pt_layout(str(tmp_path))
+    table = pt_layout.import_pt_layout(str(tmp_path))
     assert table.column("id").to_pylist() == ["a", "b"]
     assert table.column("embedding").to_pylist() == [[4.0, 5.0, 6.0], [1.0, 2.0, 3.0]]
     torch.save({"cls": torch.zeros(3)}, tmp_path / "c.pt")
     with pytest.raises(ValueError, match=r"c\.pt holds a dict, not a tensor.*torch\.save\(tensor\)"):
-        embed.import_pt_layout(str(tmp_path))
+        pt_layout.import_pt_layout(str(tmp_path))
     (tmp_path / "c.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match=r"c\.pt is not a tensor file torch\.load\(weights_only=True\) can read"):
-        embed.import_pt_layout(str(tmp_path))
+        pt_layout.import_pt_layout(str(tmp_path))
     torch.save(torch.zeros(2, 3), tmp_path / "c.pt")
     with pytest.raises(ValueError, match=r"shape \(2, 3\); expected a floating \[1, D\] or \[D\]"):
-        embed.import_pt_layout(str(tmp_path))
+        pt_layout.import_pt_layout(str(tmp_path))
     torch.save(torch.zeros(4), tmp_path / "c.pt")
     with pytest.raises(ValueError, match=r"mix embedding sizes \[3, 4\]"):
-        embed.import_pt_layout(str(tmp_path))
+        pt_layout.import_pt_layout(str(tmp_path))
     (tmp_path / "c.pt").unlink()
     with pytest.raises(ValueError, match="not in the samples table"):
-        embed.import_pt_layout(str(tmp_path), samples=pa.table({"id": ["a"], "split": ["val"], "degradation": ["x"]}))
+        pt_layout.import_pt_layout(str(tmp_path), samples=pa.table({"id": ["a"], "split": ["val"], "degradation": ["x"]}))
     with pytest.raises(FileNotFoundError, match="no .pt files under"):
-        embed.import_pt_layout(str(tmp_path / "empty"))
+        pt_layout.import_pt_layout(str(tmp_path / "empty"))
 
 
 # ---------------------------------------------------------------- downstream of a quarantine
@@ -233,7 +233,7 @@ def test_train_refinement_never_reads_val_rows():
     fits = []
     for val_gt in (gt[8:], torch.full_like(gt[8:], float("nan"))):
         emb = embed.Embeddings(ids, splits, [i.split("/")[1] for i in ids], lq, torch.cat([gt[:8], val_gt]))
-        result, selection = embed.train_refinement(emb, cfg, torch.device("cpu"), LOG)
+        result, selection = refine.train_refinement(emb, cfg, torch.device("cpu"), LOG)
         fits.append((result.model.state_dict(), result.best_epoch, selection))
     assert fits[0][1] == fits[1][1] and fits[0][2] == fits[1][2]
     assert all(torch.equal(fits[0][0][k], fits[1][0][k]) for k in fits[0][0])

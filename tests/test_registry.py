@@ -30,7 +30,8 @@ from srdiff_core.unet import ConditionalUNet
 from storage import tables
 from tasks import artifacts, lineage, registry, tracking
 from tasks.common import StageResult
-from tasks.embed import save_srm, table_metadata
+from tasks.embed import table_metadata
+from tasks.refine import save_srm
 from tasks.stage_hooks import StageHooks
 from tasks.train import model_file_state
 

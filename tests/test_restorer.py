@@ -19,7 +19,8 @@ from srdiff_core.ema import make_ema
 from srdiff_core.restorer import ModelFileMismatch, Restorer
 from srdiff_core.training import TrainState, build_optimizer, train_state_dict
 from srdiff_core.unet import ConditionalUNet
-from tasks.embed import save_srm, table_metadata
+from tasks.embed import table_metadata
+from tasks.refine import save_srm
 from tasks.train import model_file_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread

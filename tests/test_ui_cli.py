@@ -140,13 +140,19 @@ def test_ctrl_c_stops_the_server_and_a_worker_that_ignores_sigterm(tmp_path):
         os.killpg(ui.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         out, _ = ui.communicate(timeout=30)
     finally:
-        if ui.poll() is None:
-            ui.kill()
-            ui.wait()
-        left = survivors(tree)
-        kill_survivors(tree)
+        left = stop_all(ui, tree)
     assert ui.returncode == 130 and "Traceback" not in out, out
     assert not left, [p.cmdline() for p in left]
+
+
+def stop_all(ui: subprocess.Popen, tree: list) -> list:
+    """Kill ``ui`` if it still runs; the processes of ``tree`` that were left running (then killed)."""
+    if ui.poll() is None:
+        ui.kill()
+        ui.wait()
+    left = survivors(tree)
+    kill_survivors(tree)
+    return left
 
 
 @pytest.mark.slow
@@ -171,11 +177,7 @@ def test_ui_from_another_folder_serves_the_run_and_sigterm_stops_everything(run_
         code = ui.wait(timeout=60)
         took = time.monotonic() - started
     finally:
-        if ui.poll() is None:
-            ui.kill()
-            ui.wait()
-        left = survivors(tree)
-        kill_survivors(tree)
+        left = stop_all(ui, tree)
     out = log.read_text(errors="replace")
     assert code == 143, out[-3000:]
     assert not left, f"still running after srdiff exited: {[p.cmdline() for p in left]}"

@@ -208,7 +208,7 @@ def test_a_model_file_restores_in_the_layout_it_was_trained_in(tmp_path):
     from srdiff_core import srm
     from srdiff_core.config import Config
     from srdiff_core.restorer import Restorer
-    from tasks.embed import save_srm
+    from tasks.refine import save_srm
     from tasks.train import model_file_state
 
     cfg = Config.model_validate({"data_root": str(tmp_path), "embed": {"pretrained": "none", "srm": {"hidden": 8}},
