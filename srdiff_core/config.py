@@ -179,6 +179,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(default=16, ge=1)
     patch_size: int = Field(default=256, ge=8)
     lr: float = 2e-4
+    # matching: IR-SDE's maximum-likelihood loss (Sec. 3.2); x0: L1 on the x0 estimate, every step
+    # weighed alike; x0_psnr: minus the per-image PSNR of that estimate (srdiff_core.sde).
+    loss: Literal["matching", "x0", "x0_psnr"] = "matching"
     betas: tuple[float, float] = (0.9, 0.99)
     # AdamW's epsilon. The matching loss scales with lambda = max_sigma / 255: at a small max_sigma
     # its per-parameter gradients come near the default 1e-8, which then damps every update.

@@ -275,6 +275,50 @@ def matching_loss(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context
     return F.l1_loss(pred_prev, target_prev)
 
 
+def _x0_estimate(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context: Tensor | None,
+                 generator: torch.Generator | None) -> Tensor:
+    """The network's x0 estimate at x_t ~ p(x_t | x0), t ~ U{1..T}: the matching loss's draws (t, then noise)."""
+    if x0.shape != mu.shape:
+        raise ValueError(f"x0 {tuple(x0.shape)} and mu {tuple(mu.shape)} must have the same shape "
+                         f"(crop GT and LQ to the same patch)")
+    t = sample_timesteps(sde, x0.shape[0], generator=generator, device=x0.device)
+    noise = randn_like_from(x0, generator)
+    xt = sde.q_sample(x0, mu, t, noise)
+    noise_pred = model(xt, mu, t, context)
+    return sde.predict_x0(xt, mu, t, noise_pred.to(xt.dtype))
+
+
+def x0_loss(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context: Tensor | None, *,
+            generator: torch.Generator | None = None) -> Tensor:
+    """L1 between the clean image and the network's x0 estimate, t ~ U{1..T} (train.loss x0).
+
+    The matching loss weighs the x0 error at step t by the posterior's x0 coefficient
+    (``posterior_coefficients(t, t - 1)``'s b), which falls from 1 at t = 1 to 1e-3 at t = T with
+    eps 0.005: the estimate a few-step sampler starts from is the one trained least. This loss
+    weighs every step alike, the x0 objective of Cold Diffusion (Bansal et al., NeurIPS 2023).
+    """
+    return F.l1_loss(_x0_estimate(sde, model, x0, mu, context, generator), x0)
+
+
+def x0_psnr_loss(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context: Tensor | None, *,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Minus the mean per-image PSNR of the x0 estimate, t ~ U{1..T} (train.loss x0_psnr):
+    10 log10(MSE_i) averaged over the batch, NAFNet's PSNR loss (Chen et al., ECCV 2022).
+
+    Per image on a log scale, so an image its input already matches closely (mild motion blur)
+    weighs as much as a dark or hazy one, whose errors are ten times larger: under a pixel
+    loss the network learns the large corrections first and lets them leak into the small.
+    It is also what the evaluation averages (per-image PSNR).
+    """
+    estimate = _x0_estimate(sde, model, x0, mu, context, generator)
+    mse = (estimate.float() - x0.float()).pow(2).flatten(1).mean(1)
+    # 1e-8: a perfect patch (MSE 0) gives -80 dB, not -inf (NAFNet's PSNRLoss adds the same).
+    return 10.0 * torch.log10(mse + 1e-8).mean()
+
+
+TRAINING_LOSSES = {"matching": matching_loss, "x0": x0_loss, "x0_psnr": x0_psnr_loss}
+
+
 # ------------------------------------------------------------------------------ helpers
 
 def _as_index(t: Tensor | int, T: int) -> Tensor:

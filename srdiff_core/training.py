@@ -42,7 +42,7 @@ from srdiff_core.checkpoint import (
 from srdiff_core.config import TrainConfig
 from srdiff_core.distributed import rank_seed, require_same_step
 from srdiff_core.ema import ema_decay_at, ema_update, make_ema
-from srdiff_core.sde import matching_loss
+from srdiff_core.sde import TRAINING_LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def _refuse_non_finite(what: str, value: float, step: int) -> None:
 
 def train_step(state: TrainState, sde, batch: Batch, cfg: TrainConfig, *, device: str | torch.device,
                generator: torch.Generator | None = None) -> dict[str, float]:
-    """One AdamW step on the IR-SDE matching loss, then the scheduler and EMA updates.
+    """One AdamW step on ``cfg.loss`` (the IR-SDE matching loss by default), then the scheduler and EMA updates.
 
     ``generator`` (default ``state.generator``) draws the timesteps and noise. The model is
     expected on ``device`` already, in channels_last layout when ``cfg.channels_last``.
@@ -232,7 +232,7 @@ def train_step(state: TrainState, sde, batch: Batch, cfg: TrainConfig, *, device
     lq, gt, context = _to_device(batch, device, cfg.channels_last)
     # bf16 keeps fp32's exponent range, so unlike fp16 it needs no loss scaling.
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        loss = matching_loss(sde, model, gt, lq, context, generator=generator)
+        loss = TRAINING_LOSSES[cfg.loss](sde, model, gt, lq, context, generator=generator)
     loss_value = loss.item()
     _refuse_non_finite("loss", loss_value, state.step)
     state.optimizer.zero_grad(set_to_none=True)

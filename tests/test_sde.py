@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from srdiff_core.config import SDEConfig
-from srdiff_core.sde import IRSDE, matching_loss
+from srdiff_core.sde import IRSDE, matching_loss, x0_loss, x0_psnr_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
@@ -231,6 +231,62 @@ def test_matching_loss_oracles_and_backprop():
     assert torch.isfinite(loss) and loss.ndim == 0
     loss.backward()
     assert weight.grad is not None and weight.grad.item() != 0.0
+
+
+def test_x0_loss_is_the_l1_of_the_x0_estimate_at_uniform_t():
+    sde = IRSDE(max_sigma=10)
+    gen = torch.Generator().manual_seed(4)
+    x0, mu = torch.rand(4, 3, 8, 8, generator=gen), torch.rand(4, 3, 8, 8, generator=gen)
+
+    def loss_of(model):
+        return x0_loss(sde, model, x0, mu, None, generator=torch.Generator().manual_seed(5))
+
+    # The same draws by hand: t ~ U{1..100}, then the noise; a zero noise estimate leaves
+    # x0_hat - x0 = e^{thetabar_t} sqrt(v_t) noise, the x_t noise scaled back to the x0 scale.
+    draw = torch.Generator().manual_seed(5)
+    t = torch.randint(1, 101, (4,), generator=draw)
+    noise = torch.randn(x0.shape, generator=draw)
+    thetabar = sde.thetas_cumsum[t] * sde.dt
+    scale = (torch.exp(thetabar) * sde.lam * torch.sqrt(-torch.expm1(-2 * thetabar))).float()
+    expected = (scale[:, None, None, None] * noise).abs().mean().item()
+    assert loss_of(lambda xt, mu, t, c: torch.zeros_like(xt)).item() == pytest.approx(expected, rel=1e-5)
+    assert loss_of(TrueNoiseOracle(sde, x0)).item() < 1e-5
+    assert expected > 1e-2
+
+    weight = torch.zeros((), requires_grad=True)
+    loss = loss_of(lambda xt, mu, t, c: weight * (xt - mu))
+    loss.backward()
+    assert weight.grad is not None and weight.grad.item() != 0.0
+    with pytest.raises(ValueError, match="same shape"):
+        x0_loss(sde, TrueNoiseOracle(sde, x0), x0, mu[:, :, :4], None)
+
+
+def test_x0_psnr_loss_is_minus_the_mean_per_image_psnr():
+    sde = IRSDE(max_sigma=10)
+    x0 = torch.full((2, 3, 4, 4), 0.5)
+    mu = x0.clone()
+
+    def constant_error(errors):
+        # A noise estimate whose x0 estimate is off by errors[i] everywhere in image i.
+        def model(xt, mu_, t, c):
+            wanted = x0 + torch.tensor(errors)[:, None, None, None]
+            thetabar = sde.thetas_cumsum[t] * sde.dt
+            decay = torch.exp(-thetabar).float()[:, None, None, None]
+            std = (sde.lam * torch.sqrt(-torch.expm1(-2 * thetabar))).float()[:, None, None, None]
+            return (xt - mu_ - decay * (wanted - mu_)) / std
+        return model
+
+    # Per image, then averaged: errors 0.1 and 0.01 are 20 and 40 dB, so the loss is -30.
+    loss = x0_psnr_loss(sde, constant_error([0.1, 0.01]), x0, mu, None, generator=torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(-30.0, abs=1e-3)
+    # A pixel loss would rank the two images 10:1; this one gains as much from either getting 10x better.
+    better_small = x0_psnr_loss(sde, constant_error([0.1, 0.001]), x0, mu, None, generator=torch.Generator().manual_seed(0))
+    better_large = x0_psnr_loss(sde, constant_error([0.01, 0.01]), x0, mu, None, generator=torch.Generator().manual_seed(0))
+    # (float32 rounding of the x0 estimate, scaled up by e^{thetabar_t}, shows at a 0.001 error)
+    assert better_small.item() == pytest.approx(-40.0, abs=0.05)
+    assert better_large.item() == pytest.approx(-40.0, abs=1e-3)
+    perfect = x0_psnr_loss(sde, TrueNoiseOracle(sde, x0), x0, mu + 0.2, None)
+    assert perfect.item() < -60  # the 1e-8 floor, not -inf
 
 
 def test_matching_loss_draws_t_and_noise_from_generator():

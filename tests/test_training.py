@@ -17,7 +17,7 @@ from srdiff_core.checkpoint import CheckpointMismatch, latest_checkpoint, load_c
 from srdiff_core.config import TrainConfig
 from srdiff_core.ema import ema_decay_at, ema_update, make_ema
 from srdiff_core.samplers import posterior_sample
-from srdiff_core.sde import IRSDE
+from srdiff_core.sde import IRSDE, TRAINING_LOSSES
 from srdiff_core.training import (
     TrainState,
     build_optimizer,
@@ -193,6 +193,23 @@ def test_train_step_updates_model_ema_and_step(precision):
     assert metrics["grad_norm"] > 1e-5
     grads = [p.grad for p in state.model.parameters() if p.grad is not None]
     assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == pytest.approx(1e-5, rel=0.01)  # clip adds 1e-6 to the norm
+
+
+@pytest.mark.parametrize("loss", ["matching", "x0"])
+def test_train_step_optimises_the_configured_loss(loss):
+    """train.loss picks the objective: the step reports exactly that loss of the model before it."""
+    cfg = tiny_config(loss=loss)
+    state = _fresh_state(cfg)
+    batch = next(random_batches(0))
+    sde = IRSDE(10.0)
+    expected = TRAINING_LOSSES[loss](sde, state.model, batch["gt"], batch["lq"], batch["context"],
+                                     generator=torch.Generator().manual_seed(cfg.seed)).item()
+    assert train_step(state, sde, batch, cfg, device="cpu")["loss"] == pytest.approx(expected, rel=1e-6)
+    other = TRAINING_LOSSES["x0" if loss == "matching" else "matching"]
+    assert other(sde, _fresh_state(cfg).model, batch["gt"], batch["lq"], batch["context"],
+                 generator=torch.Generator().manual_seed(cfg.seed)).item() != pytest.approx(expected, rel=1e-3)
+    with pytest.raises(ValueError, match="loss"):
+        tiny_config(loss="l2")
 
 
 def test_ema_every_10_updates_only_after_steps_10_and_20():
