@@ -105,6 +105,9 @@ RECIPES: dict[str, list[str]] = {
     "x0l-p96b4": ["train.loss=x0", "evaluate.steps=1", "train.lr=1e-3", "sde.max_sigma=0.5", "train.patch_size=96",
                   "train.batch_size=4"],
     "x0l-nrb2": ["train.loss=x0", "evaluate.steps=1", "train.lr=1e-3", "sde.max_sigma=0.5", "unet.num_res_blocks=2"],
+    # On configs/demo.yaml after the third sweep (x0l-p96b4):
+    "p96b8-buf128": ["train.batch_size=8", "train.shuffle_buffer=128"],
+    "p96b4-buf128-600": ["train.shuffle_buffer=128", "train.steps=600"],
     "x0loss-k1-b16": ["train.loss=x0", "evaluate.steps=1", "train.batch_size=16"],
     "cin-s2-eps0.005": ["unet.input_scaling_std=0.25", "sde.max_sigma=2", "sde.eps=0.005", "train.adam_eps=1e-12"],
     "cin-s4-eps0.005": ["unet.input_scaling_std=0.25", "sde.max_sigma=4", "sde.eps=0.005", "train.adam_eps=1e-12"],
