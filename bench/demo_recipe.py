@@ -101,7 +101,6 @@ RECIPES: dict[str, list[str]] = {
     "x0l-buf128-800": ["train.loss=x0", "evaluate.steps=1", "train.lr=1e-3", "sde.max_sigma=0.5", "train.shuffle_buffer=128",
                        "train.steps=800"],
     "psnr": ["train.loss=x0_psnr", "evaluate.steps=1", "train.lr=1e-3", "sde.max_sigma=0.5"],
-    "psnr-buf128": ["train.loss=x0_psnr", "evaluate.steps=1", "train.lr=1e-3", "sde.max_sigma=0.5", "train.shuffle_buffer=128"],
     "x0l-p96b4": ["train.loss=x0", "evaluate.steps=1", "train.lr=1e-3", "sde.max_sigma=0.5", "train.patch_size=96",
                   "train.batch_size=4"],
     "x0l-nrb2": ["train.loss=x0", "evaluate.steps=1", "train.lr=1e-3", "sde.max_sigma=0.5", "unet.num_res_blocks=2"],
@@ -149,22 +148,24 @@ def run_recipe(root: Path, overrides: list[str]) -> dict:
             "metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")}}
 
 
-DEGRADATION_COLUMNS = ["hazy", "rainy", "motion-blurry", "low-light", "all"]
+def _row(name: str, metrics: dict, prefix: str, wall: str) -> str:
+    """One table row: ``prefix`` "lq_" reads the input's metrics, "" the restored ones."""
+    from srdiff_core.config import DEGRADATIONS
+
+    cells = [f"{metrics[f'eval/{d}/{prefix}psnr']:.2f} / {metrics[f'eval/{d}/{prefix}ssim']:.3f}"
+             for d in (*DEGRADATIONS, "all")]
+    return "| " + " | ".join([name, *cells, wall]) + " |"
 
 
 def table(results: dict[str, dict]) -> str:
     """Held-out PSNR / SSIM per degradation: an input (LQ) row, then one row per recipe."""
-    head = ["recipe"] + [f"{d} PSNR / SSIM" for d in DEGRADATION_COLUMNS] + ["wall s"]
+    from srdiff_core.config import DEGRADATIONS
+
+    head = ["recipe", *(f"{d} PSNR / SSIM" for d in (*DEGRADATIONS, "all")), "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [("input (LQ)", "lq_", None)] if results else []
-    rows += [(name, "", r) for name, r in results.items()]
-    first = next(iter(results.values()), None)
-    for name, prefix, r in rows:
-        m = (r or first)["metrics"]
-        cells = [name] + [f"{m[f'eval/{d}/{prefix}psnr']:.2f} / {m[f'eval/{d}/{prefix}ssim']:.3f}"
-                          for d in DEGRADATION_COLUMNS]
-        cells.append(f"{r['wall_s']:.0f}" if r else "")
-        lines.append("| " + " | ".join(cells) + " |")
+    if results:  # every recipe scores the same held-out images: the first one's input row stands for all
+        lines.append(_row("input (LQ)", next(iter(results.values()))["metrics"], "lq_", ""))
+    lines += [_row(name, r["metrics"], "", f"{r['wall_s']:.0f}") for name, r in results.items()]
     return "\n".join(lines)
 
 

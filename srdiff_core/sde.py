@@ -255,6 +255,21 @@ def randn_like_from(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return noise.to(device=x.device, dtype=x.dtype)
 
 
+def _noised_prediction(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context: Tensor | None,
+                       generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    """What every training loss starts from: t ~ U{1..T}, then the noise (both from ``generator``,
+    in that order), x_t ~ p(x_t | x0) and the network's noise estimate there, cast to the data's
+    dtype (the model may run under autocast; the losses compare in the data's precision).
+    Returns (x_t, t, noise estimate)."""
+    if x0.shape != mu.shape:
+        raise ValueError(f"x0 {tuple(x0.shape)} and mu {tuple(mu.shape)} must have the same shape "
+                         f"(crop GT and LQ to the same patch)")
+    t = sample_timesteps(sde, x0.shape[0], generator=generator, device=x0.device)
+    noise = randn_like_from(x0, generator)
+    xt = sde.q_sample(x0, mu, t, noise)
+    return xt, t, model(xt, mu, t, context).to(xt.dtype)
+
+
 def matching_loss(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context: Tensor | None, *,
                   generator: torch.Generator | None = None) -> Tensor:
     """IR-SDE maximum-likelihood ("matching") loss: L1 between the reverse-SDE step mean built from
@@ -262,30 +277,15 @@ def matching_loss(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context
 
     ``x0`` is the clean image, ``mu`` the degraded one; ``generator`` draws t and the noise.
     """
-    if x0.shape != mu.shape:
-        raise ValueError(f"x0 {tuple(x0.shape)} and mu {tuple(mu.shape)} must have the same shape "
-                         f"(crop GT and LQ to the same patch)")
-    t = sample_timesteps(sde, x0.shape[0], generator=generator, device=x0.device)
-    noise = randn_like_from(x0, generator)
-    xt = sde.q_sample(x0, mu, t, noise)
-    noise_pred = model(xt, mu, t, context)
-    # The model may run under autocast; the loss compares states in the data's precision.
-    pred_prev = sde.reverse_mean(xt, mu, t, noise_pred.to(xt.dtype))
-    target_prev = sde.optimal_prev(xt, x0, mu, t)
-    return F.l1_loss(pred_prev, target_prev)
+    xt, t, noise_pred = _noised_prediction(sde, model, x0, mu, context, generator)
+    return F.l1_loss(sde.reverse_mean(xt, mu, t, noise_pred), sde.optimal_prev(xt, x0, mu, t))
 
 
 def _x0_estimate(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context: Tensor | None,
                  generator: torch.Generator | None) -> Tensor:
-    """The network's x0 estimate at x_t ~ p(x_t | x0), t ~ U{1..T}: the matching loss's draws (t, then noise)."""
-    if x0.shape != mu.shape:
-        raise ValueError(f"x0 {tuple(x0.shape)} and mu {tuple(mu.shape)} must have the same shape "
-                         f"(crop GT and LQ to the same patch)")
-    t = sample_timesteps(sde, x0.shape[0], generator=generator, device=x0.device)
-    noise = randn_like_from(x0, generator)
-    xt = sde.q_sample(x0, mu, t, noise)
-    noise_pred = model(xt, mu, t, context)
-    return sde.predict_x0(xt, mu, t, noise_pred.to(xt.dtype))
+    """The network's x0 estimate at the x_t the matching loss would draw from ``generator``."""
+    xt, t, noise_pred = _noised_prediction(sde, model, x0, mu, context, generator)
+    return sde.predict_x0(xt, mu, t, noise_pred)
 
 
 def x0_loss(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context: Tensor | None, *,

@@ -208,10 +208,21 @@ class MatchingOracle(TrueNoiseOracle):
         return (with_zero - target) / per_unit
 
 
+def random_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, mu): four random 8x8 images each, the same every call."""
+    gen = torch.Generator().manual_seed(4)
+    return torch.rand(4, 3, 8, 8, generator=gen), torch.rand(4, 3, 8, 8, generator=gen)
+
+
+def decay_and_std(sde: IRSDE, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e^{-thetabar_t} and sqrt(v_t) = lambda sqrt(1 - e^{-2 thetabar_t}) by hand, [B, 1, 1, 1] float32."""
+    thetabar = (sde.thetas_cumsum[t] * sde.dt)[:, None, None, None]
+    return torch.exp(-thetabar).float(), (sde.lam * torch.sqrt(-torch.expm1(-2 * thetabar))).float()
+
+
 def test_matching_loss_oracles_and_backprop():
     sde = IRSDE(max_sigma=10)
-    gen = torch.Generator().manual_seed(4)
-    x0, mu = torch.rand(4, 3, 8, 8, generator=gen), torch.rand(4, 3, 8, 8, generator=gen)
+    x0, mu = random_pair()
 
     def loss_of(model):
         return matching_loss(sde, model, x0, mu, None, generator=torch.Generator().manual_seed(5))
@@ -235,8 +246,7 @@ def test_matching_loss_oracles_and_backprop():
 
 def test_x0_loss_is_the_l1_of_the_x0_estimate_at_uniform_t():
     sde = IRSDE(max_sigma=10)
-    gen = torch.Generator().manual_seed(4)
-    x0, mu = torch.rand(4, 3, 8, 8, generator=gen), torch.rand(4, 3, 8, 8, generator=gen)
+    x0, mu = random_pair()
 
     def loss_of(model):
         return x0_loss(sde, model, x0, mu, None, generator=torch.Generator().manual_seed(5))
@@ -246,9 +256,8 @@ def test_x0_loss_is_the_l1_of_the_x0_estimate_at_uniform_t():
     draw = torch.Generator().manual_seed(5)
     t = torch.randint(1, 101, (4,), generator=draw)
     noise = torch.randn(x0.shape, generator=draw)
-    thetabar = sde.thetas_cumsum[t] * sde.dt
-    scale = (torch.exp(thetabar) * sde.lam * torch.sqrt(-torch.expm1(-2 * thetabar))).float()
-    expected = (scale[:, None, None, None] * noise).abs().mean().item()
+    decay, std = decay_and_std(sde, t)
+    expected = (std / decay * noise).abs().mean().item()
     assert loss_of(lambda xt, mu, t, c: torch.zeros_like(xt)).item() == pytest.approx(expected, rel=1e-5)
     assert loss_of(TrueNoiseOracle(sde, x0)).item() < 1e-5
     assert expected > 1e-2
@@ -270,9 +279,7 @@ def test_x0_psnr_loss_is_minus_the_mean_per_image_psnr():
         # A noise estimate whose x0 estimate is off by errors[i] everywhere in image i.
         def model(xt, mu_, t, c):
             wanted = x0 + torch.tensor(errors)[:, None, None, None]
-            thetabar = sde.thetas_cumsum[t] * sde.dt
-            decay = torch.exp(-thetabar).float()[:, None, None, None]
-            std = (sde.lam * torch.sqrt(-torch.expm1(-2 * thetabar))).float()[:, None, None, None]
+            decay, std = decay_and_std(sde, t)
             return (xt - mu_ - decay * (wanted - mu_)) / std
         return model
 
