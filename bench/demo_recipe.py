@@ -108,6 +108,12 @@ RECIPES: dict[str, list[str]] = {
     "p96b8-buf128": ["train.batch_size=8", "train.shuffle_buffer=128"],
     "p96b4-buf128-600": ["train.shuffle_buffer=128", "train.steps=600"],
     "x0loss-k1-b16": ["train.loss=x0", "evaluate.steps=1", "train.batch_size=16"],
+    # Fourth sweep, on configs/demo.yaml after it (train.timesteps [100]: the x0 loss at t = T alone);
+    # t-every is the third sweep's choice (x0l-p96b4) again, trained at every step.
+    "t-every": ["train.timesteps=null"],
+    "tT-psnr": ["train.loss=x0_psnr"],
+    "tT-700": ["train.steps=700"],
+    "tT-nf24": ["unet.nf=24"],
     "cin-s2-eps0.005": ["unet.input_scaling_std=0.25", "sde.max_sigma=2", "sde.eps=0.005", "train.adam_eps=1e-12"],
     "cin-s4-eps0.005": ["unet.input_scaling_std=0.25", "sde.max_sigma=4", "sde.eps=0.005", "train.adam_eps=1e-12"],
 }

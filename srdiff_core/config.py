@@ -182,6 +182,10 @@ class TrainConfig(_Section):
     # matching: IR-SDE's maximum-likelihood loss (Sec. 3.2); x0: L1 on the x0 estimate, every step
     # weighed alike; x0_psnr: minus the per-image PSNR of that estimate (srdiff_core.sde).
     loss: Literal["matching", "x0", "x0_psnr"] = "matching"
+    # The steps t the loss is drawn at: None, every step 1..T alike (IR-SDE); a list, only those
+    # (uniformly), e.g. [T] for a one-jump sampler (evaluate.steps 1), which only ever queries the
+    # network at t = T. Must hold every step evaluate.steps' sampler visits (checked at load).
+    timesteps: list[int] | None = None
     betas: tuple[float, float] = (0.9, 0.99)
     # AdamW's epsilon. The matching loss scales with lambda = max_sigma / 255: at a small max_sigma
     # its per-parameter gradients come near the default 1e-8, which then damps every update.
@@ -273,7 +277,8 @@ class Config(_Section):
     # training is refused before the first stage. All problems are reported at once.
     @model_validator(mode="after")
     def _check_cross_keys(self) -> "Config":
-        problems = [p for p in (_evaluate_steps_problem(self), _tile_overlap_problem(self)) if p]
+        checks = (_evaluate_steps_problem, _tile_overlap_problem, _train_timesteps_problem)
+        problems = [p for p in (check(self) for check in checks) if p]
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
@@ -290,6 +295,24 @@ def _evaluate_steps_problem(cfg: Config) -> str | None:
         return None
     return (f"evaluate.steps ({steps}) exceeds sde.T ({T}), the number of SDE steps: "
             f"set evaluate.steps <= sde.T ({T})")
+
+
+def _train_timesteps_problem(cfg: Config) -> str | None:
+    chosen, T = cfg.train.timesteps, cfg.sde.T
+    if chosen is None:
+        return None
+    if not chosen or any(not 1 <= t <= T for t in chosen):
+        return f"train.timesteps {chosen} must be a non-empty list of steps in 1..sde.T ({T}), or null for all"
+    if cfg.evaluate.steps > T:
+        return None  # _evaluate_steps_problem says what to fix first
+    from srdiff_core.samplers import sampling_timesteps  # torch: imported only when a list is set
+
+    visited = sampling_timesteps(T, cfg.evaluate.steps)[:-1]  # the network is queried at all but t = 0
+    untrained = sorted(set(visited) - set(chosen), reverse=True)
+    if not untrained:
+        return None
+    return (f"evaluate.steps {cfg.evaluate.steps} queries the network at t = {visited}, but train.timesteps "
+            f"{chosen} leaves out {untrained}: set train.timesteps: {visited}, or null to train every step")
 
 
 def _tile_overlap_problem(cfg: Config) -> str | None:

@@ -99,6 +99,8 @@ class Restorer:
     trained_clip_pretrained: str | None = None
     trained_clip_digest: str | None = None
     path: Path | None = None
+    # train.timesteps the network learned at (None: every step, and files from before the setting).
+    trained_timesteps: list[int] | None = None
 
     @property
     def conditioning(self) -> str:
@@ -130,7 +132,16 @@ class Restorer:
         device = torch.device(device)
         return cls(unet=unet.to(device).eval(), sde=sde, srm=refiner.to(device).eval(), clip_arch=arch,
                    clip_pretrained=clip_pretrained or pretrained, device=device, trained_clip_pretrained=pretrained,
-                   trained_clip_digest=embed.get("weights_digest"), path=path)
+                   trained_clip_digest=embed.get("weights_digest"), path=path,
+                   trained_timesteps=state.get("train", {}).get("timesteps"))
+
+    def untrained_steps(self, steps: int) -> list[int]:
+        """The steps a ``steps``-jump sampler queries the network at that it was not trained at
+        (train.timesteps); empty when it learned them all."""
+        if self.trained_timesteps is None:
+            return []
+        visited = samplers.sampling_timesteps(self.sde.T, steps)[:-1]
+        return [t for t in visited if t not in self.trained_timesteps]
 
     def encoder(self) -> clip_embed.ClipEncoder:
         """The CLIP encoder; refused when its weights are not those the model file records."""

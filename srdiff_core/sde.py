@@ -22,7 +22,7 @@ exp(thetabar_T) = 1/eps = 200 amplifies float32 rounding of the exponent.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -240,11 +240,15 @@ class IRSDE:
 
 # ------------------------------------------------------------------------------ loss
 
-def sample_timesteps(sde: IRSDE, batch: int, *, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """t ~ U{1..T} (t = 0 is the clean image: there is nothing to learn there)."""
+def sample_timesteps(sde: IRSDE, batch: int, *, generator: torch.Generator | None, device: torch.device,
+                     choices: Sequence[int] | None = None) -> Tensor:
+    """t ~ U{1..T} (t = 0 is the clean image: there is nothing to learn there), or uniform over
+    ``choices`` (train.timesteps: the steps a few-step sampler queries the network at)."""
     gen_device = generator.device if generator is not None else device
-    t = torch.randint(1, sde.T + 1, (batch,), generator=generator, device=gen_device)
-    return t.to(device)
+    if not choices:
+        return torch.randint(1, sde.T + 1, (batch,), generator=generator, device=gen_device).to(device)
+    index = torch.randint(0, len(choices), (batch,), generator=generator, device=gen_device)
+    return torch.as_tensor(list(choices), device=gen_device)[index].to(device)
 
 
 def randn_like_from(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -256,53 +260,55 @@ def randn_like_from(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def _noised_prediction(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context: Tensor | None,
-                       generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-    """What every training loss starts from: t ~ U{1..T}, then the noise (both from ``generator``,
-    in that order), x_t ~ p(x_t | x0) and the network's noise estimate there, cast to the data's
+                       generator: torch.Generator | None,
+                       timesteps: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """What every training loss starts from: t (:func:`sample_timesteps`, over ``timesteps`` when
+    given), then the noise (both from ``generator``, in that order), x_t ~ p(x_t | x0) and the network's noise estimate there, cast to the data's
     dtype (the model may run under autocast; the losses compare in the data's precision).
     Returns (x_t, t, noise estimate)."""
     if x0.shape != mu.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and mu {tuple(mu.shape)} must have the same shape "
                          f"(crop GT and LQ to the same patch)")
-    t = sample_timesteps(sde, x0.shape[0], generator=generator, device=x0.device)
+    t = sample_timesteps(sde, x0.shape[0], generator=generator, device=x0.device, choices=timesteps)
     noise = randn_like_from(x0, generator)
     xt = sde.q_sample(x0, mu, t, noise)
     return xt, t, model(xt, mu, t, context).to(xt.dtype)
 
 
 def matching_loss(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context: Tensor | None, *,
-                  generator: torch.Generator | None = None) -> Tensor:
+                  generator: torch.Generator | None = None, timesteps: Sequence[int] | None = None) -> Tensor:
     """IR-SDE maximum-likelihood ("matching") loss: L1 between the reverse-SDE step mean built from
     the predicted noise and the optimal x*_{t-1} (IR-SDE Sec. 3.2, Proposition 3.1). Scalar mean.
 
     ``x0`` is the clean image, ``mu`` the degraded one; ``generator`` draws t and the noise.
     """
-    xt, t, noise_pred = _noised_prediction(sde, model, x0, mu, context, generator)
+    xt, t, noise_pred = _noised_prediction(sde, model, x0, mu, context, generator, timesteps)
     return F.l1_loss(sde.reverse_mean(xt, mu, t, noise_pred), sde.optimal_prev(xt, x0, mu, t))
 
 
 def _x0_estimate(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context: Tensor | None,
-                 generator: torch.Generator | None) -> Tensor:
+                 generator: torch.Generator | None, timesteps: Sequence[int] | None = None) -> Tensor:
     """The network's x0 estimate at the x_t the matching loss would draw from ``generator``."""
-    xt, t, noise_pred = _noised_prediction(sde, model, x0, mu, context, generator)
+    xt, t, noise_pred = _noised_prediction(sde, model, x0, mu, context, generator, timesteps)
     return sde.predict_x0(xt, mu, t, noise_pred)
 
 
 def x0_loss(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context: Tensor | None, *,
-            generator: torch.Generator | None = None) -> Tensor:
-    """L1 between the clean image and the network's x0 estimate, t ~ U{1..T} (train.loss x0).
+            generator: torch.Generator | None = None, timesteps: Sequence[int] | None = None) -> Tensor:
+    """L1 between the clean image and the network's x0 estimate, t ~ U{1..T} or
+    ``timesteps`` (train.loss x0).
 
     The matching loss weighs the x0 error at step t by the posterior's x0 coefficient
     (``posterior_coefficients(t, t - 1)``'s b), which falls from 1 at t = 1 to 1e-3 at t = T with
     eps 0.005: the estimate a few-step sampler starts from is the one trained least. This loss
     weighs every step alike, the x0 objective of Cold Diffusion (Bansal et al., NeurIPS 2023).
     """
-    return F.l1_loss(_x0_estimate(sde, model, x0, mu, context, generator), x0)
+    return F.l1_loss(_x0_estimate(sde, model, x0, mu, context, generator, timesteps), x0)
 
 
 def x0_psnr_loss(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context: Tensor | None, *,
-                 generator: torch.Generator | None = None) -> Tensor:
-    """Minus the mean per-image PSNR of the x0 estimate, t ~ U{1..T} (train.loss x0_psnr):
+                 generator: torch.Generator | None = None, timesteps: Sequence[int] | None = None) -> Tensor:
+    """Minus the mean per-image PSNR of the x0 estimate, t as for x0_loss (train.loss x0_psnr):
     10 log10(MSE_i) averaged over the batch, NAFNet's PSNR loss (Chen et al., ECCV 2022).
 
     Per image on a log scale, so an image its input already matches closely (mild motion blur)
@@ -310,7 +316,7 @@ def x0_psnr_loss(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, context:
     loss the network learns the large corrections first and lets them leak into the small.
     It is also what the evaluation averages (per-image PSNR).
     """
-    estimate = _x0_estimate(sde, model, x0, mu, context, generator)
+    estimate = _x0_estimate(sde, model, x0, mu, context, generator, timesteps)
     mse = (estimate.float() - x0.float()).pow(2).flatten(1).mean(1)
     # 1e-8: a perfect patch (MSE 0) gives -80 dB, not -inf (NAFNet's PSNRLoss adds the same).
     return 10.0 * torch.log10(mse + 1e-8).mean()

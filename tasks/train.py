@@ -47,6 +47,8 @@ def model_file_state(ema: torch.nn.Module, cfg: Config, srm_url: str, *, clip_me
     weights_digest = None if clip_meta is None else clip_meta["weights_digest"]
     return {"format": "srdiff-model-v1", "ema": ema.state_dict(),
             "unet": cfg.unet.model_dump(mode="json"), "sde": cfg.sde.model_dump(mode="json"),
+            # The steps the network learned (train.timesteps; None: all): restore warns off the others.
+            "train": {"timesteps": cfg.train.timesteps},
             "embed": {"arch": cfg.embed.arch, "pretrained": cfg.embed.pretrained, "weights_digest": weights_digest},
             "srm": srm_state}
 

@@ -111,6 +111,21 @@ def test_tile_overlap_must_be_below_tile_size():
         "set evaluate.tile_overlap < 32, or evaluate.tile_size: 0 to never tile"]
 
 
+def test_train_timesteps_must_hold_every_step_the_sampler_queries():
+    # Default: every step (None). The demo's one-jump sampler queries t = T alone.
+    assert load_config(None).train.timesteps is None
+    assert load_config(None, ["evaluate.steps=1", "train.timesteps=[100]"]).train.timesteps == [100]
+    assert load_config(None, ["evaluate.steps=2", "train.timesteps=[100, 50, 20]"]).train.timesteps == [100, 50, 20]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["evaluate.steps=3", "train.timesteps=[100]"])
+    assert str(info.value).splitlines()[1:] == [
+        "  evaluate.steps 3 queries the network at t = [100, 67, 33], but train.timesteps [100] leaves out "
+        "[67, 33]: set train.timesteps: [100, 67, 33], or null to train every step"]
+    for bad in ("[]", "[0]", "[101]"):
+        with pytest.raises(ConfigError, match=r"must be a non-empty list of steps in 1\.\.sde\.T \(100\), or null"):
+            load_config(None, ["evaluate.steps=1", f"train.timesteps={bad}"])
+
+
 def test_cross_key_problems_are_reported_together():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["evaluate.steps=101", "evaluate.tile_size=16"])

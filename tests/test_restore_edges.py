@@ -167,6 +167,29 @@ def test_steps_zero_is_never_the_default(model, tmp_path, capsys):
     assert "--steps 101 is outside 1..100, the SDE steps this model was trained with" in capsys.readouterr().err
 
 
+def test_steps_the_model_was_not_trained_at_are_warned_about(model, tmp_path, capsys):
+    """A model trained at t = T alone (train.timesteps [100], the demo's one-jump recipe) restores
+    with --steps 1 silently; --steps 3 queries t = 67 and 33, which it never saw: a warning says so."""
+    data = model["cfg"].model_dump(mode="json")
+    data["train"]["timesteps"], data["evaluate"]["steps"] = [100], 1
+    cfg = Config.model_validate(data)
+    unet = ConditionalUNet.from_config(cfg.unet)
+    meta = table_metadata(clip_embed.load_clip(TINY_ARCH, "none"))
+    root = Path(model["model"]).parent
+    torch.save(model_file_state(make_ema(unet), cfg, str(root / "srm.pt"), clip_meta=meta), tmp_path / "t100.pt")
+    Image.fromarray(colour()).save(tmp_path / "a.png")
+    t100 = str(tmp_path / "t100.pt")
+    assert restore(model, tmp_path / "a.png", tmp_path / "one.png", "--steps", "1", checkpoint=t100) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert restore(model, tmp_path / "a.png", tmp_path / "three.png", "--steps", "3", checkpoint=t100) == 0
+    assert ("srdiff restore: warning: --steps 3 queries the network at t = [67, 33], steps this model was not "
+            "trained at (train.timesteps [100]): expect a worse restoration; pass --steps 1 to use the steps it "
+            "learned") in capsys.readouterr().err
+    # The fixture's model trained every step (train.timesteps null): no warning at any --steps.
+    assert restore(model, tmp_path / "a.png", tmp_path / "any.png", "--steps", "5") == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_missing_or_empty_input_is_refused_before_the_model_loads(model, tmp_path, capsys):
     assert restore(model, tmp_path / "nope.png", tmp_path / "out.png", checkpoint=model["junk"]) == 2
     assert capsys.readouterr().err == (f"srdiff restore: {tmp_path / 'nope.png'} does not exist: pass an image file "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from srdiff_core.config import SDEConfig
-from srdiff_core.sde import IRSDE, matching_loss, x0_loss, x0_psnr_loss
+from srdiff_core.sde import TRAINING_LOSSES, IRSDE, matching_loss, sample_timesteps, x0_loss, x0_psnr_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
@@ -310,3 +310,45 @@ def test_matching_loss_draws_t_and_noise_from_generator():
     assert seen[0][0].dtype == torch.long and 1 <= seen[0][0].min() and seen[0][0].max() <= 100
     assert torch.equal(seen[0][0], seen[1][0]) and torch.equal(seen[0][1], seen[1][1])
     assert not torch.equal(seen[0][1], seen[2][1])
+
+
+def test_sample_timesteps_draws_only_the_chosen_steps():
+    sde = IRSDE(max_sigma=10)
+    t = sample_timesteps(sde, 1000, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+                         choices=[100, 50])
+    assert t.dtype == torch.long and set(t.tolist()) == {50, 100}
+    assert 400 < int((t == 100).sum()) < 600  # uniform over the choices
+    # None or empty: every step 1..T, as before the setting existed (the same draws).
+    every = sample_timesteps(sde, 8, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    assert torch.equal(every, torch.randint(1, 101, (8,), generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("loss", sorted(TRAINING_LOSSES))
+def test_every_loss_trains_only_at_the_chosen_timesteps(loss):
+    sde = IRSDE(max_sigma=10)
+    x0, mu = random_pair()
+    seen = []
+
+    def spy(xt, mu, t, context):
+        seen.append(t.clone())
+        return torch.zeros_like(xt)
+
+    TRAINING_LOSSES[loss](sde, spy, x0, mu, None, generator=torch.Generator().manual_seed(5), timesteps=[100])
+    assert seen[0].tolist() == [100] * 4
+
+
+def test_x0_loss_at_t_T_is_the_l1_of_the_x0_estimate_there():
+    # The one-jump recipe (train.timesteps [T]): a zero noise estimate leaves x0_hat - x0 =
+    # e^{thetabar_T} sqrt(v_T) noise, the noise drawn right after the (single-valued) t.
+    sde = IRSDE(max_sigma=10)
+    x0, mu = random_pair()
+    draw = torch.Generator().manual_seed(5)
+    torch.randint(0, 1, (4,), generator=draw)  # the draw of t among one choice
+    noise = torch.randn(x0.shape, generator=draw)
+    decay, std = decay_and_std(sde, torch.full((4,), 100))
+    expected = (std / decay * noise).abs().mean().item()
+    loss = x0_loss(sde, lambda xt, mu, t, c: torch.zeros_like(xt), x0, mu, None,
+                   generator=torch.Generator().manual_seed(5), timesteps=[100])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # About 1/eps = 200 times the x_T noise (std lambda = 0.039; E|z| = 0.8): 6.3 expected, 5.99 drawn.
+    assert expected == pytest.approx(5.9936, rel=1e-4)

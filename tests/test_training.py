@@ -217,6 +217,17 @@ def test_train_step_optimises_the_configured_loss(loss):
         tiny_config(loss="l2")
 
 
+def test_train_step_draws_t_from_train_timesteps():
+    cfg = tiny_config(timesteps=[100, 7])
+    state = _fresh_state(cfg)
+    seen = []
+    forward = state.model.forward
+    state.model.forward = lambda xt, mu, t, context: seen.append(t.tolist()) or forward(xt, mu, t, context)
+    for batch in itertools.islice(random_batches(0, batch=8), 2):
+        train_step(state, IRSDE(10.0), batch, cfg, device="cpu")
+    assert set(seen[0] + seen[1]) == {7, 100}
+
+
 def test_ema_every_10_updates_only_after_steps_10_and_20():
     """train.ema_every = 10 (DA-CLIP: 0.995 every 10 steps): the EMA stays put for 9 steps, then
     becomes exactly lerp(previous EMA, model, 1 - decay) with the decay of step index 9 (19)."""
