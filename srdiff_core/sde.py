@@ -263,8 +263,9 @@ def _noised_prediction(sde: IRSDE, model: NoiseModel, x0: Tensor, mu: Tensor, co
                        generator: torch.Generator | None,
                        timesteps: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """What every training loss starts from: t (:func:`sample_timesteps`, over ``timesteps`` when
-    given), then the noise (both from ``generator``, in that order), x_t ~ p(x_t | x0) and the network's noise estimate there, cast to the data's
-    dtype (the model may run under autocast; the losses compare in the data's precision).
+    given), then the noise (both from ``generator``, in that order), x_t ~ p(x_t | x0) and the
+    network's noise estimate there, cast to the data's dtype (the model may run under autocast;
+    the losses compare in the data's precision).
     Returns (x_t, t, noise estimate)."""
     if x0.shape != mu.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and mu {tuple(mu.shape)} must have the same shape "

@@ -232,8 +232,7 @@ def train_step(state: TrainState, sde, batch: Batch, cfg: TrainConfig, *, device
     lq, gt, context = _to_device(batch, device, cfg.channels_last)
     # bf16 keeps fp32's exponent range, so unlike fp16 it needs no loss scaling.
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        loss = TRAINING_LOSSES[cfg.loss](sde, model, gt, lq, context, generator=generator,
-                                                timesteps=cfg.timesteps)
+        loss = TRAINING_LOSSES[cfg.loss](sde, model, gt, lq, context, generator=generator, timesteps=cfg.timesteps)
     loss_value = loss.item()
     _refuse_non_finite("loss", loss_value, state.step)
     state.optimizer.zero_grad(set_to_none=True)
