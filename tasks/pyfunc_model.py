@@ -10,6 +10,8 @@ module, MLflow and srdiff_core.
 
 from __future__ import annotations
 
+import warnings
+
 import mlflow.pyfunc
 import numpy as np
 import torch
@@ -67,6 +69,11 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
         steps = int(p["steps"])
         if not 1 <= steps <= self.restorer.sde.T:
             raise ValueError(f"steps {steps} is outside 1..{self.restorer.sde.T}, the SDE steps this model was trained with")
+        untrained = self.restorer.untrained_steps(steps)
+        if untrained:  # as `srdiff restore --steps` warns (flows/restore.py)
+            warnings.warn(f"steps {steps} queries the network at t = {untrained}, steps this model was not trained "
+                          f"at (train.timesteps {self.restorer.trained_timesteps}): expect a worse restoration",
+                          stacklevel=2)
         context_vec = self.restorer.context_for([lq_uint8])
         out = self.restorer.restore(lq[None], context_vec, steps=steps, seed=int(p["seed"]),
                                     tile_size=int(p["tile_size"]), tile_overlap=self.tile_overlap,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from srdiff_core.restorer import Restorer, Tiling, calls_per_jump, network_pixel
 from srdiff_core.unet import ConditionalUNet
 from tasks import evaluate as evaluate_task
 from tasks.embed import table_metadata
+from tasks.pyfunc_model import RestorerModel
 from tasks.refine import save_srm
 from tasks.train import model_file_state
 
@@ -188,6 +190,14 @@ def test_steps_the_model_was_not_trained_at_are_warned_about(model, tmp_path, ca
     # The fixture's model trained every step (train.timesteps null): no warning at any --steps.
     assert restore(model, tmp_path / "a.png", tmp_path / "any.png", "--steps", "5") == 0
     assert "warning" not in capsys.readouterr().err
+    # The registered model (MLflow pyfunc) warns alike for a per-call steps param.
+    pyfunc = RestorerModel(steps=1, seed=0, clip_x0=True, tile_size=0, tile_overlap=32)
+    pyfunc.restorer = Restorer.from_file(t100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pyfunc.predict(None, colour()).shape == (40, 52, 3)
+    with pytest.warns(UserWarning, match=r"steps 3 queries the network at t = \[67, 33\], steps this model was not"):
+        pyfunc.predict(None, colour(), {"steps": 3})
 
 
 def test_a_missing_or_empty_input_is_refused_before_the_model_loads(model, tmp_path, capsys):
