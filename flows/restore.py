@@ -216,14 +216,12 @@ def load_restorer(checkpoint: str, cfg, device: str, clip_pretrained: str | None
                              f"with: pass --steps between 1 and {restorer.sde.T}")
         if restorer.conditioning != "null":
             restorer.encoder()
-    untrained = restorer.untrained_steps(steps)
-    if untrained:
-        learned = len(restorer.trained_timesteps)
+    note = restorer.untrained_steps_note(steps)
+    if note:
+        learned = len(restorer.trained_timesteps)  # a note implies a list: the sampler with that many jumps may fit
         advice = (f"pass --steps {learned} to use the steps it learned" if not restorer.untrained_steps(learned)
                   else "train with train.timesteps covering these steps, or null for all")
-        print(f"srdiff restore: warning: --steps {steps} queries the network at t = {untrained}, steps this model "
-              f"was not trained at (train.timesteps {restorer.trained_timesteps}): expect a worse restoration; "
-              f"{advice}", file=sys.stderr)
+        print(f"srdiff restore: warning: --steps {steps} {note}; {advice}", file=sys.stderr)
     if restorer.conditioning != "null" and random_clip_weights(restorer.trained_clip_pretrained):
         print(f"note: this model was trained with {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
     return restorer

@@ -305,12 +305,12 @@ def _train_timesteps_problem(cfg: Config) -> str | None:
         return f"train.timesteps {chosen} must be a non-empty list of steps in 1..sde.T ({T}), or null for all"
     if cfg.evaluate.steps > T:
         return None  # _evaluate_steps_problem says what to fix first
-    from srdiff_core.samplers import sampling_timesteps  # torch: imported only when a list is set
+    from srdiff_core.samplers import sampling_timesteps, untrained_timesteps  # torch: only when a list is set
 
-    visited = sampling_timesteps(T, cfg.evaluate.steps)[:-1]  # the network is queried at all but t = 0
-    untrained = sorted(set(visited) - set(chosen), reverse=True)
+    untrained = untrained_timesteps(chosen, T, cfg.evaluate.steps)
     if not untrained:
         return None
+    visited = sampling_timesteps(T, cfg.evaluate.steps)[:-1]
     return (f"evaluate.steps {cfg.evaluate.steps} queries the network at t = {visited}, but train.timesteps "
             f"{chosen} leaves out {untrained}: set train.timesteps: {visited}, or null to train every step")
 

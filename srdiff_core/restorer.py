@@ -138,10 +138,16 @@ class Restorer:
     def untrained_steps(self, steps: int) -> list[int]:
         """The steps a ``steps``-jump sampler queries the network at that it was not trained at
         (train.timesteps); empty when it learned them all."""
-        if self.trained_timesteps is None:
-            return []
-        visited = samplers.sampling_timesteps(self.sde.T, steps)[:-1]
-        return [t for t in visited if t not in self.trained_timesteps]
+        return samplers.untrained_timesteps(self.trained_timesteps, self.sde.T, steps)
+
+    def untrained_steps_note(self, steps: int) -> str | None:
+        """None when a ``steps``-jump sampler queries only steps the network was trained at, else
+        what it queries beyond them ("queries the network at t = [...], ..."), for a warning."""
+        untrained = self.untrained_steps(steps)
+        if not untrained:
+            return None
+        return (f"queries the network at t = {untrained}, steps this model was not trained at "
+                f"(train.timesteps {self.trained_timesteps}): expect a worse restoration")
 
     def encoder(self) -> clip_embed.ClipEncoder:
         """The CLIP encoder; refused when its weights are not those the model file records."""

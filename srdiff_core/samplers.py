@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -36,6 +36,15 @@ def sampling_timesteps(T: int, steps: int | None = None) -> list[int]:
     # Integer arithmetic for round(T * (steps - k) / steps): no float drift, and the spacing T/steps >= 1
     # keeps the rounded values strictly decreasing.
     return [(2 * T * (steps - k) + steps) // (2 * steps) for k in range(steps + 1)]
+
+
+def untrained_timesteps(trained: Sequence[int] | None, T: int, steps: int) -> list[int]:
+    """The steps a ``steps``-jump sampler queries the network at (every one of
+    :func:`sampling_timesteps` but the last, t = 0) that are not in ``trained`` (train.timesteps;
+    None: the network was trained at every step), in sampling order."""
+    if trained is None:
+        return []
+    return [t for t in sampling_timesteps(T, steps)[:-1] if t not in trained]
 
 
 def posterior_noise(shape: tuple[int, ...] | torch.Size, steps: int, *, generator: torch.Generator | None,

@@ -69,11 +69,9 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
         steps = int(p["steps"])
         if not 1 <= steps <= self.restorer.sde.T:
             raise ValueError(f"steps {steps} is outside 1..{self.restorer.sde.T}, the SDE steps this model was trained with")
-        untrained = self.restorer.untrained_steps(steps)
-        if untrained:  # as `srdiff restore --steps` warns (flows/restore.py)
-            warnings.warn(f"steps {steps} queries the network at t = {untrained}, steps this model was not trained "
-                          f"at (train.timesteps {self.restorer.trained_timesteps}): expect a worse restoration",
-                          stacklevel=2)
+        note = self.restorer.untrained_steps_note(steps)
+        if note:  # as `srdiff restore --steps` warns (flows/restore.py)
+            warnings.warn(f"steps {steps} {note}", stacklevel=2)
         context_vec = self.restorer.context_for([lq_uint8])
         out = self.restorer.restore(lq[None], context_vec, steps=steps, seed=int(p["seed"]),
                                     tile_size=int(p["tile_size"]), tile_overlap=self.tile_overlap,

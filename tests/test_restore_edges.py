@@ -53,11 +53,16 @@ def model(tmp_path_factory) -> dict:
     unet = ConditionalUNet.from_config(cfg.unet)
     torch.nn.init.normal_(unet.final_conv.weight, std=0.05)
     save_srm(str(root / "srm.pt"), srm.SemanticRefinementModule.from_config(DIM, cfg.embed.srm), cfg, DIM)
-    meta = table_metadata(clip_embed.load_clip(TINY_ARCH, "none"))
-    torch.save(model_file_state(make_ema(unet), cfg, str(root / "srm.pt"), clip_meta=meta), root / "model.pt")
+    save_model_file(unet, cfg, root / "srm.pt", root / "model.pt")
     junk = root / "junk.pt"
     junk.write_bytes(b"not a model")  # loading it fails: an error about anything else came first
     return {"cfg": cfg, "config": str(root / "cfg.yaml"), "model": str(root / "model.pt"), "junk": str(junk)}
+
+
+def save_model_file(unet: ConditionalUNet, cfg: Config, srm_path: Path, target: Path) -> None:
+    """model.pt for ``unet`` trained under ``cfg``, with the tiny CLIP's weights digest."""
+    meta = table_metadata(clip_embed.load_clip(TINY_ARCH, "none"))
+    torch.save(model_file_state(make_ema(unet), cfg, str(srm_path), clip_meta=meta), target)
 
 
 def restore(model: dict, src: Path, out: Path, *args: str, checkpoint: str | None = None) -> int:
@@ -175,10 +180,8 @@ def test_steps_the_model_was_not_trained_at_are_warned_about(model, tmp_path, ca
     data = model["cfg"].model_dump(mode="json")
     data["train"]["timesteps"], data["evaluate"]["steps"] = [100], 1
     cfg = Config.model_validate(data)
-    unet = ConditionalUNet.from_config(cfg.unet)
-    meta = table_metadata(clip_embed.load_clip(TINY_ARCH, "none"))
-    root = Path(model["model"]).parent
-    torch.save(model_file_state(make_ema(unet), cfg, str(root / "srm.pt"), clip_meta=meta), tmp_path / "t100.pt")
+    save_model_file(ConditionalUNet.from_config(cfg.unet), cfg, Path(model["model"]).parent / "srm.pt",
+                    tmp_path / "t100.pt")
     Image.fromarray(colour()).save(tmp_path / "a.png")
     t100 = str(tmp_path / "t100.pt")
     assert restore(model, tmp_path / "a.png", tmp_path / "one.png", "--steps", "1", checkpoint=t100) == 0

@@ -16,6 +16,7 @@ from srdiff_core.samplers import (
     sampling_timesteps,
     tile_starts,
     tiled_model,
+    untrained_timesteps,
 )
 from srdiff_core.sde import IRSDE
 from srdiff_core.unet import ConditionalUNet
@@ -291,3 +292,11 @@ def test_posterior_jump_rejects_an_eta_outside_zero_one(sde, unet):
     lq, context = images(1, 8, 8)
     with pytest.raises(ValueError, match="eta must lie in"):
         restore(unet, lq, sde, context, steps=2, generator=torch.Generator().manual_seed(0), eta=1.5)
+
+
+def test_untrained_timesteps_are_the_queried_steps_outside_train_timesteps():
+    # A K-jump sampler queries the network at every step of sampling_timesteps but t = 0.
+    assert untrained_timesteps([100], 100, 3) == [67, 33]
+    assert untrained_timesteps([100], 100, 1) == []
+    assert untrained_timesteps([50, 100], 100, 2) == []
+    assert untrained_timesteps(None, 100, 100) == []  # trained at every step
