@@ -187,10 +187,8 @@ class Restorer:
         restores the same alone or in a batch, and on any device. ``on_network_call(pixels)`` is
         called after every network call (one per jump, or one per batch of tiles) with the pixels
         it saw: progress and time estimates (:class:`RestoreClock`) come from it."""
-        jumps = len(samplers.sampling_timesteps(self.sde.T, steps)) - 1
-        per_image = [samplers.posterior_noise((1, *lq.shape[1:]), jumps, generator=torch.Generator().manual_seed(seed),
-                                              device=self.device) for _ in range(lq.shape[0])]
-        noise = [torch.cat(step) for step in zip(*per_image)]
+        generators = [torch.Generator().manual_seed(seed) for _ in range(lq.shape[0])]
+        noise = samplers.per_image_noise((1, *lq.shape[1:]), generators, device=self.device)
         model = self.unet if on_network_call is None else _reporting(self.unet, on_network_call)
         return samplers.restore(model, lq.to(self.device), self.sde, context.to(self.device), steps=steps,
                                 noise=noise, tile_size=tile_size, tile_overlap=tile_overlap,

@@ -10,6 +10,7 @@ import torch
 
 from srdiff_core.samplers import (
     blend_window,
+    per_image_noise,
     posterior_noise,
     posterior_sample,
     restore,
@@ -159,6 +160,32 @@ def test_bf16_autocast_sampling(sde, unet):
     low = posterior_sample(unet, lq, sde, context, steps=5, generator=gen(), autocast_dtype=torch.bfloat16)
     assert low.dtype == torch.float32
     assert (low - ref).abs().mean() < 0.02
+
+
+def test_per_image_noise_draws_what_posterior_noise_draws_one_jump_at_a_time(sde, unet):
+    """Image i's noise is its own generator's sequence, as posterior_noise draws it for that image
+    alone; the iterator makes each jump's batch tensor only when the sampler asks."""
+    lq, context = images(3, 8, 10)
+    seeds = [4, 4, 9]
+    noise = per_image_noise((1, 3, 8, 10), [torch.Generator().manual_seed(k) for k in seeds], device="cpu")
+    assert not isinstance(noise, list)
+    alone = [posterior_noise((1, 3, 8, 10), 3, generator=torch.Generator().manual_seed(k), device="cpu") for k in seeds]
+    for step in range(4):
+        assert torch.equal(next(noise), torch.cat([a[step] for a in alone]))
+    lazily = per_image_noise((1, 3, 8, 10), [torch.Generator().manual_seed(k) for k in seeds], device="cpu")
+    batch = posterior_sample(unet, lq, sde, context, steps=3, noise=lazily)
+    for i, k in enumerate(seeds):
+        single = posterior_sample(unet, lq[i:i + 1], sde, context[i:i + 1], steps=3,
+                                  generator=torch.Generator().manual_seed(k))
+        # Same noise; a batched convolution sums in another order (float32 rounding, 1e-6 here).
+        torch.testing.assert_close(batch[i:i + 1], single, rtol=0, atol=1e-5)
+
+
+def test_a_noise_iterator_that_runs_out_is_an_error(sde, unet):
+    lq, context = images(1, 8, 8)
+    short = iter(posterior_noise(lq.shape, 2, generator=torch.Generator().manual_seed(0), device="cpu"))
+    with pytest.raises(ValueError, match="ran out before the sampler's last jump"):
+        posterior_sample(unet, lq, sde, context, steps=5, noise=short)
 
 
 def test_rejects_wrong_noise_list(sde, unet):
