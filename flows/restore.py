@@ -112,14 +112,16 @@ def load_rgb(path: Path) -> tuple[np.ndarray | None, str]:
     try:
         with Image.open(path) as im:
             mode = im.mode
-            rgb, what = images.rgb_uint8(im)
+            shown, turned = images.upright(im)
+            rgb, what = images.rgb_uint8(shown)
     except images.UnsupportedImage as e:
         return None, f"{e}: save it as an 8- or 16-bit image (e.g. PNG) and restore that"
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         return None, f"cannot be read as an image ({e}): check the file (a partial copy?) or save it again as PNG"
-    if mode == "RGB":
-        return rgb, ""
-    return rgb, f"{path.name}: {mode} image converted to RGB" + (f" ({what})" if what else "")
+    notes = [turned] if turned else []
+    if mode != "RGB":
+        notes.append(f"{mode} image converted to RGB" + (f" ({what})" if what else ""))
+    return rgb, f"{path.name}: {'; '.join(notes)}" if notes else ""
 
 
 def _header_size(path: Path) -> tuple[int, int] | str:
@@ -128,7 +130,7 @@ def _header_size(path: Path) -> tuple[int, int] | str:
         return f"not an image file ({path.suffix or 'no suffix'})"
     try:
         with Image.open(path) as im:
-            return im.height, im.width
+            return images.shown_size(im)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         return f"cannot be read as an image ({e})"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import ImageOps
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -86,6 +87,36 @@ class UnsupportedImage(ValueError):
     def __init__(self, mode: str, detail: str):
         super().__init__(f"{mode} image: {detail}")
         self.mode, self.detail = mode, detail
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF Orientation tag (TIFF/EXIF 2.32, sec. 4.6.4 A)
+# Orientations 5-8 turn the picture by 90 degrees: as shown, its height is the stored width.
+TURNING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def orientation(im) -> int:
+    """A PIL image's EXIF Orientation: 1 stored as shown (also when absent or not a valid value),
+    2-8 mirrored and/or rotated (phones store a portrait photo landscape, with 6 or 8)."""
+    try:
+        value = int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except (TypeError, ValueError):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def shown_size(im) -> tuple[int, int]:
+    """(height, width) of a PIL image as viewers show it (after its EXIF orientation)."""
+    turned = orientation(im) in TURNING_ORIENTATIONS
+    return (im.width, im.height) if turned else (im.height, im.width)
+
+
+def upright(im):
+    """A PIL image as viewers show it, and what that took ("" when stored upright): the pixels are
+    restored the way the user sees them, and the output, which carries no EXIF, shows the same way."""
+    value = orientation(im)
+    if value == 1:
+        return im, ""
+    return ImageOps.exif_transpose(im), f"turned upright by its EXIF orientation {value}"
 
 
 def rgb_uint8(im) -> tuple[np.ndarray, str]:

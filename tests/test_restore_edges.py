@@ -127,6 +127,45 @@ def test_a_16_bit_greyscale_png_restores_as_its_8_bit_twin(model, tmp_path, caps
     np.testing.assert_array_equal(out16, np.asarray(Image.open(tmp_path / "out8.png")))
 
 
+def with_orientation(rgb: np.ndarray, value: int) -> Image.Image:
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[images.EXIF_ORIENTATION] = value
+    im.info["exif"] = exif.tobytes()
+    return im
+
+
+@pytest.mark.parametrize("value,size", [(1, (40, 52)), (3, (40, 52)), (6, (52, 40)), (8, (52, 40)), (0, (40, 52))])
+def test_exif_orientation_gives_the_size_and_pixels_viewers_show(tmp_path, value, size):
+    """A phone's portrait photo is stored landscape with orientation 6 or 8; 0 is no valid value."""
+    path = tmp_path / "o.png"
+    rgb = colour()
+    Image.fromarray(rgb).save(path, exif=with_orientation(rgb, value).getexif())
+    with Image.open(path) as im:
+        assert images.orientation(im) == max(value, 1) and images.shown_size(im) == size
+        shown, note = images.upright(im)
+        assert (shown.height, shown.width) == size
+        assert note == ("" if value in (0, 1) else f"turned upright by its EXIF orientation {value}")
+    if value == 6:  # stored turned 90 degrees counter-clockwise: shown turned clockwise
+        np.testing.assert_array_equal(np.asarray(shown), np.rot90(rgb, k=-1))
+
+
+def test_a_photo_with_exif_orientation_restores_upright(model, tmp_path, capsys):
+    """The output (no EXIF) shows as the input did: restored from the upright pixels, in a folder
+    planned by its upright size, like the same photo saved upright."""
+    rgb = colour()
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rgb).save(tmp_path / "in" / "phone.jpg", exif=with_orientation(rgb, 6).getexif(), quality=100)
+    with Image.open(tmp_path / "in" / "phone.jpg") as im:
+        Image.fromarray(np.rot90(np.asarray(im), k=-1)).save(tmp_path / "upright.png")
+    assert restore(model, tmp_path / "in", tmp_path / "out") == 0
+    assert "phone.jpg: turned upright by its EXIF orientation 6" in capsys.readouterr().err
+    assert restore(model, tmp_path / "upright.png", tmp_path / "upright-out.png") == 0
+    out = np.asarray(Image.open(tmp_path / "out" / "phone.png"))
+    assert out.shape == (52, 40, 3)
+    np.testing.assert_array_equal(out, np.asarray(Image.open(tmp_path / "upright-out.png")))
+
+
 def test_a_floating_point_image_is_refused_before_the_model_loads(model, tmp_path, capsys):
     Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")
     assert restore(model, tmp_path / "f.tif", tmp_path / "out.png", checkpoint=model["junk"]) == 2
