@@ -8,8 +8,9 @@ counting costs no device time) and the TFLOP/s achieved, i.e. utilisation, not o
 Training FLOPs are forward + backward without the recomputation of DA-CLIP's checkpointed blocks.
 A row that runs out of device memory is reported as such and the others still run (DA-CLIP's
 layout took 130 GiB for 100 steps at 1280x720 in DESIGN.md's figures; 32 GiB for our 10 closed-form
-jumps). Both layouts took 247 s on an H200 (2026-12-04, torch.compile's warm-up 102 s of it; DA-CLIP's
-rows run eager only); `--layouts srdiff` skips DA-CLIP's. CI runs the same code on the CPU at toy size (`--toy`, see tests/test_bench.py).
+jumps). Both layouts took 247 s on an H200 (2026-12-04, torch.compile's warm-up 102 s of it;
+DA-CLIP's rows run eager only); `--layouts srdiff` skips DA-CLIP's. CI runs the same code on the
+CPU at toy size (`--toy`, see tests/test_bench.py).
 
     python bench/gpu.py [--toy] [--out bench/results/gpu-<device>.json] [--no-compile]
                         [--layouts srdiff daclip]

@@ -58,14 +58,14 @@ def posterior_noise(shape: tuple[int, ...] | torch.Size, steps: int, *, generato
     return [_randn(shape, generator, device, dtype) for _ in range(steps + 1)]
 
 
-def per_image_noise(image_shape: tuple[int, ...] | torch.Size, generators: Sequence[torch.Generator], *,
+def per_image_noise(image_shape: tuple[int, ...] | torch.Size, generators: Sequence[torch.Generator | None], *,
                     device: torch.device | str, dtype: torch.dtype = torch.float32) -> Iterator[Tensor]:
-    """The noise of a batch whose image i draws from ``generators[i]`` alone, one batch tensor per
+    """The noise of a batch whose part i draws from ``generators[i]`` alone, one batch tensor per
     sampler draw, made when the sampler asks for it: the same values as ``posterior_noise`` per
-    image concatenated, so an image restores the same alone or in a batch, while only one jump's
+    part concatenated, so an image restores the same alone or in a batch, while only one jump's
     noise exists at a time (two 1280x720 images, 100 jumps, on the CPU: peak RSS 0.94 GB, against
-    4.92 GB with every jump's noise drawn up front). ``image_shape``: one image's shape with its
-    batch dimension of 1."""
+    4.92 GB with every jump's noise drawn up front). ``image_shape``: one part's shape (one image
+    with its batch dimension of 1; or the whole batch, with one generator)."""
     while True:
         yield torch.cat([_randn(image_shape, g, device, dtype) for g in generators])
 
@@ -85,9 +85,10 @@ def posterior_sample(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor 
     clamping only removes error, and a well-trained network is unaffected.
 
     ``noise``: ``steps + 1`` tensors shaped like ``lq`` (see :func:`posterior_noise`), or an iterator
-    yielding them (:func:`per_image_noise`); otherwise they are drawn from ``generator`` one at a time. ``autocast_dtype`` (e.g. torch.bfloat16) runs the
-    network under autocast; the SDE arithmetic stays in float32 (float64 for a float64 ``lq``).
-    Returns clamp(x_0, 0, 1) in the dtype of ``lq``.
+    yielding them (:func:`per_image_noise`); otherwise they are drawn from ``generator`` one at a
+    time. ``autocast_dtype`` (e.g. torch.bfloat16) runs the network under autocast; the SDE
+    arithmetic stays in float32 (float64 for a float64 ``lq``). Returns clamp(x_0, 0, 1) in the
+    dtype of ``lq``.
     """
     timesteps = sampling_timesteps(sde.T, steps)
     n_jumps = len(timesteps) - 1
@@ -95,7 +96,8 @@ def posterior_sample(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor 
         raise ValueError(f"noise has {len(noise)} tensors but {n_jumps} steps need {n_jumps + 1}; "
                          f"draw it with posterior_noise(lq.shape, steps, ...)")
     mu = lq.to(working_dtype(lq))
-    noises = iter(noise) if noise is not None else _lazy_noise(mu, generator)
+    noises = iter(noise) if noise is not None else per_image_noise(mu.shape, [generator], device=mu.device,
+                                                                   dtype=mu.dtype)
     with torch.no_grad():
         # x_T ~ N(mu, lambda^2): the stationary law of the mean-reverting SDE around the degraded image.
         x = mu + sde.lam * _next_noise(noises, mu)
@@ -144,8 +146,9 @@ def restore(model: NoiseModel, lq: Tensor, sde: IRSDE, context: Tensor | None, *
             noise: Sequence[Tensor] | Iterator[Tensor] | None = None, clip_x0: bool = True,
             eta: float = 1.0) -> Tensor:
     """Restore ``lq``, evaluating the network in overlapping tiles when the image is larger than
-    ``tile_size`` (0: never tile); see :func:`tiled_model`. ``noise``: pre-drawn, as for
-    :func:`posterior_sample` (then ``generator`` is not used); ``clip_x0`` and ``eta`` as there.
+    ``tile_size`` (0: never tile); see :func:`tiled_model`. ``noise``: pre-drawn or an
+    iterator, as for :func:`posterior_sample` (then ``generator`` is not used); ``clip_x0`` and
+    ``eta`` as there.
 
     The sampler state stays one full image: at every jump the tiles' noise predictions are blended
     with a raised-cosine window (normalised by the summed weights) into one prediction, and the jump
@@ -236,11 +239,6 @@ def working_dtype(lq: Tensor) -> torch.dtype:
     """float32 for the sampler state (bf16/fp16 would lose the x0 estimate, which is amplified by
     exp(thetabar_T) = 1/eps), float64 when the caller asks for it with a float64 image."""
     return torch.float64 if lq.dtype == torch.float64 else torch.float32
-
-
-def _lazy_noise(like: Tensor, generator: torch.Generator | None) -> Iterator[Tensor]:
-    while True:
-        yield _randn(like.shape, generator, like.device, like.dtype)
 
 
 def _next_noise(noises: Iterator[Tensor], like: Tensor) -> Tensor:

@@ -167,11 +167,15 @@ def test_per_image_noise_draws_what_posterior_noise_draws_one_jump_at_a_time(sde
     alone; the iterator makes each jump's batch tensor only when the sampler asks."""
     lq, context = images(3, 8, 10)
     seeds = [4, 4, 9]
-    noise = per_image_noise((1, 3, 8, 10), [torch.Generator().manual_seed(k) for k in seeds], device="cpu")
-    assert not isinstance(noise, list)
+    generators = [torch.Generator().manual_seed(k) for k in seeds]
+    noise = per_image_noise((1, 3, 8, 10), generators, device="cpu")
     alone = [posterior_noise((1, 3, 8, 10), 3, generator=torch.Generator().manual_seed(k), device="cpu") for k in seeds]
     for step in range(4):
         assert torch.equal(next(noise), torch.cat([a[step] for a in alone]))
+        # Drawn on demand: each generator has given exactly the draws asked for so far.
+        once_per_draw = torch.Generator().manual_seed(seeds[-1])
+        posterior_noise((1, 3, 8, 10), step, generator=once_per_draw, device="cpu")
+        assert torch.equal(generators[-1].get_state(), once_per_draw.get_state())
     lazily = per_image_noise((1, 3, 8, 10), [torch.Generator().manual_seed(k) for k in seeds], device="cpu")
     batch = posterior_sample(unet, lq, sde, context, steps=3, noise=lazily)
     for i, k in enumerate(seeds):
