@@ -150,6 +150,12 @@ class UNetConfig(_Section):
     num_res_blocks: int = 2
     context_dim: int = 512
     attn_heads: int = 4  # layout srdiff only: the daclip layout has heads of 32 channels at every width
+    # GroupNorm's group count (layout srdiff): the largest divisor of each width not above this. 32 is
+    # DDPM's (2 channels per group at nf 64); at nf 16 it puts one channel in each group, an InstanceNorm
+    # that removes every feature's image-wide level. So normalised, the demo's network brightened the
+    # dark skies of blurry photographs like low light (bench/results/demo-recipe.md, fifth sweep).
+    # 1 normalises all channels together (GroupNorm(1, C)).
+    norm_groups: int = Field(default=32, ge=1)
     # "semantic": cross-attend to RestoreCLS; "null": a learned empty token (the ablation).
     conditioning: Literal["semantic", "null"] = "semantic"
     # 0: the UNet reads the residual x_t - mu as IR-SDE feeds it. s > 0: the residual divided by its

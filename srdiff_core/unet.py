@@ -68,7 +68,8 @@ Conditioning = Literal["semantic", "null"]
 
 
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= 32 that divides ``channels`` (32 for nf=64)."""
+    """GroupNorm with the largest group count <= ``max_groups`` that divides ``channels`` (32 for
+    nf=64 at the default, as DDPM; 1 normalises all channels together, GroupNorm(1, C))."""
     groups = next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
@@ -88,12 +89,12 @@ class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the time embedding entering as a scale and shift of the second
     norm (Dhariwal & Nichol 2021, "adaptive group normalisation"), plus a (1x1) skip."""
 
-    def __init__(self, dim_in: int, dim_out: int, time_dim: int):
+    def __init__(self, dim_in: int, dim_out: int, time_dim: int, norm_groups: int = 32):
         super().__init__()
-        self.norm1 = group_norm(dim_in)
+        self.norm1 = group_norm(dim_in, norm_groups)
         self.conv1 = nn.Conv2d(dim_in, dim_out, 3, padding=1)
         self.time_proj = nn.Linear(time_dim, 2 * dim_out)
-        self.norm2 = group_norm(dim_out)
+        self.norm2 = group_norm(dim_out, norm_groups)
         self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
         self.skip = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
 
@@ -135,9 +136,9 @@ class SpatialTransformer(nn.Module):
     context, GELU feed-forward, each residual. Its output projection is zero-initialised so the block
     starts as the identity and the pretrained-free UNet trains like a plain ResNet-UNet at first."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, norm_groups: int = 32):
         super().__init__()
-        self.norm_in = group_norm(dim)
+        self.norm_in = group_norm(dim, norm_groups)
         self.proj_in = nn.Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim)
         self.self_attn = Attention(dim, heads)
@@ -199,10 +200,12 @@ class ConditionalUNet(nn.Module):
 
     def __init__(self, *, in_channels: int = 3, out_channels: int = 3, nf: int = 64,
                  ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int = 2, context_dim: int = 512,
-                 attn_heads: int = 4, conditioning: Conditioning = "semantic"):
+                 attn_heads: int = 4, conditioning: Conditioning = "semantic", norm_groups: int = 32):
         super().__init__()
         if conditioning not in ("semantic", "null"):
             raise ValueError(f"conditioning must be 'semantic' or 'null', got '{conditioning}'")
+        if norm_groups < 1:
+            raise ValueError(f"norm_groups must be >= 1, got {norm_groups}")
         if len(ch_mult) < 1 or num_res_blocks < 1:
             raise ValueError("ConditionalUNet needs at least one level (ch_mult) and one ResBlock per level")
         self.conditioning = conditioning
@@ -225,7 +228,10 @@ class ConditionalUNet(nn.Module):
         self.null_context = nn.Parameter(torch.randn(1, 1, context_dim)) if conditioning == "null" else None
 
         def transformer(dim: int) -> SpatialTransformer:
-            return SpatialTransformer(dim, attn_heads, context_dim)
+            return SpatialTransformer(dim, attn_heads, context_dim, norm_groups)
+
+        def res_block(dim_in: int, dim_out: int) -> ResBlock:
+            return ResBlock(dim_in, dim_out, time_dim, norm_groups)
 
         self.downs = nn.ModuleList()
         self.ups = nn.ModuleList()
@@ -233,20 +239,20 @@ class ConditionalUNet(nn.Module):
             dim_in, dim_out = widths[i], widths[i + 1]
             last = i == depth - 1
             self.downs.append(Level(
-                [ResBlock(dim_in, dim_in, time_dim) for _ in range(num_res_blocks)],
+                [res_block(dim_in, dim_in) for _ in range(num_res_blocks)],
                 transformer(dim_in) if i in attn_levels else None,
                 nn.Conv2d(dim_in, dim_out, 3, padding=1) if last else Downsample(dim_in, dim_out)))
             # The decoder level i mirrors encoder level i: each block eats one skip of width dim_in.
             self.ups.insert(0, Level(
-                [ResBlock(dim_out + dim_in, dim_out, time_dim) for _ in range(num_res_blocks)],
+                [res_block(dim_out + dim_in, dim_out) for _ in range(num_res_blocks)],
                 transformer(dim_out) if i in attn_levels else None,
                 nn.Conv2d(dim_out, dim_in, 3, padding=1) if i == 0 else Upsample(dim_out, dim_in)))
 
         mid = widths[-1]
-        self.mid_block1 = ResBlock(mid, mid, time_dim)
+        self.mid_block1 = res_block(mid, mid)
         self.mid_transformer = transformer(mid)
-        self.mid_block2 = ResBlock(mid, mid, time_dim)
-        self.final_block = ResBlock(2 * nf, nf, time_dim)
+        self.mid_block2 = res_block(mid, mid)
+        self.final_block = res_block(2 * nf, nf)
         self.final_conv = nn.Conv2d(nf, out_channels, 3, padding=1)
         # Zero-init the output (Dhariwal & Nichol 2021): the untrained model predicts eps = 0, i.e. the
         # reverse step is the pure mean-reverting drift, instead of random noise of arbitrary scale that
@@ -272,7 +278,8 @@ class ConditionalUNet(nn.Module):
     @classmethod
     def from_config(cls, cfg: "UNetConfig") -> "ConditionalUNet":
         return cls(nf=cfg.nf, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
-                   context_dim=cfg.context_dim, attn_heads=cfg.attn_heads, conditioning=cfg.conditioning)
+                   context_dim=cfg.context_dim, attn_heads=cfg.attn_heads, conditioning=cfg.conditioning,
+                   norm_groups=cfg.norm_groups)
 
     def context_tokens(self, context: Tensor | None, batch: int) -> Tensor:
         """[B, L, context_dim] tokens the cross-attention reads (the learned null token in null mode)."""
