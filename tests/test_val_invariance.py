@@ -71,9 +71,16 @@ def test_the_roots_differ_in_every_val_gt_image_and_embedding_and_nothing_else(t
     assert len(changed) == len(DEGRADATIONS)
     emb_a, _, _ = embed.read_extracted(outputs(a, "embed")["embeddings"])
     emb_b, _, _ = embed.read_extracted(outputs(b, "embed")["embeddings"])
-    assert emb_a.ids == emb_b.ids and torch.equal(emb_a.lq, emb_b.lq)
+    assert emb_a.ids == emb_b.ids
     for i, split in enumerate(emb_a.splits):
         assert torch.equal(emb_a.gt[i], emb_b.gt[i]) == (split == "train"), emb_a.ids[i]
+        # B's val GT images are its val LQ images, so the embedding cache answers them: B's batches
+        # around the val rows hold fewer images, and some CPUs' GEMM kernels round by batch size
+        # (1e-7 here). Train rows, which fit the SRM and the UNet, must match to the bit.
+        if split == "train":
+            assert torch.equal(emb_a.lq[i], emb_b.lq[i]), emb_a.ids[i]
+        else:
+            torch.testing.assert_close(emb_a.lq[i], emb_b.lq[i], rtol=0, atol=1e-5)
     # The train shards are the same bytes; the val shards are not, and the shard index (whose
     # digest enters the train and evaluate stages' cache keys) says so: evaluate reruns.
     index_a, index_b = (tables.read_table(outputs(r, "shard")["index"]).to_pylist() for r in (a, b))
