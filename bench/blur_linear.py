@@ -4,9 +4,10 @@ one per image fitted on itself (an oracle: it needs the sharp image).
     python bench/blur_linear.py [--sizes 3,5,7,9,13] [--ridge 0.01,1] [--out bench/out/blur-linear.json]
 
 A shared filter is what a network that ignores each image's blur path can at best learn; the
-per-image fit shows the blur is invertible once the path is known. Demo seed 0: train pairs 0-31,
-held-out train pairs 32-37 (bench/demo_recipe.py's slice) and the val pairs, PSNR on RGB with a
-4 px border crop as the evaluation. Least squares with a ridge, one filter for the three colours.
+per-image fit shows the blur is invertible once the path is known. The demo set's defaults
+(DemoSetConfig): its train pairs, the 6 held-out train pairs after them (bench/demo_recipe.py's
+slice) and its val pairs; outputs rounded to 8 bits and scored with the evaluation's PSNR (RGB,
+4 px border crop). Least squares with a ridge, one filter for the three colours.
 """
 
 from __future__ import annotations
@@ -17,25 +18,29 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from srdiff_core import demo_data  # noqa: E402
+from srdiff_core import demo_data, metrics  # noqa: E402
+from srdiff_core.config import DemoSetConfig, EvalConfig  # noqa: E402
 
-CROP = 4
+DEMO = DemoSetConfig()
+HOLDOUT = 6
 
 
 def pairs(split: str, indices: range) -> list[tuple[np.ndarray, np.ndarray]]:
-    made = (demo_data.make_demo_pair(seed=0, degradation="motion-blurry", split=split, index=i, crop_size=96)
-            for i in indices)
+    made = (demo_data.make_demo_pair(seed=DEMO.seed, degradation="motion-blurry", split=split, index=i,
+                                     crop_size=DEMO.crop_size) for i in indices)
     return [(demo_data.to_float(p.lq), demo_data.to_float(p.gt)) for p in made]
 
 
 def psnr(x: np.ndarray, gt: np.ndarray) -> float:
-    x, gt = x[CROP:-CROP, CROP:-CROP], gt[CROP:-CROP, CROP:-CROP]
-    return float(10 * np.log10(1.0 / np.mean((x - gt) ** 2)))
+    """The evaluation's PSNR of an HxWx3 float image, rounded to 8 bits as a saved output is."""
+    as_nchw = [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None] for a in (x, gt)]
+    return float(metrics.psnr(metrics.quantize_uint8(as_nchw[0]), as_nchw[1], border=EvalConfig().crop_border))
 
 
 def windows(image: np.ndarray, size: int) -> np.ndarray:
@@ -65,15 +70,17 @@ def main() -> int:
     parser.add_argument("--ridge", default="0.01,1")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "blur-linear.json"))
     args = parser.parse_args()
-    sets = {"train": pairs("train", range(32)), "held-out": pairs("train", range(32, 38)),
-            "val": pairs("val", range(6))}
+    sizes, ridges = [int(v) for v in args.sizes.split(",")], [float(v) for v in args.ridge.split(",")]
+    n = DEMO.train_per_degradation
+    sets = {"train": pairs("train", range(n)), "held-out": pairs("train", range(n, n + HOLDOUT)),
+            "val": pairs("val", range(DEMO.val_per_degradation))}
     rows = {"input": {name: mean_psnr(data, lambda lq, gt: lq) for name, data in sets.items()}}
-    for size in map(int, args.sizes.split(",")):
-        for ridge in map(float, args.ridge.split(",")):
+    for size in sizes:
+        for ridge in ridges:
             w = fit(sets["train"], size, ridge)
             rows[f"shared {size}x{size}, ridge {ridge:g}"] = {
                 name: mean_psnr(data, lambda lq, gt: apply(lq, w, size)) for name, data in sets.items()}
-    size = max(map(int, args.sizes.split(",")))
+    size = max(sizes)
     rows[f"per image {size}x{size} (oracle)"] = {
         name: mean_psnr(data, lambda lq, gt: apply(lq, fit([(lq, gt)], size, 1e-3), size))
         for name, data in sets.items() if name != "train"}

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -139,7 +140,7 @@ RECIPES: dict[str, list[str]] = {
 }
 
 
-def write_holdout_root(root: Path, holdout: int, train_pairs: int, holdout_seeds: list[int] = ()) -> None:
+def write_holdout_root(root: Path, holdout: int, train_pairs: int, holdout_seeds: Sequence[int] = ()) -> None:
     """``train_pairs`` train-split pairs per degradation as train, and the held-out slice as val:
     always the pairs 32 .. 32 + holdout - 1 (those after the 32 of DemoSetConfig's default), so
     every train size is scored on the same images (a larger train set skips over them).
