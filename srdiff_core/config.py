@@ -111,8 +111,9 @@ class EmbedConfig(_Section):
     batch_size: int = Field(default=256, ge=1)
     # PNG-decoding processes. On a GPU the stage is decode-bound: on one H200, 2 workers gave 163
     # images/s end to end (32 pairs) and 8 gave 496 (512 pairs; bench/results/README.md), so raise it
-    # on a GPU machine with the cores. Each worker holds up to 2 decoded chunks of batch_size pairs in shared memory (by
-    # arithmetic: 1.4 GB per chunk of 256 pairs at 1280x720), so more workers also cost memory.
+    # on a GPU machine with the cores. Each worker holds up to 2 decoded chunks of batch_size pairs
+    # in shared memory (by arithmetic: 1.4 GB per chunk of 256 pairs at 1280x720), so more workers
+    # also cost memory.
     num_workers: int = Field(default=2, ge=0)
     precision: Precision = "bf16"  # used on CUDA only; CPU always runs fp32
     # Extraction processes: > 1 runs one per GPU under torchrun (gloo processes with device: cpu),
