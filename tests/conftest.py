@@ -43,6 +43,29 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def load_bench():
+    """``load_bench("demo_patches")``: the script bench/demo_patches.py as a module, loaded once
+    (bench/ is scripts, not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    loaded = {}
+
+    def load(name: str):
+        if name not in loaded:
+            path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+            spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+            spec.loader.exec_module(module)
+            loaded[name] = module
+        return loaded[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect test server for the whole session (it takes seconds to start)."""
     from prefect.testing.utilities import prefect_test_harness

@@ -1,7 +1,5 @@
 """bench/demo_recipe.py's held-out folders: what it trains on and what it scores, never the demo's val."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +9,10 @@ from PIL import Image
 from srdiff_core import demo_data
 from srdiff_core.config import DEGRADATIONS
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "demo_recipe.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_demo_recipe", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench):
+    return load_bench("demo_recipe")
 
 
 def pngs(root: Path, split: str, degradation: str, side: str) -> dict[str, np.ndarray]:

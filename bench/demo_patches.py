@@ -1,0 +1,162 @@
+"""Exploratory changes that are not config options, applied in-process around bench/demo_recipe.py:
+the rows marked "patched" in bench/results/demo-recipe.md (fifth and sixth sweeps).
+
+    python bench/demo_patches.py --patch exposure=0.3 --patch exposure-skip=low-light -- \\
+        --recipes demo --holdout-seeds 1,2 --root bench/out/expo --out bench/out/expo.json
+
+Everything after ``--`` goes to bench/demo_recipe.py. Patches (each wraps one function for the
+length of the run; none is a method change we ship, they test a hypothesis):
+
+  clean=F            replace the LQ of a share F of the training pairs by their GT (clean -> clean),
+                     drawn by a coin seeded 1234; the context stays the LQ's
+  exposure=LO        multiply both images of a training pair by g ~ U[LO, 1] (the loader's own RNG),
+                     a darker exposure of the same scene
+  exposure-skip=D,.. degradations exposure leaves alone (e.g. low-light, whose pairs are the darkening)
+  oracle             the true degradation, one-hot, as the only context (train and evaluate): a
+                     diagnosis, the method's context is the SRM-refined embedding
+  self-ensemble      evaluate each image in its 8 flips / 90-degree turns and average (EDSR's "+")
+  blur=JSON          keyword arguments for srdiff_core.degradations.add_motion_blur, e.g.
+                     '{"angle_range": [-15, 15]}': the demo set is generated with them
+
+A train or evaluate stage that already ran for the same config is reused by the pipeline, patch or
+not: give each patched run its own ``--root``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import runpy
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from srdiff_core import data, degradations  # noqa: E402
+from srdiff_core.config import DEGRADATIONS  # noqa: E402
+from srdiff_core.restorer import Restorer  # noqa: E402
+
+PATCHES = ("clean", "exposure", "exposure-skip", "oracle", "self-ensemble", "blur")
+
+
+def with_clean_pairs(prepare: Callable, share: float, seed: int = 1234) -> Callable:
+    """``PairDataset.prepare`` that makes a share of the training samples clean -> clean."""
+    coin = np.random.default_rng(seed)
+
+    def patched(self, raw, rng):
+        out = prepare(self, raw, rng)
+        if self.augment and coin.random() < share:  # training pairs only
+            out["lq"] = out["gt"].clone()
+        return out
+
+    return patched
+
+
+def with_exposure(prepare: Callable, low: float, skip: frozenset[str] = frozenset()) -> Callable:
+    """``PairDataset.prepare`` that darkens both images of a training pair by one random gain."""
+    if not 0.0 < low <= 1.0:
+        raise SystemExit(f"exposure={low}: the lowest gain must lie in (0, 1]")
+
+    def patched(self, raw, rng):
+        out = prepare(self, raw, rng)
+        if self.augment and out["degradation"] not in skip:
+            gain = float(rng.uniform(low, 1.0))
+            out["lq"], out["gt"] = out["lq"] * gain, out["gt"] * gain
+        return out
+
+    return patched
+
+
+def with_oracle_context(context: Callable) -> Callable:
+    """``PairDataset.context`` that answers the sample's degradation, one-hot (ids start with it)."""
+
+    def patched(self, sample_id):
+        vector = torch.zeros_like(context(self, sample_id))
+        names = [i for i, name in enumerate(DEGRADATIONS) if sample_id.startswith(f"{name}-")]
+        if len(names) != 1:
+            raise ValueError(f"sample id {sample_id!r} does not start with one degradation name")
+        vector[names[0]] = 1.0
+        return vector
+
+    return patched
+
+
+def with_self_ensemble(restore: Callable) -> Callable:
+    """``Restorer.restore`` averaged over the 8 symmetries of the square (flip, then turn back)."""
+
+    def patched(self, lq, context, **kwargs):
+        outs = []
+        for turns in range(4):
+            for flip in (False, True):
+                x = torch.rot90(lq, turns, (-2, -1))
+                x = x.flip(-1) if flip else x
+                y = restore(self, x, context, **kwargs)
+                y = y.flip(-1) if flip else y
+                outs.append(torch.rot90(y, -turns, (-2, -1)))
+        return torch.stack(outs).mean(0)
+
+    return patched
+
+
+def parse(specs: list[str]) -> dict[str, str]:
+    """``name`` or ``name=value`` strings -> {name: value}; unknown names are an error."""
+    patches = {}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        if name not in PATCHES:
+            raise SystemExit(f"unknown patch {name!r}; valid patches: {', '.join(PATCHES)}")
+        patches[name] = value
+    return patches
+
+
+@contextlib.contextmanager
+def applied(patches: dict[str, str]) -> Iterator[None]:
+    """The patches in place for the length of the block (clean pairs before exposure), then undone."""
+    with contextlib.ExitStack() as undo:
+        def swap(owner, attr: str, value) -> None:
+            old = getattr(owner, attr) if not isinstance(owner, dict) else owner[attr]
+            if isinstance(owner, dict):
+                owner[attr] = value
+                undo.callback(owner.__setitem__, attr, old)
+            else:
+                setattr(owner, attr, value)
+                undo.callback(setattr, owner, attr, old)
+
+        if "clean" in patches:
+            swap(data.PairDataset, "prepare", with_clean_pairs(data.PairDataset.prepare, float(patches["clean"])))
+        if "exposure" in patches:
+            skip = frozenset(d for d in patches.get("exposure-skip", "").split(",") if d)
+            swap(data.PairDataset, "prepare", with_exposure(data.PairDataset.prepare, float(patches["exposure"]), skip))
+        elif "exposure-skip" in patches:
+            raise SystemExit("exposure-skip needs exposure=LO")
+        if "oracle" in patches:
+            swap(data.PairDataset, "context", with_oracle_context(data.PairDataset.context))
+        if "self-ensemble" in patches:
+            swap(Restorer, "restore", with_self_ensemble(Restorer.restore))
+        if "blur" in patches:
+            kwargs = {k: tuple(v) for k, v in json.loads(patches["blur"]).items()}
+            swap(degradations.DEGRADATIONS, "motion-blurry", functools.partial(degradations.add_motion_blur, **kwargs))
+        yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--patch", action="append", default=[], help="name or name=value (see the module doc)")
+    args = parser.parse_args(argv[:split])
+    with applied(parse(args.patch)):
+        sys.argv = [str(REPO / "bench" / "demo_recipe.py"), *argv[split + 1:]]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
