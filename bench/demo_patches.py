@@ -4,7 +4,8 @@ the rows marked "patched" in bench/results/demo-recipe.md (fifth and sixth sweep
     python bench/demo_patches.py --patch exposure=0.3 --patch exposure-skip=low-light -- \\
         --recipes demo --holdout-seeds 1,2 --root bench/out/expo --out bench/out/expo.json
 
-Everything after ``--`` goes to bench/demo_recipe.py. Patches (each wraps one function for the
+Everything after ``--`` goes to bench/demo_recipe.py, or to the script ``--run`` names (the blur
+patch with ``--run bench/blur_linear.py`` gives the linear-filter figures of a patched blur). Patches (each wraps one function for the
 length of the run; none is a method change we ship, they test a hypothesis):
 
   clean=F            replace the LQ of a share F of the training pairs by their GT (clean -> clean),
@@ -32,6 +33,7 @@ import runpy
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
+from unittest import mock
 
 import numpy as np
 import torch
@@ -119,30 +121,25 @@ def parse(specs: list[str]) -> dict[str, str]:
 @contextlib.contextmanager
 def applied(patches: dict[str, str]) -> Iterator[None]:
     """The patches in place for the length of the block (clean pairs before exposure), then undone."""
-    with contextlib.ExitStack() as undo:
-        def swap(owner, attr: str, value) -> None:
-            old = getattr(owner, attr) if not isinstance(owner, dict) else owner[attr]
-            if isinstance(owner, dict):
-                owner[attr] = value
-                undo.callback(owner.__setitem__, attr, old)
-            else:
-                setattr(owner, attr, value)
-                undo.callback(setattr, owner, attr, old)
+    if "exposure-skip" in patches and "exposure" not in patches:
+        raise SystemExit("exposure-skip needs exposure=LO")
+    with contextlib.ExitStack() as stack:
+        def wrap(owner, attr: str, wrapper: Callable, *args) -> None:
+            stack.enter_context(mock.patch.object(owner, attr, wrapper(getattr(owner, attr), *args)))
 
         if "clean" in patches:
-            swap(data.PairDataset, "prepare", with_clean_pairs(data.PairDataset.prepare, float(patches["clean"])))
+            wrap(data.PairDataset, "prepare", with_clean_pairs, float(patches["clean"]))
         if "exposure" in patches:
             skip = frozenset(d for d in patches.get("exposure-skip", "").split(",") if d)
-            swap(data.PairDataset, "prepare", with_exposure(data.PairDataset.prepare, float(patches["exposure"]), skip))
-        elif "exposure-skip" in patches:
-            raise SystemExit("exposure-skip needs exposure=LO")
+            wrap(data.PairDataset, "prepare", with_exposure, float(patches["exposure"]), skip)
         if "oracle" in patches:
-            swap(data.PairDataset, "context", with_oracle_context(data.PairDataset.context))
+            wrap(data.PairDataset, "context", with_oracle_context)
         if "self-ensemble" in patches:
-            swap(Restorer, "restore", with_self_ensemble(Restorer.restore))
+            wrap(Restorer, "restore", with_self_ensemble)
         if "blur" in patches:
             kwargs = {k: tuple(v) for k, v in json.loads(patches["blur"]).items()}
-            swap(degradations.DEGRADATIONS, "motion-blurry", functools.partial(degradations.add_motion_blur, **kwargs))
+            blur = functools.partial(degradations.add_motion_blur, **kwargs)
+            stack.enter_context(mock.patch.dict(degradations.DEGRADATIONS, {"motion-blurry": blur}))
         yield
 
 
@@ -151,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--patch", action="append", default=[], help="name or name=value (see the module doc)")
+    parser.add_argument("--run", default=str(REPO / "bench" / "demo_recipe.py"),
+                        help="the script to run patched (default bench/demo_recipe.py; e.g. bench/blur_linear.py)")
     args = parser.parse_args(argv[:split])
     with applied(parse(args.patch)):
-        sys.argv = [str(REPO / "bench" / "demo_recipe.py"), *argv[split + 1:]]
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        sys.argv = [args.run, *argv[split + 1:]]
+        runpy.run_path(args.run, run_name="__main__")
     return 0
 
 

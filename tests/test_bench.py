@@ -1,23 +1,15 @@
 """bench/gpu.py runs on the CPU at toy size (CI never has a GPU): the same code paths as on the device."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")  # toy tensors: OpenMP spin-waits on a loaded 2-core machine
-def test_gpu_bench_toy_run_writes_json_and_checks_pass(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(bench)
+def test_gpu_bench_toy_run_writes_json_and_checks_pass(tmp_path, capsys, load_bench):
+    bench = load_bench("gpu")
     results = bench.main(["--toy", "--out", str(tmp_path / "gpu.json")])
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert saved["rows"].keys() == results["rows"].keys()
@@ -37,12 +29,9 @@ def test_gpu_bench_toy_run_writes_json_and_checks_pass(tmp_path, capsys):
     assert "srdiff: train fp32 eager" in out and "daclip: train fp32 eager" in out and "TFLOP/s" in out
 
 
-def test_flop_count_per_image_is_the_layouts_model_flops():
+def test_flop_count_per_image_is_the_layouts_model_flops(load_bench):
     """FLOPs are counted on the meta device (free) per image; backward adds about twice the forward."""
-    spec = importlib.util.spec_from_file_location("bench_gpu_flops", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench("gpu")
     for layout in bench.LAYOUTS:
         one = bench.model_flops(bench.TOY, layout, 1, (32, 48), backward=False)
         two = bench.model_flops(bench.TOY, layout, 2, (32, 48), backward=False)

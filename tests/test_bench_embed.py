@@ -1,28 +1,16 @@
 """bench/embed.py runs on the CPU at toy size: the same code paths the default run times."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "embed.py"
 MEASUREMENTS = ["model-only", "decode-only", "end-to-end", "naive"]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_embed", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_embed_bench_toy_run_writes_json_and_prints_the_table_last(tmp_path, capsys):
-    bench = load_bench()
+def test_embed_bench_toy_run_writes_json_and_prints_the_table_last(tmp_path, capsys, load_bench):
+    bench = load_bench("embed")
     results = bench.main(["--toy", "--out", str(tmp_path / "embed.json")])
     saved = json.loads((tmp_path / "embed.json").read_text())
     assert saved["rows"] == results["rows"] and list(results["rows"]) == MEASUREMENTS
@@ -39,8 +27,8 @@ def test_embed_bench_toy_run_writes_json_and_prints_the_table_last(tmp_path, cap
     assert out[-1].startswith("end-to-end / naive") and "(target >= 10:" in out[-1]
 
 
-def test_synthetic_images_are_deterministic_and_compress_like_photos():
-    bench = load_bench()
+def test_synthetic_images_are_deterministic_and_compress_like_photos(load_bench):
+    bench = load_bench("embed")
     a = bench.synthetic_image(np.random.default_rng(0), (400, 600))
     b = bench.synthetic_image(np.random.default_rng(0), (400, 600))
     assert a.shape == (400, 600, 3) and a.dtype == np.uint8 and np.array_equal(a, b)

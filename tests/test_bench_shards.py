@@ -1,26 +1,13 @@
 """bench/shards.py at toy size: the same code paths as the real shard-stage benchmark."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 from storage import fs, shards
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "shards.py"
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_shards", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_shards_bench_toy_run_writes_json_and_valid_shards(tmp_path, capsys):
-    bench = load_bench()
+def test_shards_bench_toy_run_writes_json_and_valid_shards(tmp_path, capsys, load_bench):
+    bench = load_bench("shards")
     out = tmp_path / "shards.json"
     results = bench.main(["--toy", "--out", str(out), "--workdir", str(tmp_path / "work")])
 
@@ -65,8 +52,8 @@ def test_shards_bench_toy_run_writes_json_and_valid_shards(tmp_path, capsys):
     assert "tar -cf" in printed and printed.rstrip().endswith('checks: {"shards_verified": true}')
 
 
-def test_synthetic_pairs_are_deterministic_and_the_manifest_hashes_their_bytes(tmp_path):
-    bench = load_bench()
+def test_synthetic_pairs_are_deterministic_and_the_manifest_hashes_their_bytes(tmp_path, load_bench):
+    bench = load_bench("shards")
     a = bench.generate_pairs(tmp_path / "a", 5, 24)
     b = bench.generate_pairs(tmp_path / "b", 5, 24)
     assert a.column("lq_sha256").to_pylist() == b.column("lq_sha256").to_pylist()
