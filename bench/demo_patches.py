@@ -1,5 +1,5 @@
 """Exploratory changes that are not config options, applied in-process around bench/demo_recipe.py:
-the rows marked "patched" in bench/results/demo-recipe.md (fifth and sixth sweeps).
+the rows marked "patched" in bench/results/demo-recipe.md (fifth to seventh sweeps).
 
     python bench/demo_patches.py --patch exposure=0.3 --patch exposure-skip=low-light -- \\
         --recipes demo --holdout-seeds 1,2 --root bench/out/expo --out bench/out/expo.json
@@ -16,6 +16,11 @@ length of the run; none is a method change we ship, they test a hypothesis):
   oracle             the true degradation, one-hot, as the only context (train and evaluate): a
                      diagnosis, the method's context is the SRM-refined embedding
   self-ensemble      evaluate each image in its 8 flips / 90-degree turns and average (EDSR's "+")
+  context-time       the context also enters the time embedding (a scale and shift of every ResBlock)
+                     through a zero-initialised MLP, as DA-CLIP feeds its degradation embedding;
+                     with oracle, the one-hot takes that path too
+  lqcls-time         with context-time: LQCLS (the raw LQ embedding, which carries the degradation)
+                     takes the time path, RestoreCLS stays the cross-attention context
   blur=JSON          keyword arguments for srdiff_core.degradations.add_motion_blur, e.g.
                      '{"angle_range": [-15, 15]}': the demo set is generated with them
 
@@ -37,6 +42,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -44,8 +50,9 @@ sys.path.insert(0, str(REPO))
 from srdiff_core import data, degradations  # noqa: E402
 from srdiff_core.config import DEGRADATIONS  # noqa: E402
 from srdiff_core.restorer import Restorer  # noqa: E402
+from srdiff_core.unet import ConditionalUNet  # noqa: E402
 
-PATCHES = ("clean", "exposure", "exposure-skip", "oracle", "self-ensemble", "blur")
+PATCHES = ("clean", "exposure", "exposure-skip", "oracle", "self-ensemble", "context-time", "lqcls-time", "blur")
 
 
 def with_clean_pairs(prepare: Callable, share: float, seed: int = 1234) -> Callable:
@@ -107,6 +114,63 @@ def with_self_ensemble(restore: Callable) -> Callable:
     return patched
 
 
+class TimeWithContext(nn.Module):
+    """The UNet's time MLP plus an MLP of a context vector (``context``, set before each forward).
+    DA-CLIP weighs a learned prompt by softmax(MLP(context)); a plain MLP is the simplest form of the
+    same path. Its last layer starts at zero, so the patched UNet starts as the unpatched one."""
+
+    def __init__(self, time_mlp: nn.Module, context_dim: int, time_dim: int):
+        super().__init__()
+        self.time_mlp = time_mlp
+        self.context_mlp = nn.Sequential(nn.Linear(context_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        nn.init.zeros_(self.context_mlp[-1].weight)
+        nn.init.zeros_(self.context_mlp[-1].bias)
+        self.context: torch.Tensor | None = None
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.time_mlp(emb) + self.context_mlp(self.context)
+
+
+def with_context_time(init: Callable) -> Callable:
+    """``ConditionalUNet.__init__`` that wraps the time MLP in a :class:`TimeWithContext`."""
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.time_mlp = TimeWithContext(self.time_mlp, self.context_dim, self.time_mlp[-1].out_features)
+
+    return patched
+
+
+def with_time_context(context_tokens: Callable, split: bool) -> Callable:
+    """``ConditionalUNet.context_tokens`` that also hands the time path its context: the mean of the
+    (LayerNorm'd) tokens, or with ``split`` the second half of a [B, 2D] context (LQCLS), the first
+    half (RestoreCLS) staying the cross-attention's."""
+
+    def patched(self, context, batch):
+        time_context = None
+        if split and context is not None:
+            context, time_context = context[..., :self.context_dim], context[..., self.context_dim:]
+        tokens = context_tokens(self, context, batch)
+        time_tokens = tokens if time_context is None else context_tokens(self, time_context, batch)
+        self.time_mlp.context = time_tokens.mean(dim=1)
+        return tokens
+
+    return patched
+
+
+def with_lqcls(read: Callable) -> Callable:
+    """``read_embeddings`` that answers each RestoreCLS vector followed by the LQCLS vector of the same
+    sample, from the lqcls table the embed stage writes beside it."""
+
+    def patched(url: str):
+        if not url.endswith("restorecls.parquet"):
+            raise ValueError(f"lqcls-time reads contexts from a restorecls.parquet table, got {url}")
+        restore, lq = read(url), read(url[: -len("restorecls.parquet")] + "lqcls.parquet")
+        return {i: np.concatenate([vector, lq[i]]) for i, vector in restore.items()}
+
+    return patched
+
+
 def parse(specs: list[str]) -> dict[str, str]:
     """``name`` or ``name=value`` strings -> {name: value}; unknown names are an error."""
     patches = {}
@@ -123,6 +187,8 @@ def applied(patches: dict[str, str]) -> Iterator[None]:
     """The patches in place for the length of the block (clean pairs before exposure), then undone."""
     if "exposure-skip" in patches and "exposure" not in patches:
         raise SystemExit("exposure-skip needs exposure=LO")
+    if "lqcls-time" in patches and ("context-time" not in patches or "oracle" in patches):
+        raise SystemExit("lqcls-time needs context-time, and replaces the context the oracle would set")
     with contextlib.ExitStack() as stack:
         def wrap(owner, attr: str, wrapper: Callable, *args) -> None:
             stack.enter_context(mock.patch.object(owner, attr, wrapper(getattr(owner, attr), *args)))
@@ -136,6 +202,15 @@ def applied(patches: dict[str, str]) -> Iterator[None]:
             wrap(data.PairDataset, "context", with_oracle_context)
         if "self-ensemble" in patches:
             wrap(Restorer, "restore", with_self_ensemble)
+        if "context-time" in patches:
+            wrap(ConditionalUNet, "__init__", with_context_time)
+            wrap(ConditionalUNet, "context_tokens", with_time_context, "lqcls-time" in patches)
+        if "lqcls-time" in patches:
+            import tasks.evaluate
+            import tasks.train  # late: the pipeline's tasks import Prefect
+
+            for module in (tasks.train, tasks.evaluate):
+                wrap(module, "read_embeddings", with_lqcls)
         if "blur" in patches:
             kwargs = {k: tuple(v) for k, v in json.loads(patches["blur"]).items()}
             blur = functools.partial(degradations.add_motion_blur, **kwargs)

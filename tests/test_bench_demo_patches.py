@@ -6,6 +6,11 @@ import torch
 
 from srdiff_core import data, degradations
 from srdiff_core.restorer import Restorer
+from srdiff_core.unet import ConditionalUNet
+
+
+def tiny_unet() -> ConditionalUNet:
+    return ConditionalUNet(nf=8, ch_mult=(1, 2), num_res_blocks=1, context_dim=6, attn_heads=2, norm_groups=1)
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +72,62 @@ def test_self_ensemble_undoes_each_transform(bench):
     assert len({tuple(x.flatten().tolist()) for x in seen}) == 8  # the 8 symmetries, all distinct here
 
 
+def test_context_time_starts_as_the_unpatched_unet_then_reads_the_context(bench):
+    x, context = torch.rand(2, 3, 8, 8), torch.randn(2, 6)
+    plain = tiny_unet()
+    for p in plain.parameters():  # the zero-initialised output conv would hide every difference
+        p.data.add_(0.1 * torch.randn_like(p))
+    expected = plain(x, x, 3, context)
+    with bench.applied({"context-time": ""}):
+        patched = tiny_unet()
+        assert isinstance(patched.time_mlp, bench.TimeWithContext)
+        weights = {k.replace("time_mlp.", "time_mlp.time_mlp.", 1): v for k, v in plain.state_dict().items()}
+        missing = patched.load_state_dict(weights, strict=False).missing_keys
+        assert missing and all(k.startswith("time_mlp.context_mlp.") for k in missing)
+        torch.testing.assert_close(patched(x, x, 3, context), expected)  # zero MLP: no change
+        torch.testing.assert_close(patched.time_mlp.context, patched.context_norm(context))
+        torch.nn.init.normal_(patched.time_mlp.context_mlp[-1].weight)
+        moved = patched(x, x, 3, context)
+        assert not torch.allclose(moved, expected)
+        assert not torch.allclose(moved[:1], patched(x[:1], x[:1], 3, -context[:1]))  # the context moves it
+
+
+def test_lqcls_time_splits_the_context_between_the_two_paths(bench):
+    restore, lq = torch.randn(2, 6), torch.randn(2, 6)
+    with bench.applied({"context-time": "", "lqcls-time": ""}):
+        unet = tiny_unet()
+        tokens = unet.context_tokens(torch.cat([restore, lq], dim=1), 2)
+        torch.testing.assert_close(tokens, unet.context_norm(restore)[:, None])  # cross-attention: RestoreCLS
+        torch.testing.assert_close(unet.time_mlp.context, unet.context_norm(lq))  # time path: LQCLS
+
+
+def test_lqcls_reader_appends_the_lq_vector_of_each_sample(bench):
+    tables = {"e/restorecls.parquet": {"a": np.ones(2, np.float32)}, "e/lqcls.parquet": {"a": np.zeros(2, np.float32)}}
+    read = bench.with_lqcls(tables.__getitem__)
+    np.testing.assert_array_equal(read("e/restorecls.parquet")["a"], [1, 1, 0, 0])
+    with pytest.raises(ValueError, match="restorecls.parquet"):
+        read("e/lqcls.parquet")
+
+
 def test_applied_patches_are_undone(bench):
+    import tasks.evaluate
+    import tasks.train
+
     originals = (data.PairDataset.prepare, data.PairDataset.context, Restorer.restore,
-                 degradations.DEGRADATIONS["motion-blurry"])
-    patches = bench.parse(["clean=0.25", "exposure=0.3", "exposure-skip=low-light", "oracle", "self-ensemble",
-                           'blur={"angle_range": [-15, 15]}'])
+                 degradations.DEGRADATIONS["motion-blurry"], ConditionalUNet.__init__,
+                 ConditionalUNet.context_tokens, tasks.train.read_embeddings, tasks.evaluate.read_embeddings)
+    patches = bench.parse(["clean=0.25", "exposure=0.3", "exposure-skip=low-light", "self-ensemble",
+                           "context-time", "lqcls-time", 'blur={"angle_range": [-15, 15]}'])
     with bench.applied(patches):
         assert data.PairDataset.prepare is not originals[0] and Restorer.restore is not originals[2]
         blur = degradations.DEGRADATIONS["motion-blurry"]
         assert blur.keywords == {"angle_range": (-15, 15)}
+        assert tasks.train.read_embeddings is not originals[6]
+    with bench.applied(bench.parse(["oracle"])):
+        assert data.PairDataset.context is not originals[1]
     assert (data.PairDataset.prepare, data.PairDataset.context, Restorer.restore,
-            degradations.DEGRADATIONS["motion-blurry"]) == originals
+            degradations.DEGRADATIONS["motion-blurry"], ConditionalUNet.__init__,
+            ConditionalUNet.context_tokens, tasks.train.read_embeddings, tasks.evaluate.read_embeddings) == originals
 
 
 def test_bad_patch_names_and_orphan_options_are_refused(bench):
@@ -86,3 +136,7 @@ def test_bad_patch_names_and_orphan_options_are_refused(bench):
     with pytest.raises(SystemExit, match="needs exposure"):
         with bench.applied({"exposure-skip": "low-light"}):
             pass
+    for patches in ({"lqcls-time": ""}, {"lqcls-time": "", "context-time": "", "oracle": ""}):
+        with pytest.raises(SystemExit, match="lqcls-time needs context-time"):
+            with bench.applied(patches):
+                pass
