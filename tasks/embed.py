@@ -24,7 +24,7 @@ from srdiff_core.data import decode_png, split_shards
 from srdiff_core.distributed import DistInfo, barrier, device_for, is_main
 from storage import fs, shards, tables
 from storage.embed_cache import EmbeddingCache
-from tasks import common, tracking
+from tasks import common, shm, tracking
 from tasks.advice import advised
 from tasks.artifacts import Progress
 from tasks.common import RateLogger, StageResult, pick_device, stage_dir, stage_logger
@@ -206,8 +206,11 @@ def embed_rank(encoder: clip_embed.ClipEncoder, urls: list[str], *, batch_size: 
     counts images (LQ and GT of every sample of the share) for the ETA and the Prefect progress."""
     dataset = DecodedShardImages(urls, known=None if cache is None else frozenset(cache), rank=rank,
                                  world_size=world_size, chunk=batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=_collate,
-                                         num_workers=loader_workers(num_workers, len(urls), world_size))
+    workers = loader_workers(num_workers, len(urls), world_size)
+    if workers:
+        shm.warn_if_shm_short(log, stage="embed", workers=workers, batch_bytes=shm.embed_batch_bytes(urls, batch_size),
+                              settings="embed.num_workers / embed.batch_size")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=_collate, num_workers=workers)
     known = _KnownVectors(cache)
     ids, splits, degradations, lq_out, gt_out, quarantine = [], [], [], [], [], []
     progress = RateLogger(log, "embed", eta.total if eta else None, "images")

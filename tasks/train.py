@@ -23,7 +23,7 @@ from srdiff_core.distributed import DistInfo, device_for, is_main, wrap_ddp
 from srdiff_core.sde import IRSDE
 from srdiff_core.unet import build_unet
 from storage import fs, shards, tables
-from tasks import artifacts, launch, tracking
+from tasks import artifacts, launch, shm, tracking
 from tasks.advice import advised
 from tasks.common import StageResult, pick_device, stage_dir, stage_logger
 from tasks.embed_tables import EmbeddedPairDataset, quarantined_ids, read_embeddings
@@ -80,6 +80,9 @@ def batch_source(cfg: Config, urls: list[str], context: dict[str, np.ndarray], *
     Samples in ``skip_ids`` (quarantined by the embed stage: no embedding) are left out."""
     own_urls = rank_shards(urls, rank, world_size)
     workers = rank_workers(cfg.train.num_workers, len(own_urls), log)
+    shm.warn_if_shm_short(log, stage="train", workers=workers, settings="train.num_workers / train.batch_size",
+                          batch_bytes=shm.train_batch_bytes(cfg.train.batch_size, cfg.train.patch_size,
+                                                            cfg.unet.context_dim))
 
     def make(start_step: int):
         dataset = EmbeddedPairDataset(own_urls, skip_ids=skip_ids, patch_size=cfg.train.patch_size, augment=True,
