@@ -17,8 +17,9 @@ length of the run; none is a method change we ship, they test a hypothesis):
                      diagnosis, the method's context is the SRM-refined embedding
   self-ensemble      evaluate each image in its 8 flips / 90-degree turns and average (EDSR's "+")
   context-time       the context also enters the time embedding (a scale and shift of every ResBlock)
-                     through a zero-initialised MLP, as DA-CLIP feeds its degradation embedding;
-                     with oracle, the one-hot takes that path too
+                     through a zero-initialised MLP, as DA-CLIP feeds its degradation embedding
+                     (unet.layout srdiff only: the daclip layout has that path already); with
+                     oracle, the one-hot takes that path too
   lqcls-time         with context-time: LQCLS (the raw LQ embedding, which carries the degradation)
                      takes the time path, RestoreCLS stays the cross-attention context
   blur=JSON          keyword arguments for srdiff_core.degradations.add_motion_blur, e.g.

@@ -206,11 +206,8 @@ def embed_rank(encoder: clip_embed.ClipEncoder, urls: list[str], *, batch_size: 
     counts images (LQ and GT of every sample of the share) for the ETA and the Prefect progress."""
     dataset = DecodedShardImages(urls, known=None if cache is None else frozenset(cache), rank=rank,
                                  world_size=world_size, chunk=batch_size)
-    workers = loader_workers(num_workers, len(urls), world_size)
-    if workers:
-        shm.warn_if_shm_short(log, stage="embed", workers=workers, batch_bytes=shm.embed_batch_bytes(urls, batch_size),
-                              settings="embed.num_workers / embed.batch_size")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=_collate, num_workers=workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=_collate,
+                                         num_workers=loader_workers(num_workers, len(urls), world_size))
     known = _KnownVectors(cache)
     ids, splits, degradations, lq_out, gt_out, quarantine = [], [], [], [], [], []
     progress = RateLogger(log, "embed", eta.total if eta else None, "images")
@@ -380,6 +377,11 @@ def _embed_share(cfg: Config, encoder: clip_embed.ClipEncoder, cache: EmbeddingC
     if len(urls) < info.world_size:
         raise ValueError(f"{len(urls)} shards cannot feed {info.world_size} embedding processes (each takes whole "
                          f"shards): lower embed.nproc or shard.maxcount")
+    if info.local_rank == 0:  # the processes on a machine share its /dev/shm: one warning for them all
+        shm.warn_if_shm_short(
+            log, stage="embed", workers=loader_workers(cfg.embed.num_workers, len(urls), info.world_size),
+            processes=shm.local_processes(), workers_key="embed.num_workers", batch_key="embed.batch_size",
+            batch_bytes=lambda: shm.embed_batch_bytes(shm.largest_first_pixels(urls), cfg.embed.batch_size))
     emb = embed_rank(encoder, urls, batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers, log=log,
                      cache=cache.load() if cache is not None else None, rank=info.rank, world_size=info.world_size,
                      eta=Progress(cfg, "embed", share_images(shards_url, urls, info), "images"))

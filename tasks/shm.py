@@ -1,25 +1,30 @@
 """Shared memory for DataLoader workers: a warning before a stage starts when /dev/shm looks too small.
 
 A DataLoader worker hands each batch to the main process through shared memory (torch.multiprocessing's
-default ``file_descriptor`` strategy allocates it with shm_open, i.e. in /dev/shm on Linux), and each
-worker keeps up to ``prefetch_factor`` (2) batches in flight. A container's /dev/shm is 64 MB unless
-``docker run --shm-size`` says otherwise; when it fills, a worker dies mid-stage with "DataLoader worker
-(pid ...) is killed by signal: Bus error". The figure here is an upper estimate (image sizes from one
-sample; the embed stage does not decode images its cache holds), so it warns, naming the settings that
-avoid the crash, instead of refusing a run that might fit.
+default ``file_descriptor`` strategy allocates it with shm_open, i.e. in /dev/shm on Linux). Each worker
+keeps up to ``prefetch_factor`` (2) batches in flight, and the main process holds the one it is using, so
+``workers * 2 + 1`` batches per process; processes on one machine share its /dev/shm. A container's
+/dev/shm is 64 MiB unless ``docker run --shm-size`` says otherwise. When it fills, the stage fails
+mid-way: "unable to allocate shared memory(shm) for file ...: No space left on device" (torch allocates
+the segment up front), or on systems where it cannot, a worker "killed by signal: Bus error".
+
+The estimate is the configured patch (train) or the largest first image of a few shards (embed, which
+also does not decode images its cache already holds), so a short /dev/shm gets a warning that names
+the settings to change, not a refusal of a run that might fit.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
+import math
+import os
 import shutil
 
-from PIL import Image
-
 from storage import shards
+from storage.errors import Refusal
 
 SHM_PATH = "/dev/shm"
-PREFETCH_FACTOR = 2  # torch.utils.data.DataLoader's default whenever it has workers
+PREFETCH_FACTOR = 2  # torch.utils.data.DataLoader's default whenever it has workers (neither stage sets it)
 
 
 def shm_free(path: str = SHM_PATH) -> int | None:
@@ -31,51 +36,71 @@ def shm_free(path: str = SHM_PATH) -> int | None:
 
 
 def size_text(n: int) -> str:
-    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+    """Bytes in binary units, as df and Docker's --shm-size count them: "64.0 MiB"."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
 
 
-def shm_warning(*, stage: str, workers: int, batch_bytes: int | None, free: int | None, settings: str) -> str | None:
-    """The warning for ``workers`` DataLoader workers handing over batches of ``batch_bytes`` through
-    ``free`` bytes of shared memory; None when they fit, or nothing is known to compare.
-    ``settings``: the stage's config keys, e.g. "embed.num_workers / embed.batch_size"."""
-    if workers < 1 or batch_bytes is None or free is None:
-        return None
-    need = workers * PREFETCH_FACTOR * batch_bytes
+def local_processes() -> int:
+    """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def shm_need(*, workers: int, processes: int, batch_bytes: int) -> int:
+    """Bytes of shared memory ``processes`` processes of ``workers`` DataLoader workers may hold at once."""
+    return processes * (workers * PREFETCH_FACTOR + 1) * batch_bytes
+
+
+def shm_warning(*, stage: str, workers: int, processes: int, batch_bytes: int, free: int, workers_key: str,
+                batch_key: str) -> str | None:
+    """The warning for DataLoader workers handing over batches of ``batch_bytes`` through ``free`` bytes
+    of shared memory; None when they fit."""
+    need = shm_need(workers=workers, processes=processes, batch_bytes=batch_bytes)
     if need <= free:
         return None
-    workers_key, batch_key = (s.strip() for s in settings.split("/"))
-    return (f"{stage}: {workers} DataLoader worker(s) may hold up to {workers * PREFETCH_FACTOR} batches of about "
-            f"{size_text(batch_bytes)} in shared memory ({size_text(need)}), but {SHM_PATH} has "
-            f"{size_text(free)} free. If a worker dies with a bus error, set {workers_key}=0 (load in the main "
-            f"process), lower {batch_key}, or give the machine more shared memory (in a container: "
-            f"docker run --shm-size=...)")
+    who = f"{workers} DataLoader worker(s)" + (f" in each of {processes} processes" if processes > 1 else "")
+    return (f"{stage}: {who} may hold about {size_text(need)} of batches ({size_text(batch_bytes)} each) in shared "
+            f"memory, but {SHM_PATH} has {size_text(free)} free. If the stage fails with \"unable to allocate "
+            f"shared memory\" or a worker killed by a bus error, set {workers_key}=0 (load in the main process), "
+            f"lower {batch_key}, or give the machine more shared memory (in a container: docker run "
+            f"--shm-size={math.ceil(need / (1 << 30))}g)")
 
 
-def warn_if_shm_short(log, *, stage: str, workers: int, batch_bytes: int | None, settings: str) -> None:
-    """Log :func:`shm_warning` for this machine's /dev/shm, if there is one to give."""
-    message = shm_warning(stage=stage, workers=workers, batch_bytes=batch_bytes, free=shm_free(), settings=settings)
-    if message and log is not None:
+def warn_if_shm_short(log, *, stage: str, workers: int, processes: int, batch_bytes, workers_key: str,
+                      batch_key: str) -> None:
+    """Log :func:`shm_warning` for this machine's /dev/shm. ``batch_bytes``: a function giving the batch
+    size, or None when it cannot tell; called only when there are workers and a /dev/shm to compare."""
+    free = shm_free()
+    if log is None or workers < 1 or free is None:
+        return
+    size = batch_bytes()
+    message = None if size is None else shm_warning(stage=stage, workers=workers, processes=processes,
+                                                    batch_bytes=size, free=free, workers_key=workers_key,
+                                                    batch_key=batch_key)
+    if message:
         log.warning(message)
 
 
-def first_pair_pixels(urls: list[str]) -> int | None:
-    """Pixels (height x width) of the first sample's LQ in ``urls``, read from its PNG header alone;
-    None when there is no readable sample (the stage reports that itself)."""
-    try:
-        for sample in shards.iter_samples(urls[:1]):
-            with Image.open(io.BytesIO(sample["lq_png"])) as im:
-                return im.width * im.height
-    except Exception:  # an estimate only: whatever is wrong with the shard, the stage says it
-        return None
-    return None
+def largest_first_pixels(urls: list[str], shards_read: int = 8) -> int | None:
+    """Pixels (width x height, from the sample's json) of the largest first sample of up to
+    ``shards_read`` shards: an estimate of the largest image that reads a sample, not a data set;
+    None when none is readable (the stage reports that itself)."""
+    sizes = []
+    for url in urls[:shards_read]:
+        try:
+            with contextlib.closing(shards.iter_samples([url])) as samples:
+                meta = next(samples, {}).get("meta", {})
+        except (Refusal, OSError, ValueError):  # missing, unreadable, damaged: the stage says which
+            continue
+        if "width" in meta and "height" in meta:
+            sizes.append(int(meta["width"]) * int(meta["height"]))
+    return max(sizes, default=None)
 
 
-def embed_batch_bytes(urls: list[str], batch_size: int) -> int | None:
-    """A decoded embed chunk: ``batch_size`` pairs of uint8 RGB LQ and GT at the first sample's size."""
-    pixels = first_pair_pixels(urls)
+def embed_batch_bytes(pixels: int | None, batch_size: int) -> int | None:
+    """A decoded embed chunk: ``batch_size`` pairs of uint8 RGB LQ and GT of ``pixels`` pixels each."""
     return None if pixels is None else batch_size * 2 * 3 * pixels
 
 

@@ -87,9 +87,15 @@ def test_context_time_starts_as_the_unpatched_unet_then_reads_the_context(bench)
         torch.testing.assert_close(patched(x, x, 3, context), expected)  # zero MLP: no change
         torch.testing.assert_close(patched.time_mlp.context, patched.context_norm(context))
         torch.nn.init.normal_(patched.time_mlp.context_mlp[-1].weight)
-        moved = patched(x, x, 3, context)
-        assert not torch.allclose(moved, expected)
-        assert not torch.allclose(moved[:1], patched(x[:1], x[:1], 3, -context[:1]))  # the context moves it
+        assert not torch.allclose(patched(x, x, 3, context), expected)
+        # The time path itself reads the context (cross-attention alone would also move the output).
+        emb = torch.randn(2, patched.nf)
+        patched.time_mlp.context = patched.context_norm(context)
+        with_context = patched.time_mlp(emb)
+        patched.time_mlp.context = patched.context_norm(-context)
+        assert not torch.allclose(with_context, patched.time_mlp(emb))
+        torch.testing.assert_close(with_context - plain.time_mlp(emb),
+                                   patched.time_mlp.context_mlp(patched.context_norm(context)))
 
 
 def test_lqcls_time_splits_the_context_between_the_two_paths(bench):

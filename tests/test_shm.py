@@ -6,75 +6,105 @@ import logging
 
 import pytest
 
-from embed_data import register_tiny_arch, write_corrupt_shards
-from srdiff_core import clip_embed
+from embed_data import embed_config, register_tiny_arch, write_corrupt_shards
 from srdiff_core.config import Config
-from storage import shards
+from srdiff_core.distributed import DistInfo
+from storage import fs
 from tasks import embed, shm
 from tasks.train import batch_source
 
 LOG = logging.getLogger("test_shm")
+GPU_BOX_ADVICE = ("set embed.num_workers=0 (load in the main process), lower embed.batch_size, or give the "
+                  "machine more shared memory (in a container: docker run --shm-size=")
 
 
 @pytest.fixture(scope="module")
-def shard_urls(tmp_path_factory) -> list[str]:
+def shards_url(tmp_path_factory) -> str:
     """Real shards of six 20x28 pairs (the first, train/hazy/0, intact), two samples a shard."""
-    out, _ = write_corrupt_shards(str(tmp_path_factory.mktemp("shm")))
-    return [u for split in embed.SPLITS for u in shards.shard_urls(out, split=split)]
+    return write_corrupt_shards(str(tmp_path_factory.mktemp("shm")))[0]
 
 
-def test_sizes_read_as_people_write_them():
-    assert [shm.size_text(n) for n in (1023, 1536, 64 << 20, 3 << 30)] == ["1023 B", "1.5 kB", "64.0 MB", "3.0 GB"]
+@pytest.fixture(scope="module")
+def shard_urls(shards_url) -> list[str]:
+    return embed.stage_shard_urls(shards_url)
 
 
-def test_the_warning_names_the_figures_and_the_stage_s_settings():
-    message = shm.shm_warning(stage="embed", workers=2, batch_bytes=40 << 20, free=64 << 20,
-                              settings="embed.num_workers / embed.batch_size")
+def shm_of(monkeypatch, free: int | None) -> None:
+    """This machine's /dev/shm, as the stages see it, with ``free`` bytes (None: no /dev/shm)."""
+    monkeypatch.setattr(shm, "shm_free", lambda path=shm.SHM_PATH: free)
+
+
+def warnings_about_shm(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "shared memory" in r.getMessage()]
+
+
+def test_sizes_read_as_df_and_docker_count_them():
+    assert [shm.size_text(n) for n in (1023, 1536, 64 << 20, 3 << 30)] == ["1023 B", "1.5 KiB", "64.0 MiB", "3.0 GiB"]
+
+
+def test_each_worker_holds_two_batches_and_the_main_process_one():
+    assert shm.shm_need(workers=2, processes=1, batch_bytes=10) == 50
+    assert shm.shm_need(workers=2, processes=4, batch_bytes=10) == 200  # processes on one machine share it
+
+
+def test_the_warning_names_the_figures_the_failures_and_what_to_change():
+    message = shm.shm_warning(stage="embed", workers=2, processes=1, batch_bytes=40 << 20, free=64 << 20,
+                              workers_key="embed.num_workers", batch_key="embed.batch_size")
     assert message == (
-        "embed: 2 DataLoader worker(s) may hold up to 4 batches of about 40.0 MB in shared memory (160.0 MB), "
-        "but /dev/shm has 64.0 MB free. If a worker dies with a bus error, set embed.num_workers=0 (load in the "
-        "main process), lower embed.batch_size, or give the machine more shared memory (in a container: "
-        "docker run --shm-size=...)")
-
-
-@pytest.mark.parametrize("workers, batch_bytes, free", [
-    (2, 16 << 20, 64 << 20),  # 4 batches of 16 MB: exactly what there is
-    (0, 1 << 30, 1),          # no workers: the main process loads, nothing is shared
-    (2, None, 1),             # batch size unknown
-    (2, 1 << 30, None),       # no /dev/shm on this system
-])
-def test_no_warning_when_the_batches_fit_or_nothing_is_known(workers, batch_bytes, free):
-    assert shm.shm_warning(stage="train", workers=workers, batch_bytes=batch_bytes, free=free,
-                           settings="train.num_workers / train.batch_size") is None
+        "embed: 2 DataLoader worker(s) may hold about 200.0 MiB of batches (40.0 MiB each) in shared memory, but "
+        "/dev/shm has 64.0 MiB free. If the stage fails with \"unable to allocate shared memory\" or a worker "
+        "killed by a bus error, " + GPU_BOX_ADVICE + "1g)")
+    several = shm.shm_warning(stage="train", workers=4, processes=8, batch_bytes=1 << 30, free=1 << 30,
+                              workers_key="train.num_workers", batch_key="train.batch_size")
+    assert several.startswith("train: 4 DataLoader worker(s) in each of 8 processes may hold about 72.0 GiB")
+    assert several.endswith("--shm-size=72g)")
+    assert shm.shm_warning(stage="embed", workers=2, processes=1, batch_bytes=10, free=50, workers_key="a",
+                           batch_key="b") is None  # exactly what there is
 
 
 def test_batch_sizes_of_the_two_stages(shard_urls, tmp_path):
-    assert shm.embed_batch_bytes(shard_urls, 4) == 4 * 2 * 3 * 20 * 28  # uint8 LQ + GT at the first pair's size
-    assert shm.embed_batch_bytes([], 4) is None
-    assert shm.embed_batch_bytes([str(tmp_path / "missing.tar")], 4) is None
+    assert shm.largest_first_pixels(shard_urls) == 20 * 28  # from the first sample's json, no image decoded
+    assert shm.largest_first_pixels([fs.join(str(tmp_path), "missing.tar"), *shard_urls]) == 20 * 28
+    assert shm.largest_first_pixels([]) is None
+    assert shm.embed_batch_bytes(20 * 28, 4) == 4 * 2 * 3 * 20 * 28  # uint8 LQ + GT
+    assert shm.embed_batch_bytes(None, 4) is None
     assert shm.train_batch_bytes(16, 256, 512) == 16 * 4 * (2 * 3 * 256 * 256 + 512)  # float32 patches + context
 
 
-def test_the_embed_stage_warns_before_its_workers_start(shard_urls, tmp_path, monkeypatch, caplog):
-    encoder = clip_embed.load_clip(register_tiny_arch(tmp_path), "none", seed=0)
-    monkeypatch.setattr(shm, "shm_free", lambda path=shm.SHM_PATH: 1000)  # a 1000-byte /dev/shm
+def test_no_workers_or_no_dev_shm_reads_nothing(monkeypatch, caplog):
+    def never():
+        raise AssertionError("the batch size is looked up only when it is compared")
+
+    for workers, free in ((0, 1), (2, None)):
+        shm_of(monkeypatch, free)
+        with caplog.at_level(logging.WARNING, logger=LOG.name):
+            shm.warn_if_shm_short(LOG, stage="embed", workers=workers, processes=1, batch_bytes=never,
+                                  workers_key="embed.num_workers", batch_key="embed.batch_size")
+    assert not warnings_about_shm(caplog)
+
+
+def test_the_embed_stage_warns_before_its_workers_start(shards_url, tmp_path, monkeypatch, caplog):
+    cfg = embed_config(str(tmp_path), "none", arch=register_tiny_arch(tmp_path), num_workers=1)
+    encoder = embed.clip_embed.load_clip(cfg.embed.arch, "none", seed=0)
+    shm_of(monkeypatch, 1000)  # a 1000-byte /dev/shm
     with caplog.at_level(logging.WARNING, logger=LOG.name):
-        embed.embed_shards(encoder, shard_urls, batch_size=2, num_workers=1, log=LOG)
-        warned = [r.getMessage() for r in caplog.records if "shared memory" in r.getMessage()]
-        assert len(warned) == 1 and warned[0].startswith(
-            "embed: 1 DataLoader worker(s) may hold up to 2 batches of about 6.6 kB in shared memory (13.1 kB)")
+        embed._embed_share(cfg, encoder, None, shards_url, DistInfo(), LOG)
+        assert warnings_about_shm(caplog) == [shm.shm_warning(
+            stage="embed", workers=1, processes=1, batch_bytes=2 * 2 * 3 * 20 * 28, free=1000,
+            workers_key="embed.num_workers", batch_key="embed.batch_size")]
         caplog.clear()
-        embed.embed_shards(encoder, shard_urls, batch_size=2, num_workers=0, log=LOG)  # no workers: no warning
-        assert not [r for r in caplog.records if "shared memory" in r.getMessage()]
+        embed._embed_share(cfg, encoder, None, shards_url, DistInfo(rank=1, world_size=2, local_rank=1), LOG)
+        assert not warnings_about_shm(caplog)  # one warning a machine: from its local rank 0
 
 
 def test_the_train_stage_warns_before_its_workers_start(shard_urls, monkeypatch, caplog):
     cfg = Config.model_validate({"train": {"num_workers": 2, "batch_size": 16, "patch_size": 256}})
     train_urls = [u for u in shard_urls if "/train/" in u]
-    monkeypatch.setattr(shm, "shm_free", lambda path=shm.SHM_PATH: 64 << 20)  # Docker's default /dev/shm
+    shm_of(monkeypatch, 64 << 20)  # Docker's default /dev/shm
     with caplog.at_level(logging.WARNING, logger=LOG.name):
         batch_source(cfg, train_urls, {}, log=LOG)
-    warned = [r.getMessage() for r in caplog.records if "shared memory" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].startswith(
-        "train: 2 DataLoader worker(s) may hold up to 4 batches of about 24.0 MB in shared memory (96.1 MB), "
-        "but /dev/shm has 64.0 MB free. If a worker dies with a bus error, set train.num_workers=0")
+    assert warnings_about_shm(caplog) == [
+        "train: 2 DataLoader worker(s) may hold about 120.2 MiB of batches (24.0 MiB each) in shared memory, but "
+        "/dev/shm has 64.0 MiB free. If the stage fails with \"unable to allocate shared memory\" or a worker "
+        "killed by a bus error, set train.num_workers=0 (load in the main process), lower train.batch_size, or "
+        "give the machine more shared memory (in a container: docker run --shm-size=1g)"]
