@@ -43,8 +43,7 @@ def offset_scores(lq: np.ndarray, restored: np.ndarray, gt: np.ndarray, border: 
     """PSNR of the input, of the restored image, and of the restored image less its mean offset
     from GT (clamped to [0, 1]); the offset itself in 8-bit levels (R, G, B)."""
     x, y = as_tensor(restored), as_tensor(gt)
-    inner = (slice(None), slice(None), slice(border, -border or None), slice(border, -border or None))
-    offset = (x - y)[inner].mean(dim=(0, 2, 3))
+    offset = metrics.crop_border(x - y, border).mean(dim=(0, 2, 3))
     score = lambda a: float(metrics.psnr(a, y, border=border))  # noqa: E731
     shifted = (x - offset[None, :, None, None]).clamp(0.0, 1.0)  # an image again: what a saved one could hold
     return {"input": score(as_tensor(lq)), "restored": score(x), "offset_removed": score(shifted),

@@ -380,7 +380,7 @@ def _embed_share(cfg: Config, encoder: clip_embed.ClipEncoder, cache: EmbeddingC
     if info.local_rank == 0:  # the processes on a machine share its /dev/shm: one warning for them all
         shm.warn_if_shm_short(
             log, stage="embed", workers=loader_workers(cfg.embed.num_workers, len(urls), info.world_size),
-            processes=shm.local_processes(), workers_key="embed.num_workers", batch_key="embed.batch_size",
+            processes=shm.local_processes(),
             batch_bytes=lambda: shm.embed_batch_bytes(shm.largest_first_pixels(urls), cfg.embed.batch_size))
     emb = embed_rank(encoder, urls, batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers, log=log,
                      cache=cache.load() if cache is not None else None, rank=info.rank, world_size=info.world_size,

@@ -5,8 +5,9 @@ default ``file_descriptor`` strategy allocates it with shm_open, i.e. in /dev/sh
 keeps up to ``prefetch_factor`` (2) batches in flight, and the main process holds the one it is using, so
 ``workers * 2 + 1`` batches per process; processes on one machine share its /dev/shm. A container's
 /dev/shm is 64 MiB unless ``docker run --shm-size`` says otherwise. When it fills, the stage fails
-mid-way: "unable to allocate shared memory(shm) for file ...: No space left on device" (torch allocates
-the segment up front), or on systems where it cannot, a worker "killed by signal: Bus error".
+mid-way: "unable to allocate shared memory(shm) for file <...>" and the system's reason (torch
+reserves the segment up front with posix_fallocate), or where it cannot, a worker "killed by signal:
+Bus error".
 
 The estimate is the configured patch (train) or the largest first image of a few shards (embed, which
 also does not decode images its cache already holds), so a short /dev/shm gets a warning that names
@@ -53,32 +54,30 @@ def shm_need(*, workers: int, processes: int, batch_bytes: int) -> int:
     return processes * (workers * PREFETCH_FACTOR + 1) * batch_bytes
 
 
-def shm_warning(*, stage: str, workers: int, processes: int, batch_bytes: int, free: int, workers_key: str,
-                batch_key: str) -> str | None:
+def shm_warning(*, stage: str, workers: int, processes: int, batch_bytes: int, free: int) -> str | None:
     """The warning for DataLoader workers handing over batches of ``batch_bytes`` through ``free`` bytes
-    of shared memory; None when they fit."""
+    of shared memory; None when they fit. Both stages name their settings alike: ``<stage>.num_workers``,
+    ``<stage>.batch_size``."""
     need = shm_need(workers=workers, processes=processes, batch_bytes=batch_bytes)
     if need <= free:
         return None
     who = f"{workers} DataLoader worker(s)" + (f" in each of {processes} processes" if processes > 1 else "")
     return (f"{stage}: {who} may hold about {size_text(need)} of batches ({size_text(batch_bytes)} each) in shared "
             f"memory, but {SHM_PATH} has {size_text(free)} free. If the stage fails with \"unable to allocate "
-            f"shared memory\" or a worker killed by a bus error, set {workers_key}=0 (load in the main process), "
-            f"lower {batch_key}, or give the machine more shared memory (in a container: docker run "
+            f"shared memory\" or a worker killed by a bus error, set {stage}.num_workers=0 (load in the main "
+            f"process), lower {stage}.batch_size, or give the machine more shared memory (in a container: docker run "
             f"--shm-size={math.ceil(need / (1 << 30))}g)")
 
 
-def warn_if_shm_short(log, *, stage: str, workers: int, processes: int, batch_bytes, workers_key: str,
-                      batch_key: str) -> None:
+def warn_if_shm_short(log, *, stage: str, workers: int, processes: int, batch_bytes) -> None:
     """Log :func:`shm_warning` for this machine's /dev/shm. ``batch_bytes``: a function giving the batch
     size, or None when it cannot tell; called only when there are workers and a /dev/shm to compare."""
-    free = shm_free()
-    if log is None or workers < 1 or free is None:
+    if log is None or workers < 1:
         return
-    size = batch_bytes()
+    free = shm_free()
+    size = None if free is None else batch_bytes()
     message = None if size is None else shm_warning(stage=stage, workers=workers, processes=processes,
-                                                    batch_bytes=size, free=free, workers_key=workers_key,
-                                                    batch_key=batch_key)
+                                                    batch_bytes=size, free=free)
     if message:
         log.warning(message)
 

@@ -81,7 +81,6 @@ def batch_source(cfg: Config, urls: list[str], context: dict[str, np.ndarray], *
     own_urls = rank_shards(urls, rank, world_size)
     workers = rank_workers(cfg.train.num_workers, len(own_urls), log)
     shm.warn_if_shm_short(log, stage="train", workers=workers, processes=shm.local_processes(),
-                          workers_key="train.num_workers", batch_key="train.batch_size",
                           batch_bytes=lambda: shm.train_batch_bytes(cfg.train.batch_size, cfg.train.patch_size,
                                                                     cfg.unet.context_dim))
 

@@ -48,18 +48,16 @@ def test_each_worker_holds_two_batches_and_the_main_process_one():
 
 
 def test_the_warning_names_the_figures_the_failures_and_what_to_change():
-    message = shm.shm_warning(stage="embed", workers=2, processes=1, batch_bytes=40 << 20, free=64 << 20,
-                              workers_key="embed.num_workers", batch_key="embed.batch_size")
+    message = shm.shm_warning(stage="embed", workers=2, processes=1, batch_bytes=40 << 20, free=64 << 20)
     assert message == (
         "embed: 2 DataLoader worker(s) may hold about 200.0 MiB of batches (40.0 MiB each) in shared memory, but "
         "/dev/shm has 64.0 MiB free. If the stage fails with \"unable to allocate shared memory\" or a worker "
         "killed by a bus error, " + GPU_BOX_ADVICE + "1g)")
-    several = shm.shm_warning(stage="train", workers=4, processes=8, batch_bytes=1 << 30, free=1 << 30,
-                              workers_key="train.num_workers", batch_key="train.batch_size")
+    several = shm.shm_warning(stage="train", workers=4, processes=8, batch_bytes=1 << 30, free=1 << 30)
     assert several.startswith("train: 4 DataLoader worker(s) in each of 8 processes may hold about 72.0 GiB")
     assert several.endswith("--shm-size=72g)")
-    assert shm.shm_warning(stage="embed", workers=2, processes=1, batch_bytes=10, free=50, workers_key="a",
-                           batch_key="b") is None  # exactly what there is
+    exactly = shm.shm_warning(stage="embed", workers=2, processes=1, batch_bytes=10, free=50)
+    assert exactly is None  # 2 workers x 2 batches + the main process's one: exactly what there is
 
 
 def test_batch_sizes_of_the_two_stages(shard_urls, tmp_path):
@@ -78,8 +76,7 @@ def test_no_workers_or_no_dev_shm_reads_nothing(monkeypatch, caplog):
     for workers, free in ((0, 1), (2, None)):
         shm_of(monkeypatch, free)
         with caplog.at_level(logging.WARNING, logger=LOG.name):
-            shm.warn_if_shm_short(LOG, stage="embed", workers=workers, processes=1, batch_bytes=never,
-                                  workers_key="embed.num_workers", batch_key="embed.batch_size")
+            shm.warn_if_shm_short(LOG, stage="embed", workers=workers, processes=1, batch_bytes=never)
     assert not warnings_about_shm(caplog)
 
 
@@ -90,8 +87,7 @@ def test_the_embed_stage_warns_before_its_workers_start(shards_url, tmp_path, mo
     with caplog.at_level(logging.WARNING, logger=LOG.name):
         embed._embed_share(cfg, encoder, None, shards_url, DistInfo(), LOG)
         assert warnings_about_shm(caplog) == [shm.shm_warning(
-            stage="embed", workers=1, processes=1, batch_bytes=2 * 2 * 3 * 20 * 28, free=1000,
-            workers_key="embed.num_workers", batch_key="embed.batch_size")]
+            stage="embed", workers=1, processes=1, batch_bytes=2 * 2 * 3 * 20 * 28, free=1000)]
         caplog.clear()
         embed._embed_share(cfg, encoder, None, shards_url, DistInfo(rank=1, world_size=2, local_rank=1), LOG)
         assert not warnings_about_shm(caplog)  # one warning a machine: from its local rank 0
